@@ -1,0 +1,1 @@
+"""Attention over the KV-cache layouts: a plain-torch reference and faster backends."""

@@ -1,0 +1,121 @@
+"""`kvmem generate | bench throughput` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--kv-cache", default="paged", choices=["paged", "static"], help="KV-cache strategy")
+    p.add_argument("--kv-cache-memory", default=None, help="bytes, a size like 2GiB, or a fraction of free memory")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    kv_mem = args.kv_cache_memory
+    if kv_mem is not None and kv_mem.isdigit():
+        kv_mem = int(kv_mem)
+    return dict(model=args.model, dtype=args.dtype, kv_cache=args.kv_cache, kv_cache_memory=kv_mem,
+                block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_model_len=args.max_model_len, device=args.device, num_threads=args.threads)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("-n", type=int, default=1)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvmem import LLM, SamplingParams
+
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            seed=args.seed, max_tokens=args.max_tokens, stop=args.stop)
+    llm = LLM(**engine_kwargs(args))
+    start = time.perf_counter()
+    if args.raw or not llm.get_tokenizer().chat_template:
+        out = llm.generate([args.prompt], params, use_tqdm=False)[0]
+    else:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
+    elapsed = time.perf_counter() - start
+    for completion in out.outputs:
+        print(completion.text)
+    num_tokens = sum(len(c.token_ids) for c in out.outputs)
+    print(f"\n[{num_tokens} tokens in {elapsed:.2f} s: {num_tokens / elapsed:.1f} tokens/s; "
+          f"prompt {len(out.prompt_token_ids)} tokens; kv_cache={llm.engine.manager.name}, "
+          f"dtype={str(llm.engine.dtype).removeprefix('torch.')}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from kvmem.bench.throughput import run_throughput, write_json
+
+    result = run_throughput(args.num_prompts, args.input_len, args.output_len, seed=args.seed,
+                            **engine_kwargs(args))
+    print(f"kvmem throughput: {result.num_prompts} prompts x {result.input_len} in -> {result.output_len} out, "
+          f"kv_cache={result.settings['kv_cache']} dtype={result.settings['dtype']}")
+    print(f"  elapsed            {result.elapsed_s:.2f} s")
+    print(f"  requests/s         {result.requests_per_s:.2f}")
+    print(f"  total tokens/s     {result.total_tokens_per_s:.1f}")
+    print(f"  output tokens/s    {result.output_tokens_per_s:.1f}")
+    if args.json:
+        write_json(result, args.json)
+        print(f"  wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmem", description="LLM inference with managed KV-cache memory")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    tp = bench.add_parser("throughput", help="offline throughput on random prompts")
+    tp.add_argument("--num-prompts", type=int, default=64)
+    tp.add_argument("--input-len", type=int, default=128)
+    tp.add_argument("--output-len", type=int, default=128)
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--json", default=None, help="write the result here")
+    add_engine_args(tp)
+    tp.set_defaults(func=cmd_bench_throughput)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kvmem: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

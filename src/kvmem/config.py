@@ -1,0 +1,115 @@
+"""Engine configuration: what a user sets on `LLM(...)` or the command line, validated once."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+KV_CACHE_STRATEGIES = ("paged", "static")
+ATTENTION_BACKENDS = ("torch", "reference")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+# Default KV budget: this fraction of the memory available after the weights are loaded
+# (vLLM's gpu_memory_utilization plays this role on GPUs). On a CPU the rest of RAM stays the OS's.
+DEFAULT_KV_CACHE_FRACTION_CPU = 0.2
+DEFAULT_KV_CACHE_FRACTION_CUDA = 0.9
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct
+    dtype: str = "auto"
+    kv_cache: str = "paged"
+    kv_cache_memory: int | float | str | None = None  # bytes, "2GiB", or a fraction in (0, 1]
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    attention_backend: str = "torch"
+    device: str | None = None  # "cpu" | "cuda"; None = cuda if available
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHE_STRATEGIES:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_STRATEGIES)}, got {self.kv_cache!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.kv_cache_memory is not None:
+            parse_memory_size(self.kv_cache_memory)  # validate early
+
+    def torch_dtype(self, checkpoint_dtype: str) -> torch.dtype:
+        """`auto`: the checkpoint's dtype on CUDA; on CPU bfloat16 where the CPU computes it natively
+        (AVX512-BF16 or AMX), else float32 (emulated bf16 GEMMs are slower than float32 ones)."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.device != "cpu":
+            return DTYPES.get(checkpoint_dtype, torch.bfloat16)
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def parse_memory_size(value: int | float | str) -> int | float:
+    """Bytes (int or "2GiB"/"512MB") -> int; a fraction in (0, 1] -> float."""
+    if isinstance(value, bool):
+        raise ValueError(f"kv_cache_memory must be bytes, a size like '2GiB' or a fraction, got {value!r}")
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {value}")
+        return value
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {value}")
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            number = float(m.group(1))
+            if not m.group(2) and number <= 1 and "." in m.group(1):
+                return parse_memory_size(number)
+            size = int(number * _SIZE_UNITS[m.group(2).lower()])
+            if size > 0:
+                return size
+    raise ValueError(f"kv_cache_memory must be bytes, a size like '2GiB' or a fraction in (0, 1], got {value!r}")
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory the KV cache could take now: free device memory on CUDA, MemAvailable on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

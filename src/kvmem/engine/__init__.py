@@ -1,0 +1,1 @@
+"""The request path: sequences, scheduler, model runner, sampler, detokenizer and the engine."""

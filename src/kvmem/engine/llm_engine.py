@@ -1,0 +1,320 @@
+"""The synchronous engine: requests in, one scheduled step at a time, outputs out.
+
+`step()` = schedule → run the model → advance computed tokens → sample → append, detokenize,
+check stops → free what finished. Everything that decides memory lives in the manager, everything
+that decides what runs lives in the scheduler; this file wires them and owns the requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvmem.config import EngineConfig, available_memory_bytes, parse_memory_size
+from kvmem.config import DEFAULT_KV_CACHE_FRACTION_CPU, DEFAULT_KV_CACHE_FRACTION_CUDA
+from kvmem.engine.detokenizer import IncrementalDetokenizer
+from kvmem.engine.model_runner import ModelRunner
+from kvmem.engine.sampler import SampledToken, SamplingRow, sample
+from kvmem.engine.scheduler import Scheduler
+from kvmem.engine.sequence import Sequence, SequenceStatus
+from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
+from kvmem.memory.paged import PagedKVCacheManager
+from kvmem.memory.static import StaticKVCacheManager
+from kvmem.models.llama import LlamaForCausalLM
+from kvmem.models.loader import ModelSource, load_model
+from kvmem.outputs import CompletionOutput, Logprob, RequestOutput
+from kvmem.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptInput = str | dict[str, Any] | list[int]
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]  # ordered by sample index once all forks happened
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class EngineCounters:
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)  # the RNG of requests that set no seed of their own
+        self.device = torch.device(config.device)
+        source = source or load_model(config.model)
+        self.model_config = source.config
+        self.tokenizer = source.tokenizer
+        self.dtype = config.torch_dtype(self.model_config.torch_dtype)
+
+        max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype, self.device)
+        self.model.load_weights(source.weights())
+
+        self.manager = self._make_manager(max_model_len)
+        # A sequence can never hold more than the KV budget: cap the context to it.
+        self.max_model_len = min(max_model_len, self.manager.max_tokens_per_sequence)
+        self.scheduler = Scheduler(self.manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.manager, self.device, config.attention_backend)
+        self.requests: dict[str, Request] = {}
+        self.counters = EngineCounters()
+        self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
+        self._request_counter = itertools.count()
+
+    # --- construction -------------------------------------------------------------------
+    def _kv_budget_bytes(self) -> int:
+        requested = parse_memory_size(self.config.kv_cache_memory) if self.config.kv_cache_memory is not None \
+            else (DEFAULT_KV_CACHE_FRACTION_CPU if self.device.type == "cpu" else DEFAULT_KV_CACHE_FRACTION_CUDA)
+        if isinstance(requested, float):
+            return int(requested * available_memory_bytes(self.device))
+        return requested
+
+    def _make_manager(self, max_model_len: int) -> KVCacheManager:
+        c = self.model_config
+        spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+        budget = self._kv_budget_bytes()
+        # Never reserve more than max_num_seqs full-length sequences could use.
+        budget = min(budget, self.config.max_num_seqs * max_model_len * spec.bytes_per_token)
+        if self.config.kv_cache == "static":
+            num_slots = budget // (max_model_len * spec.bytes_per_token)
+            if num_slots == 0:  # the budget holds less than one full-length sequence: shorten it
+                max_model_len = budget // spec.bytes_per_token
+                num_slots = 1
+            if max_model_len < 2:
+                raise ValueError(f"kv_cache_memory ({budget} bytes) holds no sequence "
+                                 f"({spec.bytes_per_token} bytes per token)")
+            return StaticKVCacheManager(spec, num_slots, max_model_len)
+        num_blocks = budget // (self.config.block_size * spec.bytes_per_token)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory ({budget} bytes) holds no KV block of {self.config.block_size} "
+                             f"tokens ({self.config.block_size * spec.bytes_per_token} bytes)")
+        return PagedKVCacheManager(spec, num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+
+    # --- requests -----------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt and isinstance(prompt["prompt"], str):
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise ValueError("prompt dict must hold 'prompt' (a string) or 'prompt_token_ids' (a list of ints)")
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        request_id = request_id if request_id is not None else str(next(self._request_counter))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.check_prompt(token_ids)
+        max_tokens = self.max_model_len - len(token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        seq = self._new_sequence(request_id, 0, token_ids, len(token_ids), params, max_tokens)
+        seq.pending_forks = params.n - 1
+        self.requests[request_id] = Request(request_id, text, token_ids, params, [seq])
+        self.scheduler.add(seq)
+        return request_id
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens, but max_model_len is {self.max_model_len}: "
+                             f"it must be shorter to leave room for at least one generated token")
+
+    def _new_sequence(self, request_id: str, index: int, token_ids: list[int], num_prompt_tokens: int,
+                      params: SamplingParams, max_tokens: int) -> Sequence:
+        generator = None
+        if params.seed is not None and not params.greedy:
+            # Sample i of a request draws from its own stream, so its tokens do not depend on
+            # the batch it runs in or on the other samples.
+            generator = torch.Generator(device=self.device).manual_seed((params.seed + 7919 * index) % 2**63)
+        detok = IncrementalDetokenizer(self.tokenizer, token_ids[:num_prompt_tokens], params)
+        return Sequence(request_id=request_id, index=index, token_ids=list(token_ids),
+                        num_prompt_tokens=num_prompt_tokens, params=params, max_tokens=max_tokens,
+                        detokenizer=detok, generator=generator,
+                        logprobs=[] if params.logprobs is not None else None)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                self._finish(seq, "abort")
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs of the requests that produced tokens or finished."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return self._fail_unschedulable()
+        self.counters.num_steps += 1
+        result = self.runner.execute(sched.scheduled)
+        for s in sched.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.manager.on_tokens_computed(s.seq)
+
+        rows: list[SamplingRow] = []
+        row_seqs: list[Sequence] = []
+        logits_rows: list[int] = []
+        for i, seq in enumerate(result.sampled_seqs):
+            family = [seq] + self._fork(seq) if seq.pending_forks else [seq]
+            for member in family:
+                rows.append(SamplingRow(member.params, member.prompt_token_ids, member.output_token_ids,
+                                        member.generator))
+                row_seqs.append(member)
+                logits_rows.append(i)
+        if not rows:
+            return []
+        logits = result.logits if len(logits_rows) == len(result.sampled_seqs) else result.logits[logits_rows]
+        sampled = sample(logits, rows, self.eos_token_ids)
+
+        touched: dict[str, Request] = {}
+        now = time.monotonic()
+        for seq, token in zip(row_seqs, sampled):
+            request = self.requests[seq.request_id]
+            request.first_token_time = request.first_token_time or now
+            self._append_token(seq, token)
+            touched[seq.request_id] = request
+        outputs = []
+        for request in touched.values():
+            outputs.append(self._output(request))
+            if request.finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The prompt is computed: make the request's other n - 1 samples share it."""
+        request = self.requests[parent.request_id]
+        children = []
+        for index in range(1, parent.pending_forks + 1):
+            child = self._new_sequence(parent.request_id, index, parent.token_ids, parent.num_prompt_tokens,
+                                       parent.params, parent.max_tokens)
+            child.num_computed_tokens = parent.num_computed_tokens
+            self.manager.fork(parent, child)
+            if child.num_computed_tokens == parent.num_computed_tokens:
+                self.scheduler.add_running(child, after=children[-1] if children else parent)
+            else:  # the manager could not share: the child recomputes its prompt
+                self.scheduler.add(child)
+            children.append(child)
+        parent.pending_forks = 0
+        request.seqs.extend(children)
+        return children
+
+    def _append_token(self, seq: Sequence, token: SampledToken) -> None:
+        seq.token_ids.append(token.token_id)
+        self.counters.num_generation_tokens += 1
+        if seq.num_output_tokens == 1:
+            self.counters.num_prompt_tokens += seq.num_prompt_tokens
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._logprobs(token))
+            seq.cumulative_logprob += token.logprob
+        stop_string = seq.detokenizer.add_token(token.token_id)
+        params = seq.params
+        t = token.token_id
+        if seq.num_output_tokens >= params.min_tokens and (
+                (not params.ignore_eos and t in self.eos_token_ids) or t in params.stop_token_ids):
+            self._finish(seq, "stop", None if t in self.eos_token_ids and t not in params.stop_token_ids else t)
+        elif stop_string is not None:
+            self._finish(seq, "stop", stop_string)
+        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+        if seq.is_finished:
+            self.scheduler.remove(seq)
+
+    def _logprobs(self, token: SampledToken) -> dict[int, Logprob]:
+        top = token.top_logprobs or {}
+        ranked = sorted(top.items(), key=lambda kv: -kv[1])
+        out = {tid: Logprob(lp, rank, self.tokenizer.decode([tid], skip_special_tokens=False))
+               for rank, (tid, lp) in enumerate(ranked, start=1)}
+        if token.token_id not in out:
+            out[token.token_id] = Logprob(token.logprob, None,
+                                          self.tokenizer.decode([token.token_id], skip_special_tokens=False))
+        return out
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+
+    def _fail_unschedulable(self) -> list[RequestOutput]:
+        """Nothing could run although requests wait: the head of the queue can never fit."""
+        if not self.scheduler.waiting or self.scheduler.running:
+            return []
+        seq = self.scheduler.waiting[0]
+        request = self.requests[seq.request_id]
+        request.error = (f"request {seq.request_id} needs {seq.num_tokens} tokens of KV cache, "
+                         f"more than the {self.manager.max_tokens_per_sequence} the cache can ever give it")
+        logger.error(request.error)
+        for s in request.seqs:
+            self.scheduler.remove(s)
+            self._finish(s, "abort")
+        del self.requests[request.request_id]
+        return [self._output(request)]
+
+    def _output(self, request: Request) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=seq.detokenizer.output_text,
+                token_ids=seq.output_token_ids,
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=seq.logprobs,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for seq in sorted(request.seqs, key=lambda s: s.index)
+        ]
+        metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
+        if request.error:
+            metrics["error"] = request.error
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                             finished=request.finished or request.error is not None,
+                             num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=metrics)
+
+    # --- memory -------------------------------------------------------------------------
+    def stats(self) -> MemoryStats:
+        return self.manager.stats()
+
+    def release_free_memory(self) -> int:
+        return self.manager.release_free_memory()

@@ -1,0 +1,70 @@
+"""Turns a scheduled step into one flat token batch, runs the model, returns the logits to sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvmem.attention.metadata import AttentionMetadata
+from kvmem.attention.torch_attention import BACKENDS
+from kvmem.engine.scheduler import ScheduledSequence
+from kvmem.engine.sequence import Sequence
+from kvmem.memory.base import KVCacheManager
+from kvmem.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class StepResult:
+    sampled_seqs: list[Sequence]  # sequences whose every token is now computed: they sample
+    logits: torch.Tensor  # [len(sampled_seqs), vocab] float32
+
+
+def is_decode(s: ScheduledSequence) -> bool:
+    return s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, manager: KVCacheManager, device: torch.device,
+                 attention_backend: str = "torch") -> None:
+        self.model = model
+        self.manager = manager
+        self.device = device
+        self.attention = BACKENDS[attention_backend]
+        self.caches = [manager.layer_cache(i) for i in range(model.config.num_hidden_layers)]
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
+        """Compute the scheduled tokens (KV goes into the caches). Does not advance
+        `num_computed_tokens`; the engine does, after sampling."""
+        if self.manager.pending_copies:  # copy-on-write of shared partial blocks, before any write
+            self.manager.copy_blocks(self.manager.pending_copies)
+            self.manager.pending_copies.clear()
+
+        batch = [s for s in scheduled if is_decode(s)] + [s for s in scheduled if not is_decode(s)]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        sampled: list[Sequence] = []
+        for s in batch:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            end = start + s.num_new_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            if end == seq.num_tokens:  # caught up: the last position's logits give the next token
+                logits_rows.append(len(input_ids) - 1)
+                sampled.append(seq)
+
+        meta = AttentionMetadata.build(
+            block_tables=[self.manager.block_table(s.seq) for s in batch],
+            num_computed=[s.seq.num_computed_tokens for s in batch],
+            query_lens=[s.num_new_tokens for s in batch],
+            block_size=self.manager.block_size,
+            device=self.device,
+        )
+        logits = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            self.caches, meta, self.attention,
+            torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+        )
+        return StepResult(sampled, logits)

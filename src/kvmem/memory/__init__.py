@@ -1,0 +1,1 @@
+"""KV-cache managers: one interface (base), one module per strategy."""

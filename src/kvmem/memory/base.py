@@ -1,0 +1,145 @@
+"""The one interface every KV-cache strategy implements, and the stats they all report.
+
+The scheduler talks to a manager only through `KVCacheManager`; the model runner reads the layer
+caches and the per-sequence addressing (`block_table`) from it. A manager never samples and
+never runs the model.
+
+Addressing, shared by every strategy: a layer cache is a tensor shaped
+`[num_blocks, block_size, num_kv_heads, head_dim]`; token `pos` of a sequence lives in block
+`block_table[pos // block_size]` at offset `pos % block_size`. Paged uses small blocks (16 tokens);
+static uses one block of `max_model_len` tokens per request, i.e. a contiguous slot.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from kvmem.engine.sequence import Sequence
+
+
+class NoFreeMemory(RuntimeError):
+    """Raised by `allocate` when called without room; the scheduler checks `can_allocate` first."""
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """What a strategy holds, in bytes, measured the same way for every strategy.
+
+    - `bytes_reserved`: capacity set aside for KV (address space for `virtual`).
+    - `bytes_physical`: memory actually backed by RAM / device memory.
+    - `bytes_allocated`: the part of it assigned to resident sequences (their blocks or slots).
+    - `bytes_live`: the part of that holding tokens the sequences have written.
+    - `bytes_cached`: memory not assigned to any sequence that still holds a reusable prefix.
+    """
+
+    strategy: str
+    bytes_reserved: int
+    bytes_physical: int
+    bytes_allocated: int
+    bytes_live: int
+    bytes_cached: int
+    num_sequences: int
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which found cached
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def waste(self) -> float:
+        """Internal fragmentation: the share of memory held for sequences that holds no token."""
+        return 0.0 if self.bytes_allocated == 0 else 1.0 - self.bytes_live / self.bytes_allocated
+
+    @property
+    def usage(self) -> float:
+        """Share of the physical KV memory assigned to sequences (vLLM's kv_cache_usage)."""
+        return 0.0 if self.bytes_physical == 0 else self.bytes_allocated / self.bytes_physical
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Shape and size of one token's KV, fixed by the model and the dtype."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token across all layers."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+class KVCacheManager(ABC):
+    """Owns the KV memory of every resident sequence."""
+
+    name: str
+    spec: KVCacheSpec
+    block_size: int
+    # Pairs (src_block, dst_block) whose contents must be copied before the next forward pass
+    # (copy-on-write of a shared partial block). The model runner drains it.
+    pending_copies: list[tuple[int, int]]
+
+    # --- admission and growth -------------------------------------------------------------
+    def admit(self, seq: Sequence) -> int:
+        """Called once when a waiting sequence is first scheduled (again). Returns how many of its
+        leading tokens are already in the cache (prefix hit); they become computed. Default: none."""
+        return 0
+
+    @abstractmethod
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Whether `allocate(seq, num_new_tokens)` would succeed now."""
+
+    @abstractmethod
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Make room for tokens [seq.num_computed_tokens, + num_new_tokens). Never over-commits:
+        raises NoFreeMemory instead."""
+
+    @abstractmethod
+    def free(self, seq: Sequence) -> None:
+        """Release everything `seq` holds (finished, aborted or preempted)."""
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let `child` share every block `parent` holds (n > 1 sampling)."""
+        raise NotImplementedError(f"{self.name} does not support forking sequences (n > 1)")
+
+    def on_tokens_computed(self, seq: Sequence) -> None:
+        """Called after a step wrote KV for `seq`; lets a prefix cache register full blocks."""
+
+    # --- what the model runner reads ------------------------------------------------------
+    @abstractmethod
+    def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) caches of one layer, each `[num_blocks, block_size, kv_heads, head_dim]`."""
+
+    @abstractmethod
+    def block_table(self, seq: Sequence) -> list[int]:
+        """Block ids holding `seq`'s tokens, in order."""
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src → dst in every layer (copy-on-write)."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.spec.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.spec.device)
+        for layer in range(self.spec.num_layers):
+            for cache in self.layer_cache(layer):
+                cache[dst] = cache[src]
+
+    # --- capacity and accounting ----------------------------------------------------------
+    @property
+    @abstractmethod
+    def max_tokens_per_sequence(self) -> int:
+        """The most tokens one sequence can ever hold here (caps max_model_len)."""
+
+    @abstractmethod
+    def stats(self) -> MemoryStats: ...
+
+    def release_free_memory(self) -> int:
+        """Give back idle memory (e.g. cached prefixes); returns bytes released."""
+        return 0

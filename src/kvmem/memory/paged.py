@@ -1,0 +1,166 @@
+"""paged: PagedAttention's KV cache (vLLM, SOSP'23) with vLLM v1's prefix caching.
+
+KV lives in fixed blocks of `block_size` tokens taken from a `BlockPool`; each sequence has a block
+table. A full block is registered in the prefix cache under hash(parent hash, its token ids), so a
+later sequence with the same prefix takes the block instead of recomputing it. Forked sequences
+(n > 1) share every block; the partial last block is copied when one of them first writes to it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory
+from kvmem.memory.block_pool import BlockHash, BlockPool, KVBlock, hash_block
+
+if TYPE_CHECKING:
+    from kvmem.engine.sequence import Sequence
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class PagedKVCacheManager(KVCacheManager):
+    name = "paged"
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int = 16,
+                 enable_prefix_caching: bool = True) -> None:
+        self.spec = spec
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        # zeros, not empty: every page is touched now, so physical memory = reserved, as on a GPU.
+        shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self.tables: dict[int, list[KVBlock]] = {}
+        self.sequences: dict[int, Sequence] = {}  # holders of the tables, for live-token accounting
+        self.hashes: dict[int, list[BlockHash]] = {}  # hashes of each sequence's full, computed blocks
+        self.pending_copies: list[tuple[int, int]] = []
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_size * self.spec.bytes_per_token
+
+    @property
+    def max_tokens_per_sequence(self) -> int:
+        return self.pool.num_blocks * self.block_size
+
+    def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+
+    def block_table(self, seq: Sequence) -> list[int]:
+        return [b.block_id for b in self.tables.get(seq.seq_id, ())]
+
+    # --- prefix cache -------------------------------------------------------------------
+    def admit(self, seq: Sequence) -> int:
+        assert seq.seq_id not in self.tables, "admit() on a sequence that already holds blocks"
+        table: list[KVBlock] = []
+        hashes: list[BlockHash] = []
+        if self.enable_prefix_caching:
+            # At least the last token must be computed to produce logits, so only blocks that
+            # lie entirely within the first num_tokens - 1 tokens can be hits.
+            num_full = (seq.num_tokens - 1) // self.block_size
+            parent = None
+            for i in range(num_full):
+                h = hash_block(parent, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+                block = self.pool.lookup(h)
+                if block is None:
+                    break
+                self.pool.touch(block)
+                table.append(block)
+                hashes.append(h)
+                parent = h
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += len(table) * self.block_size
+        self.tables[seq.seq_id] = table
+        self.hashes[seq.seq_id] = hashes
+        self.sequences[seq.seq_id] = seq
+        return len(table) * self.block_size
+
+    def on_tokens_computed(self, seq: Sequence) -> None:
+        if not self.enable_prefix_caching:
+            return
+        table, hashes = self.tables[seq.seq_id], self.hashes[seq.seq_id]
+        num_full = seq.num_computed_tokens // self.block_size
+        for i in range(len(hashes), num_full):
+            tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
+            h = hash_block(hashes[-1] if hashes else None, tokens)
+            self.pool.cache(table[i], h)
+            hashes.append(h)
+
+    # --- growth -------------------------------------------------------------------------
+    def _needs_copy_on_write(self, seq: Sequence, table: list[KVBlock]) -> bool:
+        """The next write lands in a partial last block that another sequence also holds."""
+        return bool(table) and seq.num_computed_tokens % self.block_size != 0 \
+            and seq.num_computed_tokens < len(table) * self.block_size and table[-1].ref_count > 1
+
+    def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        table = self.tables.get(seq.seq_id, [])
+        need = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size) - len(table)
+        return max(need, 0) + self._needs_copy_on_write(seq, table)
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self._blocks_needed(seq, num_new_tokens) <= self.pool.num_free
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        if not self.can_allocate(seq, num_new_tokens):
+            raise NoFreeMemory(f"no room for {num_new_tokens} tokens of sequence {seq.seq_id}")
+        table = self.tables.setdefault(seq.seq_id, [])
+        self.hashes.setdefault(seq.seq_id, [])
+        self.sequences[seq.seq_id] = seq
+        if self._needs_copy_on_write(seq, table):
+            shared = table[-1]
+            private = self.pool.allocate()
+            self.pending_copies.append((shared.block_id, private.block_id))
+            self.pool.release(shared)
+            table[-1] = private
+        while len(table) * self.block_size < seq.num_computed_tokens + num_new_tokens:
+            table.append(self.pool.allocate())
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        table = list(self.tables[parent.seq_id])
+        for block in table:
+            self.pool.touch(block)
+        self.tables[child.seq_id] = table
+        self.hashes[child.seq_id] = list(self.hashes[parent.seq_id])
+        self.sequences[child.seq_id] = child
+
+    def free(self, seq: Sequence) -> None:
+        # Last block first: when these blocks are cached, the tail of a prefix is evicted before
+        # its head, which keeps shorter shared prefixes (system prompts) alive longest.
+        for block in reversed(self.tables.pop(seq.seq_id, [])):
+            self.pool.release(block)
+        self.hashes.pop(seq.seq_id, None)
+        self.sequences.pop(seq.seq_id, None)
+
+    # --- accounting ---------------------------------------------------------------------
+    def stats(self) -> MemoryStats:
+        # A block shared by several sequences counts once, filled as far as its fullest holder.
+        filled: dict[int, int] = {}
+        for seq_id, table in self.tables.items():
+            computed = self.sequences[seq_id].num_computed_tokens
+            for i, block in enumerate(table):
+                n = min(self.block_size, max(computed - i * self.block_size, 0))
+                filled[block.block_id] = max(filled.get(block.block_id, 0), n)
+        total = self.kv.numel() * self.kv.element_size()
+        return MemoryStats(
+            strategy=self.name,
+            bytes_reserved=total,
+            bytes_physical=total,
+            bytes_allocated=len(filled) * self.block_bytes,
+            bytes_live=sum(filled.values()) * self.spec.bytes_per_token,
+            bytes_cached=self.pool.num_free_cached * self.block_bytes,
+            num_sequences=len(self.tables),
+            prefix_cache_queries=self.prefix_queries,
+            prefix_cache_hits=self.prefix_hits,
+        )
+
+    def release_free_memory(self) -> int:
+        # The pool is one preallocated tensor, so nothing goes back to the OS; dropping cached
+        # prefixes turns their blocks into plain free blocks. Report those bytes.
+        return self.pool.evict_cached() * self.block_bytes

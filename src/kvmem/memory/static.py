@@ -1,0 +1,79 @@
+"""static: the max-length reservation baseline (Orca / FasterTransformer style).
+
+Every admitted sequence takes one contiguous slot of `max_model_len` tokens, whatever its actual
+length: the memory the papers show going to waste. In the shared addressing this is a block of
+`max_model_len` tokens, so the block table of a sequence is just `[slot]`.
+There is no sharing: a forked sample recomputes its prompt in its own slot.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory
+
+if TYPE_CHECKING:
+    from kvmem.engine.sequence import Sequence
+
+
+class StaticKVCacheManager(KVCacheManager):
+    name = "static"
+
+    def __init__(self, spec: KVCacheSpec, num_slots: int, max_model_len: int) -> None:
+        if num_slots < 1:
+            raise ValueError(f"the KV budget holds no slot of max_model_len={max_model_len} tokens")
+        self.spec = spec
+        self.block_size = max_model_len
+        shape = (spec.num_layers, 2, num_slots, max_model_len, spec.num_kv_heads, spec.head_dim)
+        self.kv = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.slots: dict[int, int] = {}  # seq_id -> slot
+        self.sequences: dict[int, Sequence] = {}
+        self.pending_copies: list[tuple[int, int]] = []
+
+    @property
+    def max_tokens_per_sequence(self) -> int:
+        return self.block_size
+
+    def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+
+    def block_table(self, seq: Sequence) -> list[int]:
+        return [self.slots[seq.seq_id]]
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        if seq.num_computed_tokens + num_new_tokens > self.block_size:
+            return False
+        return seq.seq_id in self.slots or bool(self.free_slots)
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        if not self.can_allocate(seq, num_new_tokens):
+            raise NoFreeMemory(f"no free slot for sequence {seq.seq_id}")
+        if seq.seq_id not in self.slots:
+            self.slots[seq.seq_id] = self.free_slots.pop()
+            self.sequences[seq.seq_id] = seq
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        child.num_computed_tokens = 0  # no sharing: the child prefills its own slot
+
+    def free(self, seq: Sequence) -> None:
+        slot = self.slots.pop(seq.seq_id, None)
+        if slot is not None:
+            self.free_slots.append(slot)
+            del self.sequences[seq.seq_id]
+
+    def stats(self) -> MemoryStats:
+        slot_bytes = self.block_size * self.spec.bytes_per_token
+        total = self.kv.numel() * self.kv.element_size()
+        live = sum(s.num_computed_tokens for s in self.sequences.values())
+        return MemoryStats(
+            strategy=self.name,
+            bytes_reserved=total,
+            bytes_physical=total,
+            bytes_allocated=len(self.slots) * slot_bytes,
+            bytes_live=live * self.spec.bytes_per_token,
+            bytes_cached=0,
+            num_sequences=len(self.slots),
+        )

@@ -1,0 +1,221 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) over a flat token batch.
+
+Each layer: h = x + o_proj(attn(rope(q), rope(k), v)) with q,k,v = qkv_proj(rmsnorm(x));
+out = h + down(silu(gate(rmsnorm(h))) * up(rmsnorm(h))). The operations and their dtypes follow
+Hugging Face's implementation step by step, so float32 results agree with it to rounding.
+
+The model holds no KV: each layer writes its K,V into the memory manager's cache for that layer and
+attends through the backend the runner chose (`kvmem.attention`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvmem.attention.metadata import AttentionMetadata
+from kvmem.models.config import ModelConfig, RopeScaling
+
+AttentionFn = Callable[..., torch.Tensor]
+LayerCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, cast back, then scale: the order HF uses (it matters in bf16).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling.rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+        low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(is_medium, blended, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, computed once in float32 (as HF does) then cast."""
+
+    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # q, k and v in one GEMM: one pass over the activations instead of three.
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache,
+                meta: AttentionMetadata, attention: AttentionFn) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        out = attention(q, k, v, cache[0], cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache,
+                meta: AttentionMetadata, attention: AttentionFn) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta, attention)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(config, max_positions, dtype)
+
+    @classmethod
+    def build(cls, config: ModelConfig, max_positions: int, dtype: torch.dtype,
+              device: torch.device) -> "LlamaForCausalLM":
+        """An uninitialised model in `dtype` on `device`, ready for `load_weights`: parameters are
+        created on the meta device (no random init, no float32 copy), then materialised empty."""
+        with torch.device("meta"):
+            model = cls(config, max_positions, dtype)
+        model = model.to_empty(device=device).to(dtype)
+        if config.tie_word_embeddings:  # to_empty() unties; tie again
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rope = RotaryEmbedding(config, max_positions, dtype).to(device)  # buffers are not weights
+        return model.eval()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache],
+                meta: AttentionMetadata, attention: AttentionFn, logits_indices: torch.Tensor) -> torch.Tensor:
+        """Returns float32 logits for the rows `logits_indices` of the flat batch."""
+        x = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, positions, self.rope, cache, meta, attention)
+        x = self.norm(x[logits_indices])  # only rows that sample need the final norm and lm_head
+        return self.lm_head(x).float()
+
+    # --- weights ------------------------------------------------------------------------
+    # HF checkpoint name suffix -> (our parameter suffix, shard index within a fused weight)
+    _FUSED = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+        "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+        "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+        "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+        "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    }
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up. Every parameter must be
+        set exactly once: a missing tensor is an error, not a silently random weight."""
+        params = dict(self.named_parameters())
+        c = self.config
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        shard_offsets = {"self_attn.qkv_proj": [0, q, q + kv], "mlp.gate_up_proj": [0, c.intermediate_size]}
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            module_path, _, kind = name.rpartition(".")  # kind: weight | bias
+            parent, _, leaf = module_path.rpartition(".")
+            parent, _, block = parent.rpartition(".")  # "layers.3", "self_attn"
+            fused = self._FUSED.get(f"{block}.{leaf}")
+            if fused is None:
+                target_name, rows = name, slice(None)
+            else:
+                ours, shard = fused
+                target_name = f"{parent}.{ours}.{kind}"
+                start = shard_offsets[ours][shard]
+                rows = slice(start, start + tensor.shape[0])
+            target = params.get(target_name)
+            if target is None:
+                raise ValueError(f"unexpected weight {name!r} for {c.architecture}")
+            if target.data[rows].shape != tensor.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(target.data[rows].shape)}")
+            target.data[rows].copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(self._expected_weight_names()) - loaded)
+        if missing:
+            more = " ..." if len(missing) > 5 else ""
+            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{more}")
+
+    def _expected_weight_names(self) -> list[str]:
+        """The checkpoint names (HF, without the "model." prefix) this model needs."""
+        unfused = {ours: [] for ours, _ in self._FUSED.values()}
+        for hf, (ours, _) in self._FUSED.items():
+            unfused[ours].append(hf)
+        names = []
+        for pname, _ in self.named_parameters():
+            module_path, _, kind = pname.rpartition(".")
+            parent, _, leaf = module_path.rpartition(".")
+            layer, _, block = parent.rpartition(".")
+            if f"{block}.{leaf}" in unfused:
+                names += [f"{layer}.{hf}.{kind}" for hf in unfused[f"{block}.{leaf}"]]
+            else:
+                names.append(pname)
+        return names

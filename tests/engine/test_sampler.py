@@ -1,0 +1,272 @@
+import math
+
+import pytest
+import torch
+
+from kvmem.engine.sampler import (
+    SampledToken,
+    SamplingRow,
+    apply_penalties,
+    apply_top_k_top_p,
+    sample,
+    sampling_probs,
+)
+from kvmem.sampling_params import SamplingParams
+
+EOS = [0]
+
+
+def row(prompt=(), output=(), generator=None, **kwargs) -> SamplingRow:
+    return SamplingRow(SamplingParams(**kwargs), list(prompt), list(output), generator)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def draws(logits_row: torch.Tensor, n: int, **kwargs) -> set[int]:
+    """The set of tokens seen over n draws of one distribution (one batch of n identical rows)."""
+    logits = logits_row.unsqueeze(0).expand(n, -1).contiguous()
+    return {t.token_id for t in sample(logits, [row(**kwargs) for _ in range(n)], EOS)}
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng():
+    torch.manual_seed(1234)
+
+
+# --- greedy -----------------------------------------------------------------------------------------
+
+def test_greedy_is_argmax():
+    logits = torch.randn(8, 100)
+    out = sample(logits, [row(temperature=0.0) for _ in range(8)], EOS)
+    assert [t.token_id for t in out] == logits.argmax(-1).tolist()
+    assert all(t.logprob is None and t.top_logprobs is None for t in out)
+
+
+def test_greedy_fast_path_does_not_touch_logits():
+    logits = torch.randn(4, 50)
+    before = logits.clone()
+    sample(logits, [row(temperature=0.0, repetition_penalty=1.5, output=[1, 2]) for _ in range(4)], EOS)
+    assert torch.equal(logits, before)  # penalties work on a copy
+
+
+def test_empty_batch_and_shape_check():
+    assert sample(torch.empty(0, 10), [], EOS) == []
+    with pytest.raises(ValueError):
+        sample(torch.randn(2, 10), [row()], EOS)
+
+
+def test_mixed_batch_greedy_rows_are_argmax_after_penalties():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0], [5.0, 0.0, 0.0]])
+    rows = [row(temperature=0.0), row(temperature=0.0, output=[1], presence_penalty=2.0),
+            row(temperature=1.0, top_k=1)]
+    assert [t.token_id for t in sample(logits, rows, EOS)] == [1, 2, 0]
+
+
+# --- seeded reproducibility -------------------------------------------------------------------------
+
+def _run_seeded(seed: int, logits_steps: list[torch.Tensor], position: int, batch: int,
+                **kwargs) -> list[int]:
+    """Sample a seeded row for several steps, sitting at `position` in a batch of `batch` rows whose
+    other rows have their own (different) logits and params."""
+    g = gen(seed)
+    out = []
+    for step, target in enumerate(logits_steps):
+        others = torch.randn(batch, target.shape[0]) * 3
+        others[position] = target
+        rows = [row(temperature=0.7, top_k=5, min_p=0.1, presence_penalty=0.5, output=[1, 2])
+                for _ in range(batch)]
+        rows[position] = row(generator=g, output=out, **kwargs)
+        out.append(sample(others, rows, EOS)[position].token_id)
+    return out
+
+
+def test_same_seed_same_tokens_in_any_batch():
+    steps = [torch.randn(500) for _ in range(20)]
+    a = _run_seeded(7, steps, position=0, batch=1)
+    b = _run_seeded(7, steps, position=3, batch=5)
+    c = _run_seeded(7, steps, position=6, batch=7)
+    assert a == b == c
+    d = _run_seeded(8, steps, position=0, batch=1)
+    assert a != d
+
+
+def test_same_seed_same_tokens_with_filters_and_penalties():
+    steps = [torch.randn(300) for _ in range(15)]
+    kw = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, frequency_penalty=0.3,
+              repetition_penalty=1.1, prompt=[4, 5, 6])
+    a = _run_seeded(11, steps, position=0, batch=1, **kw)
+    b = _run_seeded(11, steps, position=2, batch=4, **kw)
+    assert a == b
+
+
+def test_unseeded_rows_differ_from_each_other():
+    logits = torch.zeros(2, 10_000)
+    out = sample(logits, [row(), row()], EOS)
+    assert out[0].token_id != out[1].token_id  # 1 in 10_000 chance to fail; seeded global RNG
+
+
+# --- temperature and the draw ------------------------------------------------------------------------
+
+def test_draws_follow_softmax_of_logits_over_temperature():
+    base = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    for temperature in (0.5, 1.0, 2.0):
+        n = 40_000
+        logits = base.expand(n, -1).contiguous()
+        out = sample(logits, [row(temperature=temperature) for _ in range(n)], EOS)
+        counts = torch.bincount(torch.tensor([t.token_id for t in out]), minlength=4).float() / n
+        expected = torch.softmax(base / temperature, -1)
+        assert torch.allclose(counts, expected, atol=0.015), (temperature, counts, expected)
+
+
+# --- top-k / top-p / min-p --------------------------------------------------------------------------
+
+def test_top_k_only_samples_the_top_k():
+    logits = torch.randn(1000)
+    top5 = set(logits.topk(5).indices.tolist())
+    assert draws(logits, 3000, top_k=5, temperature=3.0) == top5
+    assert draws(logits, 200, top_k=1) == {int(logits.argmax())}
+
+
+def test_top_k_keeps_exactly_k_with_ties():
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    out = apply_top_k_top_p(logits, torch.tensor([2]), torch.tensor([1.0]))
+    assert torch.isfinite(out).sum() == 2
+    assert torch.isfinite(out[0, :2]).all()  # ties broken by token id
+
+
+PROBS = torch.tensor([0.1, 0.4, 0.05, 0.3, 0.15])  # sorted: 1 (0.4), 3 (0.3), 4 (0.15), 0 (0.1), 2 (0.05)
+
+
+@pytest.mark.parametrize(
+    "top_p, expected",
+    [(0.01, {1}), (0.35, {1}), (0.6, {1, 3}), (0.8, {1, 3, 4}), (0.9, {1, 3, 4, 0}), (0.99, {0, 1, 2, 3, 4}),
+     (1.0, {0, 1, 2, 3, 4})],
+)
+def test_top_p_set(top_p, expected):
+    logits = PROBS.log()
+    assert draws(logits, 4000, top_p=top_p) == expected
+    masked = apply_top_k_top_p(logits.unsqueeze(0), torch.tensor([0]), torch.tensor([top_p]))
+    assert set(torch.isfinite(masked[0]).nonzero().flatten().tolist()) == expected
+
+
+def test_top_k_then_top_p():
+    # top_k=3 renormalizes {0.4, 0.3, 0.15} -> {0.47, 0.35, 0.18}; top_p=0.8 then keeps all three.
+    logits = PROBS.log()
+    assert draws(logits, 4000, top_k=3, top_p=0.8) == {1, 3, 4}
+    assert draws(logits, 4000, top_k=3, top_p=0.5) == {1, 3}
+
+
+@pytest.mark.parametrize(
+    "min_p, expected",
+    [(0.0, {0, 1, 2, 3, 4}), (0.2, {0, 1, 3, 4}), (0.3, {1, 3, 4}), (0.5, {1, 3}), (0.9, {1}), (1.0, {1})],
+)
+def test_min_p_set(min_p, expected):
+    assert draws(PROBS.log(), 4000, min_p=min_p) == expected
+
+
+def test_filters_are_per_row_in_a_batch():
+    logits = PROBS.log().expand(3, -1).contiguous()
+    params = [SamplingParams(top_k=1), SamplingParams(top_p=0.6), SamplingParams(min_p=0.5)]
+    probs = sampling_probs(logits, params)
+    assert (probs > 0).tolist() == [
+        [False, True, False, False, False],
+        [False, True, False, True, False],
+        [False, True, False, True, False],
+    ]
+    assert torch.allclose(probs[1, [1, 3]], torch.tensor([0.4, 0.3]) / 0.7)
+
+
+# --- penalties ---------------------------------------------------------------------------------------
+
+def test_repetition_penalty_formula():
+    logits = torch.tensor([[2.0, -2.0, 3.0, -1.0, 0.5]])
+    rows = [row(prompt=[0], output=[1, 1], repetition_penalty=2.0)]
+    apply_penalties(logits, rows)
+    # tokens 0 and 1 seen (prompt + output): positive / 2, negative * 2; others untouched
+    assert logits.tolist() == [[1.0, -4.0, 3.0, -1.0, 0.5]]
+
+
+def test_presence_and_frequency_penalties_use_output_only():
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    rows = [row(prompt=[3, 3, 3], output=[0, 1, 1, 1], presence_penalty=0.5, frequency_penalty=0.25)]
+    apply_penalties(logits, rows)
+    # token 0: count 1 -> 1 - 0.25 - 0.5; token 1: count 3 -> 1 - 0.75 - 0.5; prompt token 3 untouched
+    assert logits.tolist() == [[0.25, -0.25, 1.0, 1.0]]
+
+
+def test_penalties_are_per_row_and_combine():
+    logits = torch.tensor([[1.0, -1.0, 2.0], [1.0, -1.0, 2.0], [1.0, -1.0, 2.0]])
+    rows = [
+        row(output=[0, 1], repetition_penalty=2.0, frequency_penalty=1.0, presence_penalty=-1.0),
+        row(output=[0, 1]),  # no penalties: untouched
+        row(prompt=[2], output=[], repetition_penalty=0.5),  # < 1 rewards repeats
+    ]
+    apply_penalties(logits, rows)
+    assert logits.tolist() == [
+        [1.0 / 2 - 1.0 + 1.0, -1.0 * 2 - 1.0 + 1.0, 2.0],
+        [1.0, -1.0, 2.0],
+        [1.0, -1.0, 4.0],
+    ]
+
+
+def test_penalties_steer_greedy_choice():
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    assert sample(logits, [row(temperature=0.0, output=[0], presence_penalty=0.2)], EOS)[0].token_id == 1
+    assert sample(logits, [row(temperature=0.0, output=[0], presence_penalty=0.05)], EOS)[0].token_id == 0
+
+
+# --- min_tokens ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_min_tokens_blocks_eos_and_stop_ids(ignore_eos):
+    logits = torch.tensor([[10.0, 0.0, 9.0, 1.0]])  # eos (0) then stop id 2 are the most likely
+    kw = dict(temperature=0.0, min_tokens=2, stop_token_ids=[2], ignore_eos=ignore_eos)
+    assert sample(logits, [row(output=[], **kw)], EOS)[0].token_id == 3
+    assert sample(logits, [row(output=[3], **kw)], EOS)[0].token_id == 3
+    assert sample(logits, [row(output=[3, 3], **kw)], EOS)[0].token_id == 0
+
+
+def test_min_tokens_blocks_eos_when_sampling():
+    logits = torch.tensor([5.0, 0.0, 0.0, 5.0])
+    eos = [0, 3]
+    n = 2000
+    out = sample(logits.expand(n, -1).contiguous(), [row(min_tokens=1) for _ in range(n)], eos)
+    assert {t.token_id for t in out} == {1, 2}
+
+
+# --- logprobs -----------------------------------------------------------------------------------------
+
+def test_logprobs_come_from_raw_logits():
+    logits = torch.randn(3, 64)
+    rows = [
+        row(logprobs=3, temperature=0.5, repetition_penalty=1.5, output=[1, 2, 3], generator=gen(0)),
+        row(logprobs=0, temperature=0.0, presence_penalty=1.0, output=[5]),
+        row(),  # no logprobs asked: None
+    ]
+    out = sample(logits, rows, EOS)
+    expected = torch.log_softmax(logits, dim=-1)
+    for i, n in ((0, 3), (1, 0)):
+        t = out[i]
+        assert math.isclose(t.logprob, expected[i, t.token_id].item(), rel_tol=1e-6, abs_tol=1e-6)
+        top = expected[i].topk(n)
+        want = dict(zip(top.indices.tolist(), top.values.tolist()))
+        want[t.token_id] = expected[i, t.token_id].item()
+        assert t.top_logprobs.keys() == want.keys()
+        for k, v in want.items():
+            assert math.isclose(t.top_logprobs[k], v, rel_tol=1e-6, abs_tol=1e-6)
+        assert t.rank == int((expected[i] > expected[i, t.token_id]).sum()) + 1
+    assert out[2].logprob is None and out[2].top_logprobs is None and out[2].rank is None
+
+
+def test_logprobs_chosen_token_outside_top_k_is_included():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    # presence penalty pushes greedy off the top token, so it picks token 1 (rank 2)
+    t = sample(logits, [row(temperature=0.0, logprobs=1, output=[0], presence_penalty=2.0)], EOS)[0]
+    assert t.token_id == 1 and t.rank == 2
+    assert set(t.top_logprobs) == {0, 1}
+
+
+def test_sampled_token_defaults():
+    assert SampledToken(3) == SampledToken(3, None, None, None)

@@ -1,0 +1,83 @@
+"""The model itself: logits over a prompt, prefilled in chunks through the paged cache, equal
+transformers' logits for each architecture variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmem.attention.metadata import AttentionMetadata
+from kvmem.attention.torch_attention import BACKENDS
+from kvmem.memory.base import KVCacheSpec
+from kvmem.memory.paged import PagedKVCacheManager
+from kvmem.models.config import ModelConfig
+from kvmem.models.llama import LlamaForCausalLM, rope_inv_freq
+from tests.oracle import hf_logits, make_tiny_model
+
+
+class _Seq:
+    def __init__(self, token_ids):
+        self.seq_id, self.token_ids, self.num_computed_tokens = 0, token_ids, 0
+
+    @property
+    def num_tokens(self):
+        return len(self.token_ids)
+
+
+@pytest.fixture(scope="module", params=["llama-mha", "llama3-gqa", "qwen2-bias"])
+def tiny(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = ModelConfig.from_hf_dict(hf.config.to_dict())
+    ours = LlamaForCausalLM.build(config, 512, torch.float32, torch.device("cpu"))
+    ours.load_weights(hf.state_dict().items())
+    return hf, ours
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_chunked_prefill_logits_equal_transformers(tiny, backend):
+    hf, ours = tiny
+    c = ours.config
+    tokens = [(13 * i) % 300 + 2 for i in range(100)]
+    expected = hf_logits(hf, tokens)
+
+    spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, torch.float32, torch.device("cpu"))
+    mgr = PagedKVCacheManager(spec, num_blocks=40, block_size=4)
+    caches = [mgr.layer_cache(i) for i in range(c.num_hidden_layers)]
+    seq = _Seq(tokens)
+    got = []
+    for chunk in (30, 1, 33, 36):  # a decode-sized chunk in the middle too
+        start = seq.num_computed_tokens
+        mgr.allocate(seq, chunk)
+        meta = AttentionMetadata.build([mgr.block_table(seq)], [start], [chunk], 4, torch.device("cpu"))
+        logits = ours(torch.tensor(tokens[start:start + chunk]), torch.arange(start, start + chunk), caches, meta,
+                      BACKENDS[backend], torch.arange(chunk))
+        got.append(logits)
+        seq.num_computed_tokens += chunk
+    torch.testing.assert_close(torch.cat(got), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    hf_config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=rope)
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+    ours = ModelConfig.from_hf_dict({**hf_config.to_dict(), "architectures": ["LlamaForCausalLM"]})
+    torch.testing.assert_close(rope_inv_freq(128, ours.rope_theta, ours.rope_scaling), expected)
+
+
+def test_missing_or_misshapen_weight_is_named(tiny):
+    hf, ours = tiny
+    weights = dict(hf.state_dict())
+    model = LlamaForCausalLM.build(ours.config, 64, torch.float32, torch.device("cpu"))
+    del weights["model.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match=r"missing weights: layers\.1\.self_attn\.k_proj\.weight"):
+        model.load_weights(weights.items())
+    weights["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="k_proj.weight' has shape"):
+        model.load_weights(weights.items())
