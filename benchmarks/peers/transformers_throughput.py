@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--kv-cache-gb", type=float, default=2.0, help="unused; kept for a shared CLI")
     ap.add_argument("--warmup-prompts", type=int, default=4)
     ap.add_argument("--warmup-tokens", type=int, default=8)
+    ap.add_argument("--wait-quiet-max", type=float, default=0.0,
+                    help="before the timed run, wait up to this many seconds for other processes to go idle")
     ap.add_argument("--json", help="write the result here")
     return ap.parse_args()
 
@@ -69,9 +71,12 @@ def main() -> None:
         run(ids[:w], mask[:w], args.warmup_tokens)
         warmup_s = time.perf_counter() - t0
 
+        quiet = _wait_quiet(args.wait_quiet_max) if args.wait_quiet_max > 0 else None
+        snap0 = _cpu_snapshot(os.getpid())
         t0 = time.perf_counter()
         out = run(ids, mask, args.output_len)
         elapsed = time.perf_counter() - t0
+        contention = _contention(snap0, _cpu_snapshot(os.getpid()), elapsed)
 
     n_in = ids.numel()
     n_out = (out.shape[1] - args.input_len) * out.shape[0]
@@ -99,6 +104,8 @@ def main() -> None:
         "torch_version": torch.__version__,
         "torch_num_threads": torch.get_num_threads(),
         "attn_implementation": model.config._attn_implementation,
+        "cpu_contention": contention,
+        "wait_quiet": quiet,
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -108,6 +115,65 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
+
+
+def _cpu_snapshot(root_pid: int) -> dict:
+    """System-wide busy CPU seconds and the CPU seconds of root_pid's process tree (Linux /proc).
+
+    The difference over the timed window is CPU taken by *other* processes: on a shared
+    2-core machine that is the main source of noise, so each result records it.
+    """
+    tck = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(v) - v[3] - v[4]  # all but idle and iowait
+    parent, cpu = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d)] = int(fields[1])
+        cpu[int(d)] = int(fields[11]) + int(fields[12])  # utime + stime
+    def in_tree(pid: int) -> bool:
+        while pid > 1:
+            if pid == root_pid:
+                return True
+            pid = parent.get(pid, 0)
+        return False
+    own = sum(c for p, c in cpu.items() if in_tree(p))
+    with open("/proc/loadavg") as f:
+        load = float(f.read().split()[0])
+    return {"busy_s": busy / tck, "own_s": own / tck, "loadavg1": load}
+
+
+def _wait_quiet(max_wait_s: float, threshold_cores: float = 0.1, window_s: float = 3.0) -> dict:
+    """Wait (up to max_wait_s) until other processes use < threshold_cores over a window."""
+    t_start = time.perf_counter()
+    other = None
+    while True:
+        a = _cpu_snapshot(os.getpid())
+        time.sleep(window_s)
+        b = _cpu_snapshot(os.getpid())
+        other = _contention(a, b, window_s)["other_cores"]
+        waited = time.perf_counter() - t_start
+        if other < threshold_cores or waited >= max_wait_s:
+            return {"waited_s": round(waited, 1), "quiet": other < threshold_cores, "other_cores_last": other}
+
+
+def _contention(before: dict, after: dict, elapsed: float) -> dict:
+    busy = (after["busy_s"] - before["busy_s"]) / elapsed
+    own = (after["own_s"] - before["own_s"]) / elapsed
+    return {
+        "system_busy_cores": round(busy, 3),
+        "own_cores": round(own, 3),
+        "other_cores": round(max(busy - own, 0.0), 3),
+        "loadavg1_before": before["loadavg1"],
+        "loadavg1_after": after["loadavg1"],
+    }
 
 
 def _cpu_name() -> str:

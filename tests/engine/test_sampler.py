@@ -27,7 +27,7 @@ def gen(seed: int) -> torch.Generator:
 def draws(logits_row: torch.Tensor, n: int, **kwargs) -> set[int]:
     """The set of tokens seen over n draws of one distribution (one batch of n identical rows)."""
     logits = logits_row.unsqueeze(0).expand(n, -1).contiguous()
-    return {t.token_id for t in sample(logits, [row(**kwargs) for _ in range(n)], EOS)}
+    return {t.token_id for t in sample(logits, [row(**kwargs)] * n, EOS)}
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +66,15 @@ def test_mixed_batch_greedy_rows_are_argmax_after_penalties():
 
 # --- seeded reproducibility -------------------------------------------------------------------------
 
+OTHER_PARAMS = [
+    dict(temperature=0.7, top_k=5, min_p=0.1, presence_penalty=0.5),
+    dict(temperature=0.0, logprobs=2),
+    dict(top_p=0.5),
+    dict(top_k=400, top_p=0.99, repetition_penalty=1.3),
+    dict(temperature=1.5, min_tokens=5),
+]
+
+
 def _run_seeded(seed: int, logits_steps: list[torch.Tensor], position: int, batch: int,
                 **kwargs) -> list[int]:
     """Sample a seeded row for several steps, sitting at `position` in a batch of `batch` rows whose
@@ -75,8 +84,10 @@ def _run_seeded(seed: int, logits_steps: list[torch.Tensor], position: int, batc
     for step, target in enumerate(logits_steps):
         others = torch.randn(batch, target.shape[0]) * 3
         others[position] = target
-        rows = [row(temperature=0.7, top_k=5, min_p=0.1, presence_penalty=0.5, output=[1, 2])
-                for _ in range(batch)]
+        # The other rows' params change which code paths the batch takes (e.g. how many top-k
+        # candidates are looked at, whether some rows are greedy or seeded).
+        rows = [row(**OTHER_PARAMS[(j + step) % len(OTHER_PARAMS)], output=[1, 2],
+                    generator=gen(100 + j) if j % 2 else None) for j in range(batch)]
         rows[position] = row(generator=g, output=out, **kwargs)
         out.append(sample(others, rows, EOS)[position].token_id)
     return out
@@ -101,6 +112,15 @@ def test_same_seed_same_tokens_with_filters_and_penalties():
     assert a == b
 
 
+@pytest.mark.parametrize("scale", [0.1, 3.0])  # 0.1: flat rows, top-p falls back to a full sort
+def test_same_seed_same_tokens_with_top_p_over_a_large_vocab(scale):
+    steps = [torch.randn(3000) * scale for _ in range(8)]
+    kw = dict(temperature=0.5, top_p=0.8)
+    a = _run_seeded(5, steps, position=0, batch=1, **kw)
+    b = _run_seeded(5, steps, position=4, batch=6, **kw)
+    assert a == b
+
+
 def test_unseeded_rows_differ_from_each_other():
     logits = torch.zeros(2, 10_000)
     out = sample(logits, [row(), row()], EOS)
@@ -114,7 +134,7 @@ def test_draws_follow_softmax_of_logits_over_temperature():
     for temperature in (0.5, 1.0, 2.0):
         n = 40_000
         logits = base.expand(n, -1).contiguous()
-        out = sample(logits, [row(temperature=temperature) for _ in range(n)], EOS)
+        out = sample(logits, [row(temperature=temperature)] * n, EOS)
         counts = torch.bincount(torch.tensor([t.token_id for t in out]), minlength=4).float() / n
         expected = torch.softmax(base / temperature, -1)
         assert torch.allclose(counts, expected, atol=0.015), (temperature, counts, expected)
@@ -129,11 +149,40 @@ def test_top_k_only_samples_the_top_k():
     assert draws(logits, 200, top_k=1) == {int(logits.argmax())}
 
 
-def test_top_k_keeps_exactly_k_with_ties():
-    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
-    out = apply_top_k_top_p(logits, torch.tensor([2]), torch.tensor([1.0]))
-    assert torch.isfinite(out).sum() == 2
-    assert torch.isfinite(out[0, :2]).all()  # ties broken by token id
+def test_top_k_keeps_ties_with_the_kth_token():
+    # The filter is a cutoff value, so tokens tied with the k-th are kept (as in vLLM).
+    logits = torch.tensor([[1.0, 3.0, 1.0, 2.0, 0.0]])
+    out = apply_top_k_top_p(logits, [2], [1.0])
+    assert torch.isfinite(out[0]).tolist() == [False, True, False, True, False]
+    out = apply_top_k_top_p(logits, [3], [1.0])
+    assert torch.isfinite(out[0]).tolist() == [True, True, True, True, False]
+
+
+def reference_keep(logits: torch.Tensor, top_k: int, top_p: float) -> set[int]:
+    """Straight from the definition, one row, full sort."""
+    order = logits.argsort(descending=True).tolist()
+    if top_k > 0:
+        order = order[:top_k]
+    probs = torch.softmax(logits[order].double(), -1).tolist()  # renormalized after top-k
+    kept, mass = [], 0.0
+    for token, prob in zip(order, probs):
+        if top_p < 1.0 and mass >= top_p:
+            break
+        kept.append(token)
+        mass += prob
+    return set(kept)
+
+
+def test_top_k_top_p_matches_reference_in_mixed_batches():
+    gen_ = torch.Generator().manual_seed(0)
+    settings = [(0, 1.0), (5, 1.0), (0, 0.5), (0, 0.9), (40, 0.95), (2000, 0.9), (3, 0.3), (0, 0.999)]
+    for scale in (0.3, 1.0, 4.0):  # flat rows push top-p past the top-1024 candidates (full sort)
+        logits = torch.randn(len(settings), 3000, generator=gen_) * scale
+        out = apply_top_k_top_p(logits, [k for k, _ in settings], [p for _, p in settings])
+        for i, (k, p) in enumerate(settings):
+            got = set(torch.isfinite(out[i]).nonzero().flatten().tolist())
+            assert got == reference_keep(logits[i], k, p), (scale, k, p)
+            assert torch.equal(out[i][torch.isfinite(out[i])], logits[i][torch.isfinite(out[i])])
 
 
 PROBS = torch.tensor([0.1, 0.4, 0.05, 0.3, 0.15])  # sorted: 1 (0.4), 3 (0.3), 4 (0.15), 0 (0.1), 2 (0.05)
@@ -147,15 +196,18 @@ PROBS = torch.tensor([0.1, 0.4, 0.05, 0.3, 0.15])  # sorted: 1 (0.4), 3 (0.3), 4
 def test_top_p_set(top_p, expected):
     logits = PROBS.log()
     assert draws(logits, 4000, top_p=top_p) == expected
-    masked = apply_top_k_top_p(logits.unsqueeze(0), torch.tensor([0]), torch.tensor([top_p]))
+    masked = apply_top_k_top_p(logits.unsqueeze(0), [0], [top_p])
     assert set(torch.isfinite(masked[0]).nonzero().flatten().tolist()) == expected
 
 
 def test_top_k_then_top_p():
-    # top_k=3 renormalizes {0.4, 0.3, 0.15} -> {0.47, 0.35, 0.18}; top_p=0.8 then keeps all three.
+    # top_p applies to the distribution renormalized after top_k:
+    # top_k=3 turns {0.4, 0.3, 0.15} into {0.47, 0.35, 0.18}.
     logits = PROBS.log()
-    assert draws(logits, 4000, top_k=3, top_p=0.8) == {1, 3, 4}
-    assert draws(logits, 4000, top_k=3, top_p=0.5) == {1, 3}
+    assert draws(logits, 4000, top_k=3, top_p=0.85) == {1, 3, 4}
+    assert draws(logits, 4000, top_k=3, top_p=0.8) == {1, 3}
+    assert draws(logits, 4000, top_k=3, top_p=0.45) == {1}
+    assert draws(logits, 4000, top_p=0.45) == {1, 3}  # without top_k, 0.4 < 0.45 needs a second token
 
 
 @pytest.mark.parametrize(
@@ -232,7 +284,7 @@ def test_min_tokens_blocks_eos_when_sampling():
     logits = torch.tensor([5.0, 0.0, 0.0, 5.0])
     eos = [0, 3]
     n = 2000
-    out = sample(logits.expand(n, -1).contiguous(), [row(min_tokens=1) for _ in range(n)], eos)
+    out = sample(logits.expand(n, -1).contiguous(), [row(min_tokens=1)] * n, eos)
     assert {t.token_id for t in out} == {1, 2}
 
 

@@ -249,13 +249,14 @@ class LLMEngine:
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprobs(token))
             seq.cumulative_logprob += token.logprob
-        stop_string = seq.detokenizer.add_token(token.token_id)
-        params = seq.params
-        t = token.token_id
-        if seq.num_output_tokens >= params.min_tokens and (
-                (not params.ignore_eos and t in self.eos_token_ids) or t in params.stop_token_ids):
-            self._finish(seq, "stop", None if t in self.eos_token_ids and t not in params.stop_token_ids else t)
-        elif stop_string is not None:
+        params, t = seq.params, token.token_id
+        is_eos = t in self.eos_token_ids and not params.ignore_eos
+        if seq.num_output_tokens >= params.min_tokens and (is_eos or t in params.stop_token_ids):
+            # The stopping token's text is not part of the output (as in vLLM) unless asked for.
+            if params.include_stop_str_in_output:
+                seq.detokenizer.add_token(t)
+            self._finish(seq, "stop", t if t in params.stop_token_ids else None)
+        elif (stop_string := seq.detokenizer.add_token(t)) is not None:
             self._finish(seq, "stop", stop_string)
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
@@ -263,14 +264,11 @@ class LLMEngine:
             self.scheduler.remove(seq)
 
     def _logprobs(self, token: SampledToken) -> dict[int, Logprob]:
-        top = token.top_logprobs or {}
-        ranked = sorted(top.items(), key=lambda kv: -kv[1])
-        out = {tid: Logprob(lp, rank, self.tokenizer.decode([tid], skip_special_tokens=False))
-               for rank, (tid, lp) in enumerate(ranked, start=1)}
-        if token.token_id not in out:
-            out[token.token_id] = Logprob(token.logprob, None,
-                                          self.tokenizer.decode([token.token_id], skip_special_tokens=False))
-        return out
+        """vLLM's shape: the top tokens with their ranks, plus the chosen token with its own rank."""
+        ranked = sorted(token.top_logprobs.items(), key=lambda kv: -kv[1])
+        return {tid: Logprob(lp, token.rank if tid == token.token_id else rank,
+                             self.tokenizer.decode([tid], skip_special_tokens=False))
+                for rank, (tid, lp) in enumerate(ranked, start=1)}
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         seq.status = SequenceStatus.FINISHED

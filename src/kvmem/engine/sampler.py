@@ -9,7 +9,8 @@ Order of operations for each row (same as vLLM):
 The draw is an "exponential race": argmax(p / q) with q ~ Exp(1) i.i.d. is a sample from p. Unlike
 torch.multinomial it vectorizes over rows whose noise comes from the global RNG, and a seeded row
 draws exactly `vocab` numbers from its own generator per step, so its tokens depend only on its
-seed and its own logits -- not on the batch it ran in or its index there.
+seed and its own logits -- not on the batch it ran in or its index there. (Every op on a row's
+logits is row-wise, so the row's probabilities are the same in any batch.)
 
 Speed: the common all-greedy batch without penalties or logprobs is one argmax. Otherwise the work
 is vectorized over the rows that need it; Python loops only touch per-row token lists (to build the
@@ -77,14 +78,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: Sequenc
         apply_penalties(logits, rows)
         apply_min_tokens(logits, rows, eos_token_ids)
 
-    # Greedy rows take the argmax of the processed logits; random rows are overwritten below.
-    token_ids = logits.argmax(dim=-1)
-    if not all_greedy:
-        random_idx = [i for i, row in enumerate(rows) if not row.params.greedy]
-        random_rows = [rows[i] for i in random_idx]
-        index = torch.tensor(random_idx, device=logits.device)
-        sub = logits.index_select(0, index)  # a copy: free to modify
-        token_ids[index] = _sample_random(sub, random_rows)
+    random_idx = [] if all_greedy else [i for i, row in enumerate(rows) if not row.params.greedy]
+    if len(random_idx) == len(rows):
+        token_ids = _sample_random(logits, rows)
+    else:
+        # Greedy rows take the argmax of the processed logits; random rows are overwritten.
+        token_ids = logits.argmax(dim=-1)
+        if random_idx:
+            index = torch.tensor(random_idx, device=logits.device)
+            token_ids[index] = _sample_random(logits.index_select(0, index), [rows[i] for i in random_idx])
 
     token_list = token_ids.tolist()
     if not wants_logprobs:
@@ -97,33 +99,34 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: Sequenc
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """In place. Repetition penalty (prompt + output tokens): positive logits are divided by it,
     negative ones multiplied. Then frequency (times each output token's count) and presence (once
-    per distinct output token) penalties are subtracted. Rows without penalties are untouched."""
+    per distinct output token) penalties are subtracted. Rows without penalties are untouched.
+
+    Only the (row, token) entries of tokens a row has seen change, so the work is gather / compute /
+    scatter on those entries -- O(tokens in the rows), never O(rows x vocab)."""
     vocab = logits.shape[1]
     device = logits.device
 
     rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     if rep:
-        seen = _token_mask(
-            [itertools.chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in rep], vocab, device
+        row_idx, ids = _flatten(
+            rep, [itertools.chain(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in rep], device
         )
-        penalty = torch.tensor([rows[i].params.repetition_penalty for i in rep],
-                               dtype=logits.dtype, device=device).unsqueeze(1)
-        index = torch.tensor(rep, device=device)
-        sub = logits.index_select(0, index)
-        penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
-        logits[index] = torch.where(seen, penalized, sub)
+        # Duplicate (row, token) pairs all compute the same value from the same original logit, so
+        # writing them all is harmless.
+        penalty = torch.tensor([r.params.repetition_penalty for r in rows], dtype=logits.dtype,
+                               device=device)[row_idx]
+        values = logits[row_idx, ids]
+        logits[row_idx, ids] = torch.where(values > 0, values / penalty, values * penalty)
 
     freq_pres = [i for i, r in enumerate(rows)
                  if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
     if freq_pres:
-        counts = _token_counts([rows[i].output_token_ids for i in freq_pres], vocab, device, logits.dtype)
-        freq = torch.tensor([rows[i].params.frequency_penalty for i in freq_pres],
-                            dtype=logits.dtype, device=device).unsqueeze(1)
-        pres = torch.tensor([rows[i].params.presence_penalty for i in freq_pres],
-                            dtype=logits.dtype, device=device).unsqueeze(1)
-        index = torch.tensor(freq_pres, device=device)
-        sub = logits.index_select(0, index)
-        logits[index] = sub - freq * counts - pres * (counts > 0).to(logits.dtype)
+        row_idx, ids = _flatten(freq_pres, [rows[i].output_token_ids for i in freq_pres], device)
+        keys, counts = torch.unique(row_idx * vocab + ids, return_counts=True)
+        row_idx, ids = keys // vocab, keys % vocab
+        freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=logits.dtype, device=device)
+        pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=logits.dtype, device=device)
+        logits[row_idx, ids] -= freq[row_idx] * counts.to(logits.dtype) + pres[row_idx]
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: Sequence[int]) -> None:
@@ -143,27 +146,72 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow], eos_token_id
                torch.tensor(col_idx, device=logits.device)] = float("-inf")
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+# Top-p without top-k first looks for its cut among this many best tokens: a top-k of the row is
+# far cheaper than sorting the whole vocabulary, and the cut is usually there. Rows whose top-p set
+# is larger (flat distributions) fall back to a full sort, so the result is exact either way.
+_TOP_P_CANDIDATES = 1024
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
     """Returns `logits` with everything outside each row's top-k / top-p set at -inf.
 
-    `top_k`: int [rows], <= 0 = off. `top_p`: float [rows], 1 = off. Top-p keeps the smallest set
-    of most likely tokens whose probability adds up to >= top_p (computed after top-k), so the most
-    likely token always survives. Works on a descending sort so that top-k keeps exactly k tokens
-    even with ties."""
+    top_k <= 0 and top_p == 1 turn the filter off for that row. Top-p keeps the smallest set of most
+    likely tokens whose probability adds up to >= top_p, computed on the distribution renormalized
+    after top-k, so the most likely token always survives. The filter becomes a per-row cutoff
+    value: tokens tied with the last kept one are kept too (as in vLLM)."""
     vocab = logits.shape[1]
-    # stable: ties are broken by token id, so the result never depends on the batch.
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)
-    positions = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(positions >= k, float("-inf"))
+    device = logits.device
+    k_list = [k if 0 < k < vocab else vocab for k in top_k]
+    p_only = [k == vocab and p < 1.0 for k, p in zip(k_list, top_p)]
+    # Every row's kept set must lie within the K best tokens we look at.
+    num_candidates = max((k for k in k_list if k < vocab), default=1)
+    if any(p_only):
+        num_candidates = max(num_candidates, _TOP_P_CANDIDATES)
+    num_candidates = min(num_candidates, vocab)
 
-    probs = sorted_logits.softmax(dim=-1)
-    # Probability mass strictly before each token: it is dropped once that already reaches top_p.
-    mass_before = probs.cumsum(dim=-1) - probs
-    # Rows with top_p == 1 are exempt: rounding could push mass_before to 1.0 on the tail.
-    drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+    k = torch.tensor(k_list, device=device)
+    p = torch.tensor(list(top_p), dtype=logits.dtype, device=device)
+    # top-p needs probabilities of the whole row; log-normalizer of the full row (batch-invariant)
+    lse = logits.logsumexp(dim=-1) if any(x < 1.0 for x in top_p) else None
+    candidates = logits.topk(num_candidates, dim=-1, sorted=True).values
+    cutoff, complete = _cutoffs(candidates, lse, k, p, vocab)
+
+    if any(p_only) and num_candidates < vocab:
+        incomplete = (~complete).nonzero().flatten()
+        if incomplete.numel():
+            full = logits.index_select(0, incomplete).sort(dim=-1, descending=True).values
+            sub_lse = lse.index_select(0, incomplete) if lse is not None else None
+            full_cutoff, _ = _cutoffs(full, sub_lse, k[incomplete], p[incomplete], vocab)
+            cutoff[incomplete] = full_cutoff
+
+    filtered = torch.tensor([kk < vocab or pp < 1.0 for kk, pp in zip(k_list, top_p)], device=device)
+    cutoff = cutoff.masked_fill(~filtered, float("-inf"))
+    return logits.masked_fill(logits < cutoff.unsqueeze(1), float("-inf"))
+
+
+def _cutoffs(sorted_vals: torch.Tensor, lse: torch.Tensor | None, k: torch.Tensor, top_p: torch.Tensor,
+             vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From each row's best logits (descending, [rows, K]): the smallest logit the filters keep, and
+    whether the top-p cut surely lies within these K (always true for rows without top-p, or with
+    top-k, since K >= k)."""
+    num = sorted_vals.shape[1]
+    positions = torch.arange(num, device=sorted_vals.device).unsqueeze(0)
+    keep = positions < k.unsqueeze(1)  # top-k
+    complete = torch.ones(sorted_vals.shape[0], dtype=torch.bool, device=sorted_vals.device)
+    if lse is not None:
+        vals = sorted_vals.masked_fill(~keep, float("-inf"))
+        probs = (vals - lse.unsqueeze(1)).exp()  # probabilities under the full distribution
+        cum = probs.cumsum(dim=-1)
+        # Top-p applies after top-k: compare against top_p of the mass top-k left, not of 1.
+        kept_mass = torch.where(k < vocab, cum.gather(1, (k.clamp(max=num) - 1).unsqueeze(1)).squeeze(1),
+                                torch.ones_like(top_p))
+        threshold = (top_p * kept_mass).unsqueeze(1)
+        # A token is dropped once the more likely ones already reach top_p. Rows with top_p == 1
+        # are exempt: rounding could push the mass before the tail to 1.0.
+        keep &= ((cum - probs) < threshold) | (top_p >= 1.0).unsqueeze(1)
+        complete = (top_p >= 1.0) | (k < vocab) | (num == vocab) | (cum[:, -1] >= top_p)
+    num_kept = keep.sum(dim=-1).clamp(min=1)
+    return sorted_vals.gather(1, (num_kept - 1).unsqueeze(1)).squeeze(1), complete
 
 
 def min_p_mask(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -180,11 +228,9 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         temperature = torch.tensor([p.temperature for p in params], dtype=dtype, device=device)
         logits = logits / temperature.unsqueeze(1)
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=dtype, device=device)
-        logits = apply_top_k_top_p(logits, top_k, top_p)
-    # The same softmax op runs whatever the other rows asked for, so a row's probabilities (and
-    # hence its seeded draws) are bit-identical in any batch.
+        logits = apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
+    # The same softmax runs whatever the other rows asked for, so a row's probabilities (and hence
+    # its seeded draws) do not depend on the batch.
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0.0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], dtype=dtype, device=device)
@@ -193,22 +239,22 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """One draw per row; `logits` is not modified."""
     probs = sampling_probs(logits, [r.params for r in rows])
-    # Exponential race: argmax(p / q), q ~ Exp(1), is distributed as p.
-    q = torch.empty_like(probs)
+    # Exponential race: argmax(p / q) with q = -log(u) ~ Exp(1) i.i.d. is distributed as p.
+    # (rand + log is ~2.5x faster than exponential_ on CPU.) u in [0, 1), so q is in (0, inf]: a
+    # token with p = 0 can never win, and u = 0 merely gives that token p / inf = 0.
+    u = torch.empty_like(probs)
     seeded = [i for i, r in enumerate(rows) if r.generator is not None]
     if not seeded:
-        q.exponential_()
+        u.uniform_()
     elif len(seeded) < len(rows):
         unseeded = torch.tensor([i for i, r in enumerate(rows) if r.generator is None], device=probs.device)
-        q[unseeded] = torch.empty(len(unseeded), probs.shape[1], dtype=probs.dtype,
-                                  device=probs.device).exponential_()
+        u[unseeded] = torch.rand(len(unseeded), probs.shape[1], dtype=probs.dtype, device=probs.device)
     for i in seeded:
-        q[i].exponential_(generator=rows[i].generator)
-    # exponential_ may return exactly 0 in float32; p / 0 would be inf (or NaN for a masked p = 0),
-    # letting a masked token win. Clamping keeps masked tokens at 0.
-    q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return (probs / q).argmax(dim=-1)
+        # Each seeded row draws exactly `vocab` numbers from its own generator per step.
+        u[i].uniform_(generator=rows[i].generator)
+    return probs.div_(u.log_().neg_()).argmax(dim=-1)
 
 
 # --- logprobs --------------------------------------------------------------------------------------
@@ -216,9 +262,12 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
 def _with_logprobs(raw: torch.Tensor, rows: list[SamplingRow], token_ids: torch.Tensor,
                    token_list: list[int]) -> list[SampledToken]:
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    index = torch.tensor(want, device=raw.device)
-    logprobs = raw.index_select(0, index).log_softmax(dim=-1)
-    chosen = token_ids.index_select(0, index).unsqueeze(1)
+    if len(want) == len(rows):
+        logprobs, chosen = raw.log_softmax(dim=-1), token_ids.unsqueeze(1)
+    else:
+        index = torch.tensor(want, device=raw.device)
+        logprobs = raw.index_select(0, index).log_softmax(dim=-1)
+        chosen = token_ids.index_select(0, index).unsqueeze(1)
     chosen_lp = logprobs.gather(1, chosen)
     # Rank as vLLM counts it: 1 + how many tokens are strictly more likely.
     ranks = (logprobs > chosen_lp).sum(dim=-1) + 1
@@ -245,24 +294,11 @@ def _with_logprobs(raw: torch.Tensor, rows: list[SamplingRow], token_ids: torch.
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-def _flatten(token_lists: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, token id) pairs for every token of every list, as two 1-D tensors."""
+def _flatten(row_numbers: list[int], token_lists: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token id) for every token of every list, as two 1-D long tensors; list j belongs to
+    row row_numbers[j]."""
     lists = [list(ids) for ids in token_lists]
     lengths = torch.tensor([len(ids) for ids in lists], device=device)
     ids = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.long, device=device)
-    rows = torch.repeat_interleave(torch.arange(len(lists), device=device), lengths)
-    return rows, ids
-
-
-def _token_mask(token_lists: list, vocab: int, device: torch.device) -> torch.Tensor:
-    rows, ids = _flatten(token_lists, device)
-    mask = torch.zeros(len(token_lists), vocab, dtype=torch.bool, device=device)
-    mask[rows, ids] = True
-    return mask
-
-
-def _token_counts(token_lists: list, vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    rows, ids = _flatten(token_lists, device)
-    counts = torch.zeros(len(token_lists), vocab, dtype=dtype, device=device)
-    counts.index_put_((rows, ids), torch.ones_like(ids, dtype=dtype), accumulate=True)
-    return counts
+    row_idx = torch.repeat_interleave(torch.tensor(row_numbers, dtype=torch.long, device=device), lengths)
+    return row_idx, ids
