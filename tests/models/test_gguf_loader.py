@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 
 from kvmem.models.config import RopeScaling
 from kvmem.models.gguf_loader import _llama3_factors, dequantize_tensor, hf_tensor_name, open_gguf
-from kvmem.models.loader import expected_weight_names, load_model
+from kvmem.models.loader import load_model
 from tests.conftest import tiny_bpe_gguf_metadata
 from tests.oracle import hf_default_model
 
@@ -43,13 +43,13 @@ def test_embedded_config_matches_transformers(smollm):
     assert c.tie_word_embeddings is hf.tie_word_embeddings is True
     assert c.bos_token_id == hf.bos_token_id and c.eos_token_ids == [hf.eos_token_id]
     assert c.attention_bias is False and c.torch_dtype == "float32"
-    assert c.name == "Smollm2 135M 8k Lc100K Mix1 Ep2"  # general.name
+    assert c.name == "SmolLM2-135M-Instruct"  # the file name without ".Q4_1"
 
 
 @pytest.mark.slow
 def test_embedded_weights_equal_transformers(smollm, smollm_weights):
     state = hf_default_model().state_dict()
-    assert set(smollm_weights) == set(expected_weight_names(smollm.config))
+    assert set(smollm_weights) == set(smollm.config.weight_names())
     assert "lm_head.weight" not in smollm_weights  # tied
     for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.29.self_attn.k_proj.weight",
                  "model.embed_tokens.weight", "model.layers.3.input_layernorm.weight", "model.norm.weight",
@@ -153,7 +153,7 @@ def test_tiny_gguf_roundtrip_f32_is_exact(gguf_file, arch, bias, tie):
     assert c.architecture == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
     assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (HIDDEN, HEADS, KV_HEADS, 16)
     assert (c.intermediate_size, c.num_hidden_layers, c.vocab_size) == (FFN, LAYERS, _vocab())
-    assert c.attention_bias is bias and c.tie_word_embeddings is tie and c.name == "tiny"
+    assert c.attention_bias is bias and c.tie_word_embeddings is tie and c.name == "model"  # the file stem
     assert source.path == path and source.tokenizer.vocab_size == _vocab()
     weights = dict(source.weights())
     assert set(weights) == set(hf)

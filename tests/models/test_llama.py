@@ -76,7 +76,7 @@ def test_missing_or_misshapen_weight_is_named(tiny):
     weights = dict(hf.state_dict())
     model = LlamaForCausalLM.build(ours.config, 64, torch.float32, torch.device("cpu"))
     del weights["model.layers.1.self_attn.k_proj.weight"]
-    with pytest.raises(ValueError, match=r"missing weights: layers\.1\.self_attn\.k_proj\.weight"):
+    with pytest.raises(ValueError, match=r"missing weights: model\.layers\.1\.self_attn\.k_proj\.weight"):
         model.load_weights(weights.items())
     weights["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="k_proj.weight' has shape"):

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType
 
 from kvmem.models import loader
 from kvmem.models.config import ModelConfig
-from kvmem.models.loader import DEFAULT_MODEL_FILE, default_model_path, expected_weight_names, load_model
+from kvmem.models.loader import DEFAULT_MODEL_FILE, default_model_path, load_model
 from tests.conftest import tiny_bpe_gguf_metadata
 from tests.oracle import make_tiny_model
 
@@ -51,7 +51,7 @@ def test_hf_dir_roundtrip(llama_dir):
     assert source.tokenizer.vocab_size == 300 and source.tokenizer.chat_template
     weights = dict(source.weights())
     assert list(weights) == list(dict.fromkeys(weights))
-    assert set(weights) == set(expected_weight_names(source.config))
+    assert set(weights) == set(source.config.weight_names())
     assert "lm_head.weight" in weights  # not tied
     state = _hf_state_dict(llama_dir)
     for name, w in weights.items():
@@ -85,7 +85,7 @@ def test_hf_sharded_checkpoint_keeps_dtype(llama_dir, tmp_path):
     assert source.config.torch_dtype == "bfloat16"
     weights = dict(source.weights())
     state = model.state_dict()
-    assert set(weights) == set(expected_weight_names(source.config))
+    assert set(weights) == set(source.config.weight_names())
     for name, w in weights.items():
         assert w.dtype == torch.bfloat16 and torch.equal(w, state[name]), name
 

@@ -60,6 +60,21 @@ class ModelConfig:
         if self.rope_scaling.rope_type not in ("default", "llama3"):
             raise ValueError(f"unsupported rope_scaling type {self.rope_scaling.rope_type!r} (default, llama3)")
 
+    def weight_names(self) -> list[str]:
+        """Every tensor a checkpoint must hold, in Hugging Face Llama naming (what loaders yield)."""
+        names = ["model.embed_tokens.weight"]
+        for i in range(self.num_hidden_layers):
+            p = f"model.layers.{i}."
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+            names += [f"{p}self_attn.{x}_proj.weight" for x in ("q", "k", "v", "o")]
+            if self.attention_bias:
+                names += [f"{p}self_attn.{x}_proj.bias" for x in ("q", "k", "v")]
+            names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        names.append("model.norm.weight")
+        if not self.tie_word_embeddings:
+            names.append("lm_head.weight")
+        return names
+
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], name: str = "model") -> "ModelConfig":
         """Build from a Hugging Face `config.json` dict (old `rope_scaling` or new `rope_parameters` form)."""

@@ -23,7 +23,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from kvmem.models.config import ModelConfig, RopeScaling
-from kvmem.models.loader import ModelSource, expected_weight_names
+from kvmem.models.loader import ModelSource
 from kvmem.tokenizer import Tokenizer
 
 __all__ = ["config_from_gguf", "dequantize_tensor", "hf_tensor_name", "load_gguf", "open_gguf"]
@@ -56,6 +56,13 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 # Llama 3's original context, the default llama.cpp also assumes when a file does not say.
 _LLAMA3_ORIGINAL_CONTEXT = 8192
+
+
+def served_name(path: Path) -> str:
+    """The name to serve a GGUF under: its file name without the quantization label
+    ("SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"). `general.name` is often a
+    training-run label ("Smollm2 135M 8k Lc100K Mix1 Ep2"), not what users call the model."""
+    return re.sub(r"[.-](?:[IQ]\d\w*|F16|F32|BF16)$", "", path.stem, flags=re.IGNORECASE) or path.stem
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
@@ -244,7 +251,7 @@ def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
             bos_token_id=bos,
             eos_token_ids=[eos] if eos is not None else [],
             torch_dtype="float32",  # what dequantization produces
-            name=meta.get("general.name") or path.stem,
+            name=served_name(path),
         )
     except ValueError as e:  # ModelConfig's own checks (e.g. heads not a multiple of kv heads)
         raise ValueError(f"{path}: {e}") from e
@@ -270,7 +277,7 @@ def load_gguf(path: Path) -> ModelSource:
     config = config_from_gguf(reader, path)
     tokenizer = Tokenizer.from_gguf(reader)
     present = {hf_tensor_name(t.name): t.name for t in reader.tensors}
-    missing = [_gguf_tensor_name(n) for n in expected_weight_names(config) if n not in present]
+    missing = [_gguf_tensor_name(n) for n in config.weight_names() if n not in present]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")

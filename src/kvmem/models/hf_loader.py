@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from kvmem.models.config import ModelConfig
-from kvmem.models.loader import ModelSource, expected_weight_names
+from kvmem.models.loader import ModelSource
 from kvmem.tokenizer import Tokenizer
 
 __all__ = ["load_hf_config", "load_hf_dir"]
@@ -83,7 +83,7 @@ def load_hf_dir(path: Path) -> ModelSource:
     tokenizer = Tokenizer.from_hf_dir(path)
     files = _weight_files(path)
 
-    wanted = set(expected_weight_names(config))
+    wanted = set(config.weight_names())
     located: dict[Path, list[str]] = {}
     found: set[str] = set()
     for file in files:
@@ -91,7 +91,7 @@ def load_hf_dir(path: Path) -> ModelSource:
         names = [n for n in _tensor_names(file) if n in wanted]
         located[file] = names
         found.update(names)
-    missing = [n for n in expected_weight_names(config) if n not in found]
+    missing = [n for n in config.weight_names() if n not in found]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{path}: checkpoint is missing tensor(s) {', '.join(missing[:5])}{more}")

