@@ -81,3 +81,27 @@ def test_missing_or_misshapen_weight_is_named(tiny):
     weights["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="k_proj.weight' has shape"):
         model.load_weights(weights.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_track_transformers_in_the_same_dtype(tiny, dtype):
+    hf, ours32 = tiny
+    c = ours32.config
+    hf_half = type(hf)(hf.config).to(dtype).eval()
+    hf_half.load_state_dict(hf.state_dict())
+    ours = LlamaForCausalLM.build(c, 512, dtype, torch.device("cpu"))
+    ours.load_weights(hf.state_dict().items())
+    tokens = [(11 * i) % 300 + 2 for i in range(40)]
+    spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype, torch.device("cpu"))
+    mgr = PagedKVCacheManager(spec, num_blocks=16, block_size=4)
+    seq = _Seq(tokens)
+    mgr.allocate(seq, len(tokens))
+    meta = AttentionMetadata.build([mgr.block_table(seq)], [0], [len(tokens)], 4, torch.device("cpu"))
+    got = ours(torch.tensor(tokens), torch.arange(len(tokens)), [mgr.layer_cache(i) for i in range(c.num_hidden_layers)],
+               meta, BACKENDS["torch"], torch.arange(len(tokens)))
+    expected = hf_logits(hf_half, tokens)
+    assert got.dtype == torch.float32
+    # Same operations in the same dtype: agreement to a few half-precision ulps of the logits' scale.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, atol=0.05 * scale, rtol=0.05)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
