@@ -20,17 +20,17 @@ class PrefillSpan:
     query_start: int  # first row of this sequence in the flat batch
     query_len: int  # tokens computed this step
     context_len: int  # tokens in the cache after this step (cached prefix + query)
-    # Flat slots of all context_len keys; None when the whole context is this step's tokens,
+    # Blocks holding all context_len keys; None when the whole context is this step's tokens,
     # which attention then takes straight from the projections.
-    key_slots: torch.Tensor | None
+    block_table: torch.Tensor | None
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] flat slot each new token's K,V is written to
     num_decodes: int  # the first num_decodes rows are single-token decodes
-    decode_key_slots: torch.Tensor | None  # [num_decodes, max_len] flat slots, padded with 0
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_len] True where a key is valid
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks], padded with block 0
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, longest context] True where a key is valid
     prefills: list[PrefillSpan]
     # Unpadded per-sequence view, used by the reference backend and the tests.
     block_tables: list[list[int]]
@@ -42,36 +42,36 @@ class AttentionMetadata:
     def build(cls, block_tables: list[list[int]], num_computed: list[int], query_lens: list[int],
               block_size: int, device: torch.device) -> "AttentionMetadata":
         """`block_tables[i]`, `num_computed[i]` (tokens already cached before this step) and
-        `query_lens[i]` describe sequence i; decodes (query_len 1) must come first."""
+        `query_lens[i]` describe sequence i; decodes (query_len 1) must come first.
+
+        Built with one tensor construction per field rather than per sequence: this runs every step."""
         num_decodes = 0
         while num_decodes < len(query_lens) and query_lens[num_decodes] == 1 and num_computed[num_decodes] > 0:
             num_decodes += 1
         context_lens = [c + q for c, q in zip(num_computed, query_lens)]
+        bs = block_size
+        slot_mapping = torch.tensor([table[p // bs] * bs + p % bs
+                                     for table, c, q in zip(block_tables, num_computed, query_lens)
+                                     for p in range(c, c + q)], dtype=torch.long, device=device)
 
-        def key_slots(table: list[int], start: int, end: int) -> torch.Tensor:
-            pos = torch.arange(start, end)
-            return torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
-
-        slot_mapping = torch.cat(
-            [key_slots(t, c, c + q) for t, c, q in zip(block_tables, num_computed, query_lens)]
-        ) if block_tables else torch.empty(0, dtype=torch.long)
-
-        decode_key_slots = decode_mask = None
+        decode_block_tables = decode_mask = None
         if num_decodes:
-            max_len = max(context_lens[:num_decodes])
-            decode_key_slots = torch.zeros(num_decodes, max_len, dtype=torch.long)
-            for i in range(num_decodes):
-                decode_key_slots[i, : context_lens[i]] = key_slots(block_tables[i], 0, context_lens[i])
-            lens = torch.tensor(context_lens[:num_decodes])
-            decode_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :]
-            decode_key_slots, decode_mask = decode_key_slots.to(device), decode_mask.to(device)
+            # Whole blocks, not single tokens, are gathered at attention time: fewer, larger copies.
+            max_blocks = max(-(-context_lens[i] // bs) for i in range(num_decodes))
+            padded = [block_tables[i][:max_blocks] + [0] * (max_blocks - len(block_tables[i][:max_blocks]))
+                      for i in range(num_decodes)]
+            decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
+            lens = torch.tensor(context_lens[:num_decodes], device=device)
+            longest = max(context_lens[:num_decodes])
+            decode_mask = (torch.arange(longest, device=device)[None, :] < lens[:, None])[:, None, None, :]
 
         prefills = []
         start = num_decodes
         for i in range(num_decodes, len(query_lens)):
             q, ctx = query_lens[i], context_lens[i]
-            slots = None if ctx == q else key_slots(block_tables[i], 0, ctx).to(device)
-            prefills.append(PrefillSpan(start, q, ctx, slots))
+            table = None if ctx == q else torch.tensor(block_tables[i][: -(-ctx // bs)], dtype=torch.long,
+                                                       device=device)
+            prefills.append(PrefillSpan(start, q, ctx, table))
             start += q
-        return cls(slot_mapping.to(device), num_decodes, decode_key_slots, decode_mask, prefills,
+        return cls(slot_mapping, num_decodes, decode_block_tables, decode_mask, prefills,
                    block_tables, context_lens, query_lens, block_size)

@@ -25,6 +25,16 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
+def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens addressed by each row of `block_tables` ([B, blocks]):
+    [B, length, kv_heads, dim]. Whole blocks are copied (a few large copies beat many small ones);
+    a table of one block (a contiguous slot, as in `static`) is sliced before copying instead, so
+    only `length` tokens move, not the whole slot."""
+    if block_tables.shape[1] == 1:
+        return cache[block_tables[:, 0], :length]
+    return cache[block_tables].flatten(1, 2)[:, :length]
+
+
 def _causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
     """Query i sits at position context_len - query_len + i and sees keys up to that position."""
     q_pos = torch.arange(context_len - query_len, context_len, device=device)
@@ -35,14 +45,12 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
                       v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
 
     nd = meta.num_decodes
     if nd:
-        # [nd, max_len, kv_heads, dim] -> [nd, kv_heads, max_len, dim]
-        keys = k_flat[meta.decode_key_slots].transpose(1, 2)
-        values = v_flat[meta.decode_key_slots].transpose(1, 2)
+        length = meta.decode_mask.shape[-1]  # [nd, length, kv_heads, dim] -> [nd, kv_heads, length, dim]
+        keys = gather_context(k_cache, meta.decode_block_tables, length).transpose(1, 2)
+        values = gather_context(v_cache, meta.decode_block_tables, length).transpose(1, 2)
         o = F.scaled_dot_product_attention(q[:nd, :, None, :], keys, values, attn_mask=meta.decode_mask,
                                            scale=scale, enable_gqa=True)
         out[:nd] = o[:, :, 0, :]
@@ -50,10 +58,11 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
         qs = q[rows].transpose(0, 1)[None]  # [1, heads, qlen, dim]
-        if span.key_slots is None:  # no cached prefix: keys are exactly this step's tokens
+        if span.block_table is None:  # no cached prefix: keys are exactly this step's tokens
             keys, values, mask, causal = k[rows], v[rows], None, True
         else:
-            keys, values = k_flat[span.key_slots], v_flat[span.key_slots]
+            keys = gather_context(k_cache, span.block_table[None], span.context_len)[0]
+            values = gather_context(v_cache, span.block_table[None], span.context_len)[0]
             mask, causal = _causal_mask(span.query_len, span.context_len, q.device), False
         o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
