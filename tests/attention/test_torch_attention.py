@@ -27,8 +27,8 @@ def make_batch(seed: int, dtype: torch.dtype):
         tables.append(blocks[pos: pos + n])
         pos += n
     g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(NUM_BLOCKS, BLOCK, KV_HEADS, DIM, generator=g).to(dtype)
-    v_cache = torch.randn(NUM_BLOCKS, BLOCK, KV_HEADS, DIM, generator=g).to(dtype)
+    k_cache = torch.randn(KV_HEADS, NUM_BLOCKS, BLOCK, DIM, generator=g).to(dtype)
+    v_cache = torch.randn(KV_HEADS, NUM_BLOCKS, BLOCK, DIM, generator=g).to(dtype)
     total = sum(q for _, q in seqs)
     q = torch.randn(total, HEADS, DIM, generator=g).to(dtype)
     k = torch.randn(total, KV_HEADS, DIM, generator=g).to(dtype)
@@ -56,10 +56,10 @@ def test_reference_equals_contiguous_causal_attention():
     keys, values = torch.randn(ctx, KV_HEADS, DIM), torch.randn(ctx, KV_HEADS, DIM)
     queries = torch.randn(ctx, HEADS, DIM)
     table = [7, 2, 9]
-    kc, vc = torch.zeros(NUM_BLOCKS, BLOCK, KV_HEADS, DIM), torch.zeros(NUM_BLOCKS, BLOCK, KV_HEADS, DIM)
+    kc, vc = torch.zeros(KV_HEADS, NUM_BLOCKS, BLOCK, DIM), torch.zeros(KV_HEADS, NUM_BLOCKS, BLOCK, DIM)
     for pos in range(ctx - qlen):  # the prefix is already cached
-        kc[table[pos // BLOCK], pos % BLOCK] = keys[pos]
-        vc[table[pos // BLOCK], pos % BLOCK] = values[pos]
+        kc[:, table[pos // BLOCK], pos % BLOCK] = keys[pos]
+        vc[:, table[pos // BLOCK], pos % BLOCK] = values[pos]
     meta = AttentionMetadata.build([table], [ctx - qlen], [qlen], BLOCK, torch.device("cpu"))
     out = reference_attention(queries[-qlen:], keys[-qlen:], values[-qlen:], kc, vc, meta, DIM ** -0.5)
     full = torch.nn.functional.scaled_dot_product_attention(

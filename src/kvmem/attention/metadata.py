@@ -30,7 +30,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] flat slot each new token's K,V is written to
     num_decodes: int  # the first num_decodes rows are single-token decodes
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks], padded with block 0
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, longest context] True where a key is valid
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, gathered key length] True where a key is valid
     prefills: list[PrefillSpan]
     # Unpadded per-sequence view, used by the reference backend and the tests.
     block_tables: list[list[int]]
@@ -62,8 +62,10 @@ class AttentionMetadata:
                       for i in range(num_decodes)]
             decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
             lens = torch.tensor(context_lens[:num_decodes], device=device)
-            longest = max(context_lens[:num_decodes])
-            decode_mask = (torch.arange(longest, device=device)[None, :] < lens[:, None])[:, None, None, :]
+            # Keys are gathered in whole blocks (see gather_context); a single block is a slot,
+            # sliced to the longest context.
+            key_len = max_blocks * bs if max_blocks > 1 else max(context_lens[:num_decodes])
+            decode_mask = (torch.arange(key_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
 
         prefills = []
         start = num_decodes

@@ -7,7 +7,7 @@ Two backends with one signature, `(q, k, v, k_cache, v_cache, meta, scale) -> ou
   explicitly in float32. Slow and obvious; the fast path is tested against it.
 
 Shapes: q `[T, num_heads, head_dim]`, k and v `[T, num_kv_heads, head_dim]` (this step's tokens,
-already rotated), caches `[num_blocks, block_size, num_kv_heads, head_dim]`.
+already rotated), caches `[num_kv_heads, num_blocks, block_size, head_dim]`.
 Both write this step's K,V into the caches first.
 """
 
@@ -21,18 +21,26 @@ from kvmem.attention.metadata import AttentionMetadata
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    num_kv_heads, _, _, dim = k_cache.shape
+    k_cache.view(num_kv_heads, -1, dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv_heads, -1, dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` tokens addressed by each row of `block_tables` ([B, blocks]):
-    [B, length, kv_heads, dim]. Whole blocks are copied (a few large copies beat many small ones);
-    a table of one block (a contiguous slot, as in `static`) is sliced before copying instead, so
-    only `length` tokens move, not the whole slot."""
-    if block_tables.shape[1] == 1:
-        return cache[block_tables[:, 0], :length]
-    return cache[block_tables].flatten(1, 2)[:, :length]
+    """Keys (or values) of each row of `block_tables` ([B, blocks]), per KV head:
+    [kv_heads, B, length, dim] with every (head, row) matrix contiguous, as BLAS wants it.
+
+    Paged: whole blocks are copied with index_select (several times faster on CPU than advanced
+    indexing), and `length` must be blocks * block_size: padding is masked, not sliced off, because a
+    slice would make the batch non-contiguous and bmm copy it again. A table of one block (a
+    contiguous slot, as in `static`) is sliced to `length` before copying, so only live tokens move.
+    """
+    num_kv_heads, _, block_size, dim = cache.shape
+    batch, num_blocks = block_tables.shape
+    if num_blocks == 1:
+        return cache[:, :, :length].index_select(1, block_tables[:, 0])
+    assert length == num_blocks * block_size, "paged gathers whole blocks"
+    return cache.index_select(1, block_tables.flatten()).view(num_kv_heads, batch, length, dim)
 
 
 def _causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
@@ -48,39 +56,59 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 
     nd = meta.num_decodes
     if nd:
-        length = meta.decode_mask.shape[-1]  # [nd, length, kv_heads, dim] -> [nd, kv_heads, length, dim]
-        keys = gather_context(k_cache, meta.decode_block_tables, length).transpose(1, 2)
-        values = gather_context(v_cache, meta.decode_block_tables, length).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:nd, :, None, :], keys, values, attn_mask=meta.decode_mask,
-                                           scale=scale, enable_gqa=True)
-        out[:nd] = o[:, :, 0, :]
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
 
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_len)
         qs = q[rows].transpose(0, 1)[None]  # [1, heads, qlen, dim]
         if span.block_table is None:  # no cached prefix: keys are exactly this step's tokens
-            keys, values, mask, causal = k[rows], v[rows], None, True
+            keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [kv_heads, qlen, dim]
+            mask, causal = None, True
         else:
-            keys = gather_context(k_cache, span.block_table[None], span.context_len)[0]
-            values = gather_context(v_cache, span.block_table[None], span.context_len)[0]
+            length = span.context_len if len(span.block_table) == 1 else len(span.block_table) * meta.block_size
+            keys = gather_context(k_cache, span.block_table[None], length)[:, 0, : span.context_len]
+            values = gather_context(v_cache, span.block_table[None], length)[:, 0, : span.context_len]
             mask, causal = _causal_mask(span.query_len, span.context_len, q.device), False
-        o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-                                           attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(qs, keys[None], values[None], attn_mask=mask, is_causal=causal,
+                                           scale=scale, enable_gqa=True)
         out[rows] = o[0].transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+    """One query token per sequence, all sequences at once, as two batched GEMMs over
+    (kv head, sequence): the query heads of a group share their KV head's keys, so GQA costs no copy
+    of K or V, and the head-major cache makes each (head, sequence) key matrix contiguous for BLAS.
+
+    Not SDPA: for a single query row its CPU kernel tiles over queries and was ~5x slower here than
+    bmm + softmax. Softmax runs in float32, as in the reference.
+    """
+    nd, num_heads, dim = q.shape
+    num_kv_heads = k_cache.shape[0]
+    group = num_heads // num_kv_heads
+    length = meta.decode_mask.shape[-1]
+    keys = gather_context(k_cache, meta.decode_block_tables, length).view(num_kv_heads * nd, length, dim)
+    values = gather_context(v_cache, meta.decode_block_tables, length).view(num_kv_heads * nd, length, dim)
+    qg = q.view(nd, num_kv_heads, group, dim).transpose(0, 1).reshape(num_kv_heads * nd, group, dim)
+    scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(scale).view(num_kv_heads, nd, group, length)
+    scores.masked_fill_(~meta.decode_mask[:, 0], float("-inf"))  # mask [nd, 1, length] broadcasts
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(num_kv_heads * nd, group, length)
+    out = torch.bmm(probs, values).view(num_kv_heads, nd, group, dim)
+    return out.transpose(0, 1).reshape(nd, num_heads, dim)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[0]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     row = 0
     for table, ctx, qlen in zip(meta.block_tables, meta.context_lens, meta.query_lens):
-        # Gather this sequence's keys block by block, in order.
-        keys = torch.cat([k_cache[b] for b in table])[:ctx].float()  # [ctx, kv_heads, dim]
-        values = torch.cat([v_cache[b] for b in table])[:ctx].float()
+        # Gather this sequence's keys block by block, in order: [ctx, kv_heads, dim].
+        keys = torch.cat([k_cache[:, b] for b in table], dim=1)[:, :ctx].transpose(0, 1).float()
+        values = torch.cat([v_cache[:, b] for b in table], dim=1)[:, :ctx].transpose(0, 1).float()
         keys = keys.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
         values = values.repeat_interleave(group, dim=1)
         qs = q[row: row + qlen].float()  # [qlen, heads, dim]

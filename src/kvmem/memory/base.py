@@ -5,8 +5,9 @@ caches and the per-sequence addressing (`block_table`) from it. A manager never 
 never runs the model.
 
 Addressing, shared by every strategy: a layer cache is a tensor shaped
-`[num_blocks, block_size, num_kv_heads, head_dim]`; token `pos` of a sequence lives in block
-`block_table[pos // block_size]` at offset `pos % block_size`. Paged uses small blocks (16 tokens);
+`[num_kv_heads, num_blocks, block_size, head_dim]`; token `pos` of a sequence lives in block
+`block_table[pos // block_size]` at offset `pos % block_size`. Heads come first so that the keys
+one head reads from a block are contiguous: attention then multiplies them in place. Paged uses small blocks (16 tokens);
 static uses one block of `max_model_len` tokens per request, i.e. a contiguous slot.
 """
 
@@ -115,7 +116,7 @@ class KVCacheManager(ABC):
     # --- what the model runner reads ------------------------------------------------------
     @abstractmethod
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) caches of one layer, each `[num_blocks, block_size, kv_heads, head_dim]`."""
+        """(K, V) caches of one layer, each `[kv_heads, num_blocks, block_size, head_dim]`."""
 
     @abstractmethod
     def block_table(self, seq: Sequence) -> list[int]:
@@ -129,7 +130,7 @@ class KVCacheManager(ABC):
         dst = torch.tensor([d for _, d in pairs], device=self.spec.device)
         for layer in range(self.spec.num_layers):
             for cache in self.layer_cache(layer):
-                cache[dst] = cache[src]
+                cache[:, dst] = cache[:, src]
 
     # --- capacity and accounting ----------------------------------------------------------
     @property

@@ -33,7 +33,7 @@ class PagedKVCacheManager(KVCacheManager):
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         # zeros, not empty: every page is touched now, so physical memory = reserved, as on a GPU.
-        shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
         self.kv = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
         self.tables: dict[int, list[KVBlock]] = {}
         self.sequences: dict[int, Sequence] = {}  # holders of the tables, for live-token accounting

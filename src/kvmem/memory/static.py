@@ -26,7 +26,7 @@ class StaticKVCacheManager(KVCacheManager):
             raise ValueError(f"the KV budget holds no slot of max_model_len={max_model_len} tokens")
         self.spec = spec
         self.block_size = max_model_len
-        shape = (spec.num_layers, 2, num_slots, max_model_len, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_layers, 2, spec.num_kv_heads, num_slots, max_model_len, spec.head_dim)
         self.kv = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.slots: dict[int, int] = {}  # seq_id -> slot
