@@ -73,6 +73,8 @@ class LLMEngine:
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype, self.device)
         self.model.load_weights(source.weights())
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            self.model.pack_linear_weights_for_cpu()
 
         self.manager = self._make_manager(max_model_len)
         # A sequence can never hold more than the KV budget: cap the context to it.

@@ -24,6 +24,19 @@ AttentionFn = Callable[..., torch.Tensor]
 LayerCache = tuple[torch.Tensor, torch.Tensor]
 
 
+class OneDNNLinear(nn.Module):
+    """A frozen nn.Linear whose weight oneDNN has reordered once into its blocked layout."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().to_mkldnn(), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to_mkldnn(),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._C._nn.mkldnn_linear(x.to_mkldnn(), self.weight, self.bias).to_dense()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -147,6 +160,18 @@ class LlamaForCausalLM(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         model.rope = RotaryEmbedding(config, max_positions, dtype).to(device)  # buffers are not weights
         return model.eval()
+
+    def pack_linear_weights_for_cpu(self) -> None:
+        """Store every linear layer's weight in oneDNN's blocked layout (call after load_weights).
+
+        For float32 on CPU this made decode GEMMs ~1.6x faster than the default sgemm path here
+        (the math stays float32). bfloat16 GEMMs were faster unpacked, so this is for float32 only.
+        A tied lm_head gets its own packed copy of the embedding matrix.
+        """
+        for parent in list(self.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, OneDNNLinear(child))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache],
