@@ -26,7 +26,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(num_kv_heads, -1, dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
-def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Keys (or values) of each row of `block_tables` ([B, blocks]), per KV head:
     [kv_heads, B, length, dim] with every (head, row) matrix contiguous, as BLAS wants it.
 
@@ -37,10 +38,13 @@ def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int)
     """
     num_kv_heads, _, block_size, dim = cache.shape
     batch, num_blocks = block_tables.shape
+    if out is None:
+        out = torch.empty(num_kv_heads, batch, length, dim, dtype=cache.dtype, device=cache.device)
     if num_blocks == 1:
-        return cache[:, :, :length].index_select(1, block_tables[:, 0])
+        return torch.index_select(cache[:, :, :length], 1, block_tables[:, 0], out=out)
     assert length == num_blocks * block_size, "paged gathers whole blocks"
-    return cache.index_select(1, block_tables.flatten()).view(num_kv_heads, batch, length, dim)
+    torch.index_select(cache, 1, block_tables.flatten(), out=out.view(num_kv_heads, batch * num_blocks, block_size, dim))
+    return out
 
 
 def _causal_mask(query_len: int, context_len: int, device: torch.device) -> torch.Tensor:
@@ -88,8 +92,11 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
     length = meta.decode_mask.shape[-1]
-    keys = gather_context(k_cache, meta.decode_block_tables, length).view(num_kv_heads * nd, length, dim)
-    values = gather_context(v_cache, meta.decode_block_tables, length).view(num_kv_heads * nd, length, dim)
+    shape = (num_kv_heads, nd, length, dim)
+    keys = gather_context(k_cache, meta.decode_block_tables, length,
+                          meta.buffer("decode_keys", shape, q.dtype, q.device)).view(num_kv_heads * nd, length, dim)
+    values = gather_context(v_cache, meta.decode_block_tables, length,
+                            meta.buffer("decode_values", shape, q.dtype, q.device)).view(num_kv_heads * nd, length, dim)
     qg = q.view(nd, num_kv_heads, group, dim).transpose(0, 1).reshape(num_kv_heads * nd, group, dim)
     scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(scale).view(num_kv_heads, nd, group, length)
     scores.masked_fill_(~meta.decode_mask[:, 0], float("-inf"))  # mask [nd, 1, length] broadcasts
