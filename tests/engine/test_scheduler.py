@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -11,23 +10,18 @@ from kvmem.engine.scheduler import Scheduler
 from kvmem.engine.sequence import SequenceStatus
 from kvmem.memory.base import KVCacheSpec
 from kvmem.memory.paged import PagedKVCacheManager
+from tests.memory.test_paged import FakeSeq
 
-_ids = itertools.count()
 SPEC = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
 
 
 @dataclass(eq=False)
-class Seq:
-    token_ids: list[int]
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    num_computed_tokens: int = 0
+class Seq(FakeSeq):
+    """A sequence as the scheduler sees it: the memory test's fake plus scheduling state."""
+
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
 
 def run_step(sched: Scheduler):

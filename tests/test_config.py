@@ -1,0 +1,41 @@
+"""Engine configuration: memory sizes, dtype resolution, validation."""
+
+import pytest
+import torch
+
+from kvmem import config as config_module
+from kvmem.config import EngineConfig, parse_memory_size
+
+
+@pytest.mark.parametrize("value,expected", [
+    (1024, 1024), ("2GiB", 2 * 2**30), ("512MB", 512 * 10**6), ("1.5 GiB", int(1.5 * 2**30)), (0.25, 0.25),
+    ("0.5", 0.5), ("100", 100),
+])
+def test_memory_sizes(value, expected):
+    assert parse_memory_size(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -5, 1.5, 0.0, "lots", "2 parsecs", True, "", "-1GiB"])
+def test_bad_memory_sizes_name_the_parameter(value):
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        parse_memory_size(value)
+
+
+def test_auto_dtype_follows_the_cpu(monkeypatch):
+    cfg = EngineConfig(device="cpu")
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: True)
+    assert cfg.torch_dtype("float32") is torch.bfloat16
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: False)
+    assert cfg.torch_dtype("bfloat16") is torch.float32
+    assert EngineConfig(device="cpu", dtype="fp16").torch_dtype("float32") is torch.float16
+    assert EngineConfig(device="cuda", dtype="auto").torch_dtype("float16") is torch.float16
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"kv_cache": "virtual-ish"}, "kv_cache"), ({"attention_backend": "magic"}, "attention_backend"),
+    ({"max_model_len": 1}, "max_model_len"), ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
+    ({"device": "tpu"}, "device"), ({"block_size": True}, "block_size"),
+])
+def test_invalid_settings_raise_naming_the_parameter(kwargs, param):
+    with pytest.raises(ValueError, match=param):
+        EngineConfig(**kwargs)
