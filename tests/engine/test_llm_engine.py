@@ -113,6 +113,7 @@ def test_chat_applies_the_template(llm):
     ({"block_size": 0}, "block_size"),
     ({"max_num_seqs": -1}, "max_num_seqs"),
     ({"kv_cache_memory": 100}, "kv_cache_memory"),
+    ({"max_model_len": 100_000}, "max_model_len"),
 ])
 def test_bad_engine_arguments_raise_value_error(tiny_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):

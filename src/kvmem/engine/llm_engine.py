@@ -70,7 +70,11 @@ class LLMEngine:
         self.tokenizer = source.tokenizer
         self.dtype = config.torch_dtype(self.model_config.torch_dtype)
 
-        max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        trained_len = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > trained_len:
+            raise ValueError(f"max_model_len ({config.max_model_len}) is longer than the model's context "
+                             f"({trained_len} positions in its config)")
+        max_model_len = config.max_model_len or trained_len
         self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype, self.device)
         self.model.load_weights(source.weights())
         if self.device.type == "cpu" and self.dtype == torch.float32:
