@@ -39,6 +39,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.models import BPE
 
+from kvmem.gguf_metadata import GGUFMetadata
+
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
@@ -332,7 +334,7 @@ class Tokenizer:
                 raise FileNotFoundError(f"{source}: no such file") from None
             except Exception as e:
                 raise ValueError(f"{source}: not a readable GGUF file: {e}") from e
-        meta = _GGUFMeta(reader, source)
+        meta = GGUFMetadata(reader, source)
 
         model = meta.get("tokenizer.ggml.model")
         tokens: list[str] = meta.require("tokenizer.ggml.tokens")
@@ -432,23 +434,7 @@ class Tokenizer:
 # -------------------------------------------------------------------- GGUF helpers
 
 
-class _GGUFMeta:
-    """Typed access to a GGUF reader's key/value metadata, with the file named in errors."""
-
-    def __init__(self, reader: "GGUFReader", source: str) -> None:
-        self.reader, self.source = reader, source
-
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
-
-    def require(self, key: str) -> Any:
-        if key not in self.reader.fields:
-            raise ValueError(f"{self.source}: GGUF metadata has no {key!r}")
-        return self.get(key)
-
-
-def _byte_level_bpe_from_gguf(meta: _GGUFMeta, tokens: list[str]) -> RustTokenizer:
+def _byte_level_bpe_from_gguf(meta: GGUFMetadata, tokens: list[str]) -> RustTokenizer:
     pre = meta.get("tokenizer.ggml.pre") or "default"
     parts = _byte_level_pre_tokenizer(pre)
     if parts is None:
@@ -468,7 +454,7 @@ def _byte_level_bpe_from_gguf(meta: _GGUFMeta, tokens: list[str]) -> RustTokeniz
     return tok
 
 
-def _sentencepiece_bpe_from_gguf(meta: _GGUFMeta, tokens: list[str]) -> RustTokenizer:
+def _sentencepiece_bpe_from_gguf(meta: GGUFMetadata, tokens: list[str]) -> RustTokenizer:
     """A SentencePiece (Llama 1/2, Mistral) vocabulary as a BPE with byte fallback, like transformers'
     LlamaTokenizer. Merges come from the file, or are derived from the token scores: a piece is merged
     from two smaller pieces, and higher-scoring pieces merge first (SentencePiece's BPE rule)."""

@@ -23,6 +23,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from kvmem.models.config import ModelConfig, RopeScaling
+from kvmem.gguf_metadata import GGUFMetadata
 from kvmem.models.loader import ModelSource
 from kvmem.tokenizer import Tokenizer
 
@@ -120,29 +121,6 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-class _Meta:
-    def __init__(self, reader: GGUFReader, path: Path) -> None:
-        self.reader, self.path = reader, path
-
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
-
-    def require(self, key: str) -> Any:
-        if key not in self.reader.fields:
-            raise ValueError(f"{self.path}: GGUF metadata has no {key!r}")
-        return self.get(key)
-
-    def per_model(self, key: str, default: Any = None) -> Any:
-        """A per-model value; llama.cpp allows per-layer arrays for some keys, which must then be uniform."""
-        value = self.get(key, default)
-        if isinstance(value, list):
-            if not value or any(v != value[0] for v in value):
-                raise ValueError(f"{self.path}: {key} varies per layer ({value}); kvmem needs one value")
-            value = value[0]
-        return value
-
-
 def _llama3_factors(theta: float, head_dim: int, s: RopeScaling) -> np.ndarray:
     """The per-frequency divisors llama.cpp's converter stores in `rope_freqs.weight` for Llama 3 scaling."""
     freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -154,13 +132,13 @@ def _llama3_factors(theta: float, head_dim: int, s: RopeScaling) -> np.ndarray:
     return np.where(wavelen < original / s.high_freq_factor, 1.0, out)
 
 
-def _rope_scaling(meta: _Meta, arch: str, theta: float, head_dim: int, rope_freqs: ReaderTensor | None) -> RopeScaling:
+def _rope_scaling(meta: GGUFMetadata, arch: str, theta: float, head_dim: int, rope_freqs: ReaderTensor | None) -> RopeScaling:
     """RoPE scaling from `{arch}.rope.scaling.*` keys and/or the `rope_freqs.weight` tensor."""
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor = meta.get(f"{arch}.rope.scaling.factor")
     if kind not in (None, "none", "llama3") and not (factor is not None and float(factor) == 1.0):
         raise ValueError(
-            f"{meta.path}: RoPE scaling type {kind!r} (factor {factor}) is not supported; "
+            f"{meta.source}: RoPE scaling type {kind!r} (factor {factor}) is not supported; "
             "kvmem supports none and llama3"
         )
     if rope_freqs is None:
@@ -169,9 +147,9 @@ def _rope_scaling(meta: _Meta, arch: str, theta: float, head_dim: int, rope_freq
     # Llama 3 files store the scaling as one divisor per rotary frequency. They depend only on
     # original_context/low_freq_factor and original_context/high_freq_factor, so with the original
     # context fixed (the file's, else Llama 3's 8192) the two factors follow from the ramp between.
-    factors = dequantize_tensor(rope_freqs, meta.path).astype(np.float64).reshape(-1)
+    factors = dequantize_tensor(rope_freqs, meta.source).astype(np.float64).reshape(-1)
     if factors.shape[0] != head_dim // 2:
-        raise ValueError(f"{meta.path}: rope_freqs.weight has {factors.shape[0]} values, expected {head_dim // 2}")
+        raise ValueError(f"{meta.source}: rope_freqs.weight has {factors.shape[0]} values, expected {head_dim // 2}")
     if np.allclose(factors, 1.0):
         return RopeScaling()
     original = int(meta.get(f"{arch}.rope.scaling.original_context_length") or _LLAMA3_ORIGINAL_CONTEXT)
@@ -197,7 +175,7 @@ def _rope_scaling(meta: _Meta, arch: str, theta: float, head_dim: int, rope_freq
                           high_freq_factor=round(high, 4), original_max_position_embeddings=original)
     if not np.allclose(_llama3_factors(theta, head_dim, scaling), factors, rtol=1e-3, atol=1e-4):
         raise ValueError(
-            f"{meta.path}: rope_freqs.weight does not follow Llama 3 RoPE scaling; kvmem cannot run this model's "
+            f"{meta.source}: rope_freqs.weight does not follow Llama 3 RoPE scaling; kvmem cannot run this model's "
             "RoPE frequencies"
         )
     return scaling
@@ -205,7 +183,7 @@ def _rope_scaling(meta: _Meta, arch: str, theta: float, head_dim: int, rope_freq
 
 def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
     """`ModelConfig` from GGUF metadata (and tensor shapes, which are authoritative for the weights)."""
-    meta = _Meta(reader, path)
+    meta = GGUFMetadata(reader, path)
     arch = meta.require("general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(
