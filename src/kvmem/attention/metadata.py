@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def gathered_key_len(num_blocks: int, block_size: int, context_len: int) -> int:
+    """How many key positions attention gathers for a context: whole blocks for a paged table, or
+    just the live `context_len` tokens of a single block (a contiguous slot, as in `static`)."""
+    return context_len if num_blocks == 1 else num_blocks * block_size
+
+
 @dataclass
 class PrefillSpan:
     query_start: int  # first row of this sequence in the flat batch
@@ -68,13 +74,10 @@ class AttentionMetadata:
         if num_decodes:
             # Whole blocks, not single tokens, are gathered at attention time: fewer, larger copies.
             max_blocks = max(-(-context_lens[i] // bs) for i in range(num_decodes))
-            padded = [block_tables[i][:max_blocks] + [0] * (max_blocks - len(block_tables[i][:max_blocks]))
-                      for i in range(num_decodes)]
+            padded = [block_tables[i] + [0] * (max_blocks - len(block_tables[i])) for i in range(num_decodes)]
             decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
             lens = torch.tensor(context_lens[:num_decodes], device=device)
-            # Keys are gathered in whole blocks (see gather_context); a single block is a slot,
-            # sliced to the longest context.
-            key_len = max_blocks * bs if max_blocks > 1 else max(context_lens[:num_decodes])
+            key_len = gathered_key_len(max_blocks, bs, max(context_lens[:num_decodes]))
             decode_mask = (torch.arange(key_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
 
         prefills = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvmem.attention.metadata import AttentionMetadata
+from kvmem.attention.metadata import AttentionMetadata, gathered_key_len
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -26,23 +26,24 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(num_kv_heads, -1, dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
-def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int,
+def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_len: int,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Keys (or values) of each row of `block_tables` ([B, blocks]), per KV head:
-    [kv_heads, B, length, dim] with every (head, row) matrix contiguous, as BLAS wants it.
+    """Keys (or values) of each row of `block_tables` ([B, blocks]) covering at least `context_len`
+    tokens, per KV head: [kv_heads, B, gathered_key_len(...), dim] with every (head, row) matrix
+    contiguous, as BLAS wants it.
 
     Paged: whole blocks are copied with index_select (several times faster on CPU than advanced
-    indexing), and `length` must be blocks * block_size: padding is masked, not sliced off, because a
-    slice would make the batch non-contiguous and bmm copy it again. A table of one block (a
-    contiguous slot, as in `static`) is sliced to `length` before copying, so only live tokens move.
+    indexing); padding past a row's context is masked, not sliced off, because a slice would make
+    the batch non-contiguous and bmm copy it again. A table of one block (a contiguous slot, as in
+    `static`) is sliced to `context_len` before copying, so only live tokens move.
     """
     num_kv_heads, _, block_size, dim = cache.shape
     batch, num_blocks = block_tables.shape
+    length = gathered_key_len(num_blocks, block_size, context_len)
     if out is None:
         out = torch.empty(num_kv_heads, batch, length, dim, dtype=cache.dtype, device=cache.device)
     if num_blocks == 1:  # stack slices: index_select on a sliced view takes a slow path (10x here)
         return torch.stack([cache[:, slot, :length] for slot in block_tables[:, 0].tolist()], dim=1, out=out)
-    assert length == num_blocks * block_size, "paged gathers whole blocks"
     torch.index_select(cache, 1, block_tables.flatten(), out=out.view(num_kv_heads, batch * num_blocks, block_size, dim))
     return out
 
@@ -69,9 +70,8 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
             keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [kv_heads, qlen, dim]
             mask, causal = None, True
         else:
-            length = span.context_len if len(span.block_table) == 1 else len(span.block_table) * meta.block_size
-            keys = gather_context(k_cache, span.block_table[None], length)[:, 0, : span.context_len]
-            values = gather_context(v_cache, span.block_table[None], length)[:, 0, : span.context_len]
+            keys = gather_context(k_cache, span.block_table[None], span.context_len)[:, 0, : span.context_len]
+            values = gather_context(v_cache, span.block_table[None], span.context_len)[:, 0, : span.context_len]
             mask, causal = _causal_mask(span.query_len, span.context_len, q.device), False
         o = F.scaled_dot_product_attention(qs, keys[None], values[None], attn_mask=mask, is_causal=causal,
                                            scale=scale, enable_gqa=True)
