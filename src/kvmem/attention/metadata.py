@@ -4,8 +4,8 @@ The model runner builds one `AttentionMetadata` per step from the memory manager
 all layers share it. Sequences are ordered decodes first (one query token each), then prefills
 (a prompt chunk, possibly on top of tokens already in the cache).
 
-All addresses are *flat slots*: `block_id * block_size + offset`, an index into a layer cache
-viewed as `[num_blocks * block_size, kv_heads, head_dim]`.
+Token writes use *flat slots*: `block_id * block_size + offset`, an index into dimension 1 of a
+layer cache viewed as `[kv_heads, num_blocks * block_size, head_dim]`; reads gather whole blocks.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ never runs the model.
 Addressing, shared by every strategy: a layer cache is a tensor shaped
 `[num_kv_heads, num_blocks, block_size, head_dim]`; token `pos` of a sequence lives in block
 `block_table[pos // block_size]` at offset `pos % block_size`. Heads come first so that the keys
-one head reads from a block are contiguous: attention then multiplies them in place. Paged uses small blocks (16 tokens);
-static uses one block of `max_model_len` tokens per request, i.e. a contiguous slot.
+one head reads from a block are contiguous: attention then multiplies them in place. Paged uses
+small blocks (16 tokens); static uses one block of `max_model_len` tokens per request, i.e. a
+contiguous slot.
 """
 
 from __future__ import annotations
