@@ -1,4 +1,4 @@
-"""`kvmem generate | bench throughput` — the command line."""
+"""`kvmem serve | generate | chat | bench throughput | bench serve` — the command line."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import sys
 import time
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    if model_positional:  # `kvmem serve MODEL`, as `vllm serve MODEL`
+        p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                       help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--kv-cache", default="paged", choices=["paged", "static"], help="KV-cache strategy")
+    from kvmem.config import KV_CACHE_STRATEGIES
+
+    p.add_argument("--kv-cache", default="paged", choices=KV_CACHE_STRATEGIES, help="KV-cache strategy")
     p.add_argument("--kv-cache-memory", default=None, help="bytes, a size like 2GiB, or a fraction of free memory")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -25,14 +30,15 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kv_mem = args.kv_cache_memory
     if kv_mem is not None and kv_mem.isdigit():
         kv_mem = int(kv_mem)
-    return dict(model=args.model, dtype=args.dtype, kv_cache=args.kv_cache, kv_cache_memory=kv_mem,
+    model = args.model or getattr(args, "model_arg", None)
+    return dict(model=model, dtype=args.dtype, kv_cache=args.kv_cache, kv_cache_memory=kv_mem,
                 block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, device=args.device, num_threads=args.threads)
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 128) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -45,13 +51,19 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", type=int, default=1)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from kvmem import LLM, SamplingParams
+def sampling_params(args: argparse.Namespace):
+    from kvmem import SamplingParams
 
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                            seed=args.seed, max_tokens=args.max_tokens, stop=args.stop)
+    return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.seed, max_tokens=args.max_tokens, stop=args.stop)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvmem import LLM
+
+    params = sampling_params(args)
     llm = LLM(**engine_kwargs(args))
     start = time.perf_counter()
     if args.raw or not llm.get_tokenizer().chat_template:
@@ -85,6 +97,37 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from kvmem.config import EngineConfig
+    from kvmem.server.launcher import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    return serve(EngineConfig(**engine_kwargs(args)), host=args.host, port=args.port,
+                 served_model_name=args.served_model_name, api_key=args.api_key, grace_s=args.shutdown_grace,
+                 max_body_bytes=args.max_body_bytes, log_level=args.log_level)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from kvmem.chat_repl import run_chat
+    from kvmem.config import EngineConfig
+    from kvmem.engine.llm_engine import LLMEngine
+
+    params = sampling_params(args)
+    if params.n != 1:
+        raise ValueError("-n must be 1 for chat")
+    return run_chat(LLMEngine(EngineConfig(**engine_kwargs(args))), params, system=args.system)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from kvmem.bench.serving import cmd_bench_serve as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmem", description="LLM inference with managed KV-cache memory")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(srv, model_positional=True)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
+                     "model's own name, e.g. SmolLM2-135M-Instruct)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    srv.add_argument("--shutdown-grace", type=float, default=5.0,
+                     help="seconds in-flight requests get to finish after SIGINT/SIGTERM before being aborted")
+    srv.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="larger request bodies get a 413")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.set_defaults(func=cmd_serve)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming the answers")
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    add_engine_args(chat)
+    add_sampling_args(chat, max_tokens=None)
+    chat.set_defaults(func=cmd_chat)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tp = bench.add_parser("throughput", help="offline throughput on random prompts")
     tp.add_argument("--num-prompts", type=int, default=64)
@@ -105,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--json", default=None, help="write the result here")
     add_engine_args(tp)
     tp.set_defaults(func=cmd_bench_throughput)
+
+    from kvmem.bench.serving import add_serve_args
+
+    bs = bench.add_parser("serve", help="send streaming requests to an OpenAI-compatible server; latency and "
+                                        "throughput like vLLM's bench serve")
+    add_serve_args(bs)
+    bs.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -21,6 +21,10 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None  # per generated token: top tokens (+ the chosen one)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or token id, when finish_reason == "stop"
+    # Text that appeared since this sequence's previous output, for streaming. A tail that could be
+    # the start of a stop string is held back until it is known not to be one, so concatenating the
+    # deltas gives `text` exactly, and nothing a stop string cuts is ever sent.
+    text_delta: str = ""
 
     def finished(self) -> bool:
         return self.finish_reason is not None

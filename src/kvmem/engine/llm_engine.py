@@ -297,18 +297,21 @@ class LLMEngine:
         return [self._output(request)]
 
     def _output(self, request: Request) -> RequestOutput:
-        completions = [
-            CompletionOutput(
+        # Every field is a snapshot (new lists, immutable values): the async engine hands outputs
+        # to another thread while this one goes on appending to the sequences.
+        completions = []
+        for seq in sorted(request.seqs, key=lambda s: s.index):
+            text_delta = seq.detokenizer.take_delta(seq.is_finished)  # first: a finished one flushes
+            completions.append(CompletionOutput(
                 index=seq.index,
                 text=seq.detokenizer.output_text,
                 token_ids=seq.output_token_ids,
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                logprobs=seq.logprobs,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
-            )
-            for seq in sorted(request.seqs, key=lambda s: s.index)
-        ]
+                text_delta=text_delta,
+            ))
         metrics = {"arrival_time": request.arrival_time, "first_token_time": request.first_token_time}
         if request.error:
             metrics["error"] = request.error

@@ -1,0 +1,222 @@
+"""The async engine: one background thread steps the `LLMEngine`; asyncio code adds requests and
+receives each request's outputs as they are produced.
+
+Why a thread and not an asyncio task: a model step is seconds of blocking torch work on a CPU, and
+the event loop must keep accepting connections, streaming tokens and noticing disconnects while it
+runs. torch releases the GIL inside its kernels, so the loop stays responsive.
+
+Threading rule: only the engine thread touches the `LLMEngine` (scheduler, manager, requests).
+Other threads talk to it through a command inbox (add, abort), and receive `RequestOutput`s, which
+the engine builds as snapshots, through their own asyncio queues. The tokenizer and the prompt
+checks are read-only and are used from the caller's thread, so bad input is refused before it
+reaches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from kvmem.engine.llm_engine import LLMEngine
+from kvmem.memory.base import MemoryStats
+from kvmem.outputs import RequestOutput
+from kvmem.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down (or its step failed) and will not finish this request."""
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What the engine looked like after its latest step; published whole so readers on other
+    threads (e.g. /metrics) never see half-updated numbers."""
+
+    time: float
+    memory: MemoryStats
+    num_requests: int
+    num_running: int  # sequences scheduled to run
+    num_waiting: int  # sequences queued (new or preempted)
+    num_preemptions: int
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    num_steps: int
+
+
+@dataclass
+class _Stream:
+    """Where one request's outputs go: an asyncio queue, fed from the engine thread."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.snapshot = self._take_snapshot()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kvmem-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever is in flight (its streams end with finish_reason "abort") and end the thread."""
+        if self._thread is None:
+            return
+        self.abort_all()
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- the asyncio side ---------------------------------------------------------------
+    def check_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """Tokenize and validate a prompt on the caller's thread; raises ValueError if bad."""
+        text, token_ids = self.engine.tokenize_prompt(prompt)
+        self.engine.check_prompt(token_ids)
+        return text, token_ids
+
+    async def generate(self, prompt_text: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as steps produce them; the last one has `finished` set.
+        Leaving the loop early (a client that went away, a cancelled task) aborts the request, so
+        its KV memory is given back at the engine's next iteration."""
+        if self._stopping or not self.is_running:
+            raise EngineStoppedError("the engine is not running")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        prompt = {"prompt": prompt_text, "prompt_token_ids": prompt_token_ids}
+        self._submit(lambda: self._add(request_id, prompt, params, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True  # the engine already dropped it
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(lambda: self._abort(request_id))
+
+    def abort_all(self) -> None:
+        self._submit(lambda: [self._abort(r) for r in list(self._streams)])
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    # --- the engine thread --------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._drain_inbox()
+            if self._stopping:
+                break
+            if not self.engine.has_unfinished_requests():
+                self.snapshot = self._take_snapshot()
+                self._wake.wait()
+                self._wake.clear()  # before draining: a command put after this wakes us again
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug or an out-of-memory: fail what is in flight, keep serving
+                logger.exception("engine step failed; aborting %d requests", len(self._streams))
+                self._fail_all(EngineStoppedError(f"engine step failed: {e}"))
+                continue
+            self._deliver(outputs)
+            self.snapshot = self._take_snapshot()
+        self._fail_all(EngineStoppedError("the engine stopped"))
+        self.snapshot = self._take_snapshot()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _add(self, request_id: str, prompt: dict, params: SamplingParams, stream: _Stream) -> None:
+        if self._stopping:
+            self._put(stream, EngineStoppedError("the engine is shutting down"))
+            return
+        try:
+            self.engine.add_request(prompt, params, request_id=request_id)
+        except ValueError as e:
+            self._put(stream, e)
+            return
+        self._streams[request_id] = stream
+
+    def _abort(self, request_id: str) -> None:
+        output = self.engine.abort_request(request_id)
+        stream = self._streams.pop(request_id, None)
+        if output is not None and stream is not None:
+            self._put(stream, output)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        # One wake-up per event loop per step, not one per request.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for out in outputs:
+            stream = self._streams.pop(out.request_id) if out.finished else self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            _call_soon(loop, _put_all, items)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)  # gives the memory back
+        for stream in self._streams.values():
+            self._put(stream, error)
+        self._streams.clear()
+
+    @staticmethod
+    def _put(stream: _Stream, item: object) -> None:
+        _call_soon(stream.loop, _put_all, [(stream.queue, item)])
+
+    def _take_snapshot(self) -> EngineSnapshot:
+        e = self.engine
+        return EngineSnapshot(
+            time=time.time(), memory=e.stats(), num_requests=len(e.requests),
+            num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
+            num_preemptions=e.scheduler.counters.num_preemptions,
+            num_prompt_tokens=e.counters.num_prompt_tokens,
+            num_generation_tokens=e.counters.num_generation_tokens, num_steps=e.counters.num_steps)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: object) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # that loop is closed: nobody is listening any more
+        pass

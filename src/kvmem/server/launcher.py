@@ -1,0 +1,61 @@
+"""`kvmem serve`: build the engine and the app, run uvicorn, shut down cleanly on SIGINT/SIGTERM.
+
+Shutdown: the first signal stops accepting connections; requests in flight get `grace_s` seconds to
+finish, then are aborted (their streams end with finish_reason "abort") and the process exits 0.
+uvicorn by default re-raises the signal after its own shutdown, which would turn a clean stop into
+a "killed by signal" exit status; `_GracefulServer` does not. A second Ctrl-C forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from kvmem.config import EngineConfig
+from kvmem.engine.async_engine import AsyncLLMEngine
+from kvmem.engine.llm_engine import LLMEngine
+from kvmem.server.api_server import ServerSettings, build_app
+
+logger = logging.getLogger(__name__)
+
+
+class _GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, grace_s: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.grace_s = grace_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True  # and, unlike uvicorn, no re-raise of the signal afterwards
+
+    async def shutdown(self, sockets=None) -> None:
+        # In-flight requests may finish within the grace period; then they are aborted, which ends
+        # their streams and lets uvicorn's wait for open connections return.
+        asyncio.get_running_loop().call_later(self.grace_s, self.engine.abort_all)
+        await super().shutdown(sockets)
+
+
+def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
+          served_model_name: str | None = None, api_key: str | None = None, grace_s: float = 5.0,
+          max_body_bytes: int = 8 * 2**20, log_level: str = "info") -> int:
+    engine = LLMEngine(engine_config)
+    name = served_model_name or engine.model_config.name
+    async_engine = AsyncLLMEngine(engine)
+    settings = ServerSettings(served_model_name=name, model_path=str(engine_config.model or name), api_key=api_key,
+                              max_body_bytes=max_body_bytes)
+    app = build_app(async_engine, settings)
+    logger.info("serving %s (kv_cache=%s, dtype=%s, max_model_len=%d) on http://%s:%d/v1", name,
+                engine.manager.name, str(engine.dtype).removeprefix("torch."), engine.max_model_len, host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=int(grace_s) + 2, access_log=log_level == "debug")
+    server = _GracefulServer(config, async_engine, grace_s)
+    server.run()
+    async_engine.stop()  # in case the lifespan did not run (e.g. the port was taken)
+    return 0 if server.started or server.should_exit else 1
