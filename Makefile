@@ -24,8 +24,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -q
 
+# The OpenAI-compatible server on http://127.0.0.1:8000/v1 with the embedded default model.
+# Override with e.g. `make serve SERVE_ARGS="--kv-cache static --port 8001"`.
+SERVE_ARGS ?=
 serve: setup
-	$(VENV)/bin/kvmem generate --prompt "What is the capital of France? Answer in one sentence." --max-tokens 64
+	$(VENV)/bin/kvmem serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvmem.sampling_params import MAX_LOGPROBS, SamplingParams
 
+# OpenAI's limit on samples per request; without one, `n` alone could ask for millions of sequences.
+MAX_N = 128
+
 
 class InvalidRequest(ValueError):
     """A request the server refuses; `param` names the offending field (OpenAI's error body)."""
@@ -64,6 +67,8 @@ class _SamplingFields(_Body):
     def _check_common(self) -> None:
         if self.logit_bias:
             raise InvalidRequest("logit_bias is not supported", "logit_bias")
+        if self.n > MAX_N:
+            raise InvalidRequest(f"n must be <= {MAX_N}, got {self.n}", "n")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
 
