@@ -68,9 +68,10 @@ class RunningServer:
 
 
 def start_server(config: EngineConfig, **settings_kwargs) -> RunningServer:
-    engine = LLMEngine(config)
-    async_engine = AsyncLLMEngine(engine)
-    settings = ServerSettings(served_model_name=settings_kwargs.pop("served_model_name", engine.model_config.name),
+    async_engine = AsyncLLMEngine(lambda: LLMEngine(config))
+    async_engine.start()  # builds the engine on its own thread, as `kvmem serve` does
+    settings = ServerSettings(served_model_name=settings_kwargs.pop("served_model_name",
+                                                                    async_engine.engine.model_config.name),
                               **settings_kwargs)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(async_engine, settings), host="127.0.0.1", port=port,

@@ -61,7 +61,7 @@ class RequestInput:
 
 
 @dataclass
-class RequestOutput:
+class RequestResult:
     success: bool = False
     error: str = ""
     send_time: float = 0.0  # perf_counter when the request went out
@@ -232,9 +232,9 @@ def _error_text(body: bytes) -> str:
     return text[:300]
 
 
-async def send_request(client, url: str, payload: dict, chat: bool, prompt_len: int) -> RequestOutput:
+async def send_request(client, url: str, payload: dict, chat: bool, prompt_len: int) -> RequestResult:
     """One streaming request; never raises for server-side problems, they become `error`."""
-    out = RequestOutput()
+    out = RequestResult()
     text_chunks = 0
     usage: dict | None = None
     last = out.send_time = time.perf_counter()
@@ -301,7 +301,7 @@ def _stats_ms(values: list[float]) -> tuple[float | None, float | None, float | 
     return float(a.mean()), float(np.median(a)), float(np.percentile(a, 99))
 
 
-def summarize(cfg: ServeBenchConfig, model: str, outputs: list[RequestOutput], duration_s: float,
+def summarize(cfg: ServeBenchConfig, model: str, outputs: list[RequestResult], duration_s: float,
               started_at: str = "") -> ServeBenchResult:
     ok = [o for o in outputs if o.success]
     total_in = sum(o.prompt_tokens for o in ok)
@@ -359,13 +359,13 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
     async with client:
         model = cfg.model or await fetch_model(client, cfg.base_url)
 
-        async def timed(req: RequestInput, max_tokens: int | None = None) -> RequestOutput:
+        async def timed(req: RequestInput, max_tokens: int | None = None) -> RequestResult:
             payload = build_payload(model, req, cfg.chat, cfg.ignore_eos, max_tokens)
             try:
                 return await asyncio.wait_for(send_request(client, url, payload, cfg.chat, req.prompt_len),
                                               cfg.timeout_s)
             except asyncio.TimeoutError:
-                return RequestOutput(error=f"timed out after {cfg.timeout_s:g} s")
+                return RequestResult(error=f"timed out after {cfg.timeout_s:g} s")
 
         # Warm-up: checks the server answers before committing to the run, and pays first-call costs
         # (kernel selection, allocator growth) outside the timing. Its prompts come from another seed
@@ -381,7 +381,7 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
         sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
         bar = tqdm(total=len(requests), desc="requests", disable=not (cfg.show_progress and sys.stderr.isatty()))
 
-        async def one(req: RequestInput) -> RequestOutput:
+        async def one(req: RequestInput) -> RequestResult:
             async with sem if sem is not None else contextlib.nullcontext():
                 out = await timed(req)
             bar.update(1)

@@ -85,14 +85,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         logger.exception("internal error")
         return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if settings.api_key is not None and request.url.path.startswith("/v1"):
-            auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {settings.api_key}":
-                return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key")
-        return await call_next(request)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
 
     # --- plain endpoints -------------------------------------------------------------------------
     @app.get("/health")
@@ -169,6 +163,26 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         return JSONResponse({**header, "choices": choices, "usage": usage([final])})
 
     return app
+
+
+class ApiKeyMiddleware:
+    """401 for /v1/* without "Authorization: Bearer <key>"; /health, /version and /metrics stay open.
+    Plain ASGI rather than an `@app.middleware("http")` function, which would re-pipe every streamed
+    chunk through an extra task."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if auth != self.expected:
+                response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                          code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # --- request parsing and checks -------------------------------------------------------------------

@@ -45,9 +45,11 @@ class _GracefulServer(uvicorn.Server):
 def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
           served_model_name: str | None = None, api_key: str | None = None, grace_s: float = 5.0,
           max_body_bytes: int = 8 * 2**20, log_level: str = "info") -> int:
-    engine = LLMEngine(engine_config)
+    # The engine is built on its own thread (see async_engine: one OpenMP team, not two).
+    async_engine = AsyncLLMEngine(lambda: LLMEngine(engine_config))
+    async_engine.start()
+    engine = async_engine.engine
     name = served_model_name or engine.model_config.name
-    async_engine = AsyncLLMEngine(engine)
     settings = ServerSettings(served_model_name=name, model_path=str(engine_config.model or name), api_key=api_key,
                               max_body_bytes=max_body_bytes)
     app = build_app(async_engine, settings)
