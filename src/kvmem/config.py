@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_STRATEGIES = ("paged", "static")
+KV_CACHE_STRATEGIES = ("paged", "static", "virtual")
 ATTENTION_BACKENDS = ("torch", "reference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -37,6 +37,11 @@ class EngineConfig:
     device: str | None = None  # "cpu" | "cuda"; None = cuda if available
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    # kv_cache="virtual" only: vAttention's optimizations (see kvmem.memory.virtual.VirtualOptions)
+    background_mapping: bool = True
+    deferred_reclamation: bool = True
+    eager_mapping: bool = True
+    mapping_lookahead: int = 8  # tokens mapped ahead of what a step needs
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_STRATEGIES:
@@ -51,6 +56,12 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("background_mapping", "deferred_reclamation", "eager_mapping", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.mapping_lookahead, int) or isinstance(self.mapping_lookahead, bool) \
+                or self.mapping_lookahead < 0:
+            raise ValueError(f"mapping_lookahead must be an integer >= 0, got {self.mapping_lookahead!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.device is None:

@@ -21,8 +21,9 @@ class LLM:
     """Load a model and generate from it.
 
     `model`: a Hugging Face directory or a .gguf file; None = the embedded SmolLM2-135M-Instruct.
-    `kv_cache`: "paged" (default) or "static". `kv_cache_memory`: bytes, a size like "2GiB", or a
-    fraction of the memory available after the weights. The other keywords are `EngineConfig`'s.
+    `kv_cache`: "paged" (default), "static" or "virtual". `kv_cache_memory`: bytes, a size like
+    "2GiB", or a fraction of the memory available after the weights. The other keywords are
+    `EngineConfig`'s.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
@@ -109,5 +110,6 @@ class LLM:
         return self.engine.stats()
 
     def release_free_memory(self) -> int:
-        """Give back idle KV memory (cached prefixes); returns the bytes released."""
+        """Give back idle KV memory (cached prefixes; for `virtual`, every idle mapped page, which
+        really returns to the OS); returns the bytes released."""
         return self.engine.release_free_memory()

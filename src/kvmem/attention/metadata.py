@@ -43,6 +43,10 @@ class AttentionMetadata:
     context_lens: list[int]
     query_lens: list[int]
     block_size: int
+    # Contiguous slots (virtual): decodes read each sequence's keys in place, never past its length.
+    # Runs of decode rows (start, end, first_slot, length) whose slots are consecutive and whose
+    # lengths are equal, so one strided view covers the run; None for block-table gathers.
+    decode_runs: list[tuple[int, int, int, int]] | None = None
     # Scratch tensors that every layer of this step reuses (see `buffer`).
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -56,9 +60,11 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, block_tables: list[list[int]], num_computed: list[int], query_lens: list[int],
-              block_size: int, device: torch.device) -> "AttentionMetadata":
+              block_size: int, device: torch.device, in_place_decode: bool = False) -> "AttentionMetadata":
         """`block_tables[i]`, `num_computed[i]` (tokens already cached before this step) and
         `query_lens[i]` describe sequence i; decodes (query_len 1) must come first.
+        `in_place_decode`: every table is one contiguous slot that attention must not read past
+        the sequence's length (the virtual strategy); decodes then get `decode_runs`.
 
         Built with one tensor construction per field rather than per sequence: this runs every step."""
         num_decodes = 0
@@ -70,8 +76,18 @@ class AttentionMetadata:
                                      for table, c, q in zip(block_tables, num_computed, query_lens)
                                      for p in range(c, c + q)], dtype=torch.long, device=device)
 
-        decode_block_tables = decode_mask = None
-        if num_decodes:
+        decode_block_tables = decode_mask = decode_runs = None
+        if num_decodes and in_place_decode:
+            decode_runs = []
+            for i in range(num_decodes):
+                slot, length = block_tables[i][0], context_lens[i]
+                if decode_runs and decode_runs[-1][3] == length \
+                        and decode_runs[-1][2] + (i - decode_runs[-1][0]) == slot:
+                    start, _, first, _ = decode_runs[-1]
+                    decode_runs[-1] = (start, i + 1, first, length)
+                else:
+                    decode_runs.append((i, i + 1, slot, length))
+        elif num_decodes:
             # Whole blocks, not single tokens, are gathered at attention time: fewer, larger copies.
             max_blocks = max(-(-context_lens[i] // bs) for i in range(num_decodes))
             padded = [block_tables[i] + [0] * (max_blocks - len(block_tables[i])) for i in range(num_decodes)]
@@ -89,4 +105,4 @@ class AttentionMetadata:
             prefills.append(PrefillSpan(start, q, ctx, table))
             start += q
         return cls(slot_mapping, num_decodes, decode_block_tables, decode_mask, prefills,
-                   block_tables, context_lens, query_lens, block_size)
+                   block_tables, context_lens, query_lens, block_size, decode_runs)

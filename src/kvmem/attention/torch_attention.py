@@ -60,7 +60,9 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
-    if nd:
+    if nd and meta.decode_runs is not None:
+        out[:nd] = _decode_attention_in_place(q[:nd], k_cache, v_cache, meta, scale)
+    elif nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
 
     for span in meta.prefills:
@@ -105,6 +107,37 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out.transpose(0, 1).reshape(nd, num_heads, dim)
 
 
+def _decode_attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Decode attention straight on contiguous slots (vAttention): no gather, no copy of K or V,
+    and no read past a sequence's length. `cache[:, slot, :len]` is an ordinary strided tensor, so
+    plain bmm reads it in place.
+
+    A run of rows whose slots are consecutive and whose lengths are equal is one strided view per
+    KV head, `cache[h, first:first + n, :len]`: one bmm pair per head covers the run. A row alone
+    is one bmm pair over its KV heads.
+    """
+    nd, num_heads, dim = q.shape
+    num_kv_heads = k_cache.shape[0]
+    group = num_heads // num_kv_heads
+    qg = q.view(nd, num_kv_heads, group, dim)
+    out = torch.empty(nd, num_kv_heads, group, dim, dtype=q.dtype, device=q.device)
+    for start, end, first, length in meta.decode_runs:
+        if end - start == 1:
+            keys, values = k_cache[:, first, :length], v_cache[:, first, :length]  # [kv_heads, len, dim]
+            scores = torch.bmm(qg[start], keys.transpose(1, 2)).mul_(scale)  # [kv_heads, group, len]
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out[start] = torch.bmm(probs, values)
+            continue
+        slots = slice(first, first + end - start)
+        for h in range(num_kv_heads):
+            keys, values = k_cache[h, slots, :length], v_cache[h, slots, :length]  # [n, len, dim]
+            scores = torch.bmm(qg[start:end, h], keys.transpose(1, 2)).mul_(scale)  # [n, group, len]
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out[start:end, h] = torch.bmm(probs, values)
+    return out.view(nd, num_heads, dim)
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -113,9 +146,11 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     out = torch.empty_like(q)
     row = 0
     for table, ctx, qlen in zip(meta.block_tables, meta.context_lens, meta.query_lens):
-        # Gather this sequence's keys block by block, in order: [ctx, kv_heads, dim].
-        keys = torch.cat([k_cache[:, b] for b in table], dim=1)[:, :ctx].transpose(0, 1).float()
-        values = torch.cat([v_cache[:, b] for b in table], dim=1)[:, :ctx].transpose(0, 1).float()
+        # Gather this sequence's keys block by block, in order, never past ctx: [ctx, kv_heads, dim].
+        bs = k_cache.shape[2]
+        parts = [(b, min(bs, ctx - i * bs)) for i, b in enumerate(table[: -(-ctx // bs)])]
+        keys = torch.cat([k_cache[:, b, :n] for b, n in parts], dim=1).transpose(0, 1).float()
+        values = torch.cat([v_cache[:, b, :n] for b, n in parts], dim=1).transpose(0, 1).float()
         keys = keys.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
         values = values.repeat_interleave(group, dim=1)
         qs = q[row: row + qlen].float()  # [qlen, heads, dim]

@@ -113,6 +113,14 @@ class LLMEngine:
                 raise ValueError(f"kv_cache_memory ({budget} bytes) holds no sequence "
                                  f"({spec.bytes_per_token} bytes per token)")
             return StaticKVCacheManager(spec, num_slots, max_model_len)
+        if self.config.kv_cache == "virtual":
+            from kvmem.memory.virtual import VirtualKVCacheManager, VirtualOptions
+
+            options = VirtualOptions(self.config.background_mapping, self.config.deferred_reclamation,
+                                     self.config.eager_mapping, self.config.mapping_lookahead)
+            # One slot per sequence that may run at once; the budget bounds physical pages, not slots.
+            return VirtualKVCacheManager(spec, self.config.max_num_seqs, max_model_len, budget, options,
+                                         self.config.enable_prefix_caching)
         num_blocks = budget // (self.config.block_size * spec.bytes_per_token)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory ({budget} bytes) holds no KV block of {self.config.block_size} "

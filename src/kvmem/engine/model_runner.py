@@ -60,6 +60,7 @@ class ModelRunner:
             query_lens=[s.num_new_tokens for s in batch],
             block_size=self.manager.block_size,
             device=self.device,
+            in_place_decode=self.manager.contiguous_slots,
         )
         logits = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),

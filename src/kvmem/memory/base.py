@@ -37,6 +37,8 @@ class MemoryStats:
     - `bytes_allocated`: the part of it assigned to resident sequences (their blocks or slots).
     - `bytes_live`: the part of that holding tokens the sequences have written.
     - `bytes_cached`: memory not assigned to any sequence that still holds a reusable prefix.
+    - `bytes_capacity`: the most physical memory the strategy may use (its budget); 0 = `bytes_physical`,
+      as for strategies that back their whole budget up front.
     """
 
     strategy: str
@@ -48,6 +50,7 @@ class MemoryStats:
     num_sequences: int
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which found cached
+    bytes_capacity: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -57,8 +60,9 @@ class MemoryStats:
 
     @property
     def usage(self) -> float:
-        """Share of the physical KV memory assigned to sequences (vLLM's kv_cache_usage)."""
-        return 0.0 if self.bytes_physical == 0 else self.bytes_allocated / self.bytes_physical
+        """Share of the KV budget assigned to sequences (vLLM's kv_cache_usage)."""
+        capacity = self.bytes_capacity or self.bytes_physical
+        return 0.0 if capacity == 0 else self.bytes_allocated / capacity
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,9 @@ class KVCacheManager(ABC):
     # Pairs (src_block, dst_block) whose contents must be copied before the next forward pass
     # (copy-on-write of a shared partial block). The model runner drains it.
     pending_copies: list[tuple[int, int]]
+    # True when each sequence's table is one contiguous slot that attention must not read past the
+    # sequence's length (virtual: pages past it may be unmapped); decode then reads in place.
+    contiguous_slots: bool = False
 
     # --- admission and growth -------------------------------------------------------------
     def admit(self, seq: Sequence) -> int:
