@@ -142,7 +142,7 @@ def test_virtual_preemption_and_chunked_prefill_keep_tokens_identical(prompts, p
     assert llm.stats().bytes_physical <= llm.stats().bytes_capacity
 
 
-def test_virtual_prefix_reuse_and_n_samples_keep_tokens_identical(prompts):
+def test_virtual_prefix_reuse_and_shared_pages_keep_tokens_identical(prompts):
     llm = LLM(dtype="float32", kv_cache="virtual", kv_cache_memory="128MiB", max_model_len=2048)
     tok = llm.get_tokenizer()
     system = "You are a meticulous assistant. " + long_text()[:1500]
@@ -153,11 +153,16 @@ def test_virtual_prefix_reuse_and_n_samples_keep_tokens_identical(prompts):
     second = llm.generate([{"prompt_token_ids": ids[1]}], GREEDY, use_tqdm=False)[0]
     assert second.num_cached_tokens > 300  # the shared system prompt came from the first one's slot
     assert first + [second.outputs[0].token_ids] == [reference(p) for p in ids]
+    # n = 2: the second sample is admitted while the first runs, and maps the first's full prompt
+    # chunks (physically shared pages) instead of computing them.
     params = SamplingParams(n=2, temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
-    out = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)[0]
-    assert all(c.token_ids == reference(prompts[0]) for c in out.outputs)
+    hits = llm.stats().prefix_cache_hits
+    out = llm.generate([{"prompt_token_ids": prompts[4]}], params, use_tqdm=False)[0]  # > 1,000 tokens
+    assert all(c.token_ids == reference(prompts[4]) for c in out.outputs)
+    assert llm.engine.manager.pool is not None and llm.stats().prefix_cache_hits >= hits + 1000
     assert_memory_returned(llm)
     assert_kernel_agrees(llm)
+    assert llm.release_free_memory() > 0 and llm.engine.manager.kernel_resident_bytes() == 0
 
 
 def test_n_greedy_samples_share_the_prompt_and_match(smol, prompts):

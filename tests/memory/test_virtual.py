@@ -152,42 +152,73 @@ def test_prefix_reuse_takes_the_slot_holding_the_longest_prefix():
     assert m.stats().prefix_cache_hits == 80
 
 
+# --- sharing between running sequences --------------------------------------------------------
+def test_running_sequences_share_full_prompt_chunks_physically():
+    m = make_manager(num_slots=4, max_len=512, budget_chunks=16, lookahead_tokens=0)
+    prefix = list(range(1, 201))  # 200 tokens: 3 full chunks of 64
+    a = make_seq(prefix + [900, 901])
+    m.admit(a)
+    m.allocate(a, a.num_tokens)
+    m.kv[:, :, :, m.block_table(a)[0], : a.num_tokens] = torch.arange(a.num_tokens, dtype=torch.float32)[:, None]
+    a.num_computed_tokens = a.num_tokens
+    m.on_tokens_computed(a)
+    alone = m.stats().bytes_physical
+    b = make_seq(prefix + [5] * 30)
+    assert m.admit(b) == 192 and m.block_table(b)[0] != m.block_table(a)[0]
+    m.allocate(b, b.num_tokens - 192)
+    # b reads a's keys through the shared pages, without a copy in its own slot
+    assert torch.equal(m.kv[:, :, :, m.block_table(b)[0], :192], m.kv[:, :, :, m.block_table(a)[0], :192])
+    s = m.stats()
+    assert s.extra["shared_chunks"] == 3
+    assert s.bytes_physical == alone + 1 * m.chunk_set_bytes  # b's own chunk only: 3 shared, 1 private
+    assert m.kernel_resident_bytes() == s.bytes_physical
+    m.free(a)
+    m.free(b)
+    m.release_free_memory()
+    assert m.kernel_resident_bytes() == 0 and m.stats().bytes_physical == 0 and m.pool.allocated_bytes() == 0
+
+
 # --- random lifecycles against the kernel -------------------------------------------------------
 class VirtualLifecycle(RuleBasedStateMachine):
-    """Sequences come, grow (prefill chunks, decodes), get preempted or finish, in random order.
+    """Sequences come, grow (prefill chunks, decodes), get preempted or finish, in random order;
+    some share a long common prefix, so that running sequences share physical pages.
 
-    Every token written is a distinct value, so after each step every running sequence must read
-    back its own tokens from its slot; the manager's physical bytes must equal the kernel's count
-    of resident pages; the budget must hold; no slot is owned twice."""
+    The value written for token p of a sequence is a function of (token, p) alone, as a model's
+    K would be of the prefix: sequences that share a chunk write identical values there. After each
+    step every running sequence must read back exactly its own values — a shared page that someone
+    overwrote with other tokens, or a page mapped into the wrong slot, shows up — the manager's
+    physical bytes must equal the kernel's count, the budget must hold, and no slot is owned twice."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.m = make_manager(num_slots=4, max_len=320, budget_chunks=9, lookahead_tokens=8)
+        self.m = make_manager(num_slots=4, max_len=320, budget_chunks=12, lookahead_tokens=8)
         self.k = self.m.kv[:, 0]  # K of every layer: [layers, heads, slots, len, dim]
         self.running: list[Sequence] = []
         self.stamp = 0
 
-    def _write(self, seq: Sequence, start: int, end: int) -> None:
-        slot = self.m.block_table(seq)[0]
-        values = torch.arange(start, end, dtype=torch.float32) + 1000.0 * (seq.seq_id + 1)
-        self.k[:, :, slot, start:end, :] = values[:, None]
+    @staticmethod
+    def _values(seq: Sequence, start: int, end: int) -> torch.Tensor:
+        tokens = torch.tensor(seq.token_ids[start:end], dtype=torch.float32)
+        return tokens * 1000.0 + torch.arange(start, end, dtype=torch.float32)
+
+    def _compute(self, seq: Sequence, n: int) -> None:
+        start = seq.num_computed_tokens
+        self.k[:, :, self.m.block_table(seq)[0], start:start + n, :] = self._values(seq, start, start + n)[:, None]
+        seq.num_computed_tokens += n
+        self.m.on_tokens_computed(seq)
 
     @rule(length=st.integers(1, 200), shared=st.booleans())
     def admit(self, length, shared):
         tokens = list(range(1, length + 1)) if shared else [self.stamp + 10_000 + i for i in range(length)]
         self.stamp += length
         seq = make_seq(tokens)
-        cached = self.m.admit(seq)
-        seq.num_computed_tokens = cached
-        chunk = min(64, seq.num_tokens - cached)
+        seq.num_computed_tokens = self.m.admit(seq)
+        chunk = min(64, seq.num_tokens - seq.num_computed_tokens)
         if not self.m.can_allocate(seq, chunk):
             self.m.free(seq)
             return
         self.m.allocate(seq, chunk)
-        if cached:  # the slot held this prefix: it is our data now, restamp it as ours
-            self._write(seq, 0, cached)
-        self._write(seq, cached, cached + chunk)
-        seq.num_computed_tokens += chunk
+        self._compute(seq, chunk)
         self.running.append(seq)
 
     @precondition(lambda self: self.running)
@@ -200,13 +231,29 @@ class VirtualLifecycle(RuleBasedStateMachine):
         if seq.num_computed_tokens + n > self.m.layout.max_len or not self.m.can_allocate(seq, n):
             return
         self.m.allocate(seq, n)
-        self._write(seq, seq.num_computed_tokens, seq.num_computed_tokens + n)
-        seq.num_computed_tokens += n
+        self._compute(seq, n)
 
     @precondition(lambda self: self.running)
     @rule(i=st.integers(0, 100))
     def finish(self, i):
         self.m.free(self.running.pop(i % len(self.running)))
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 100))
+    def preempt_and_resume(self, i):
+        """Free a running sequence and admit it again at once, as the scheduler's preemption and a
+        later re-admission do: it may get its own slot back with its tokens, or start over."""
+        seq = self.running.pop(i % len(self.running))
+        self.m.free(seq)
+        seq.num_computed_tokens = self.m.admit(seq)
+        if seq.num_computed_tokens < seq.num_tokens and self.m.can_allocate(seq, 1):
+            self.m.allocate(seq, 1)
+            self._compute(seq, 1)
+            self.running.append(seq)
+        elif seq.num_computed_tokens == seq.num_tokens:
+            self.running.append(seq)
+        else:
+            self.m.free(seq)
 
     @rule()
     def release(self):
@@ -226,14 +273,15 @@ class VirtualLifecycle(RuleBasedStateMachine):
         assert not set(slots) & set(self.m.free_slots)
         for seq, slot in zip(self.running, slots):
             n = seq.num_computed_tokens
-            expected = torch.arange(n, dtype=torch.float32) + 1000.0 * (seq.seq_id + 1)
-            assert torch.equal(self.k[:, :, slot, :n, 0], expected.expand(2, 2, n))
+            assert torch.equal(self.k[:, :, slot, :n, 0], self._values(seq, 0, n).expand(2, 2, n))
 
     def teardown(self):
         for seq in self.running:
             self.m.free(seq)
         self.m.release_free_memory()
         assert self.m.kernel_resident_bytes() == 0 and self.m.stats().bytes_physical == 0
+        if self.m.pool is not None:
+            assert self.m.pool.allocated_bytes() == 0 and not self.m.shared_by_key
         self.m.memory.close()
 
 

@@ -25,9 +25,17 @@ vAttention's three optimizations, each switchable (`VirtualOptions`) for measure
    `release_free_memory()`;
 3. eager mapping: a prompt's whole known length (plus the look-ahead) is mapped at admission.
 
-Prefix reuse (beyond the paper): a free slot still holds the KV of the tokens its last sequence
-computed. A new (or preempted and resumed) sequence whose tokens start the same way takes that slot
-and skips those tokens — a prefix cache made of whole slots, found by longest common prefix.
+Prefix sharing (beyond the paper, which has none), two ways:
+- a free slot still holds the KV of the tokens its last sequence computed; a new (or preempted and
+  resumed) sequence whose tokens start the same way takes that slot and skips those tokens;
+- sequences running at the same time that share whole chunks of prompt share their *physical*
+  pages: the donor's chunk is copied once into a memfd (`vmm_cpu.SharedPagePool`) and mapped back
+  in place, then mapped into the other slot too (MAP_SHARED | MAP_FIXED). Only computed, full
+  chunks are shared, so nobody ever writes a shared page; the first divergent chunk is private.
+  Chunks are found by the same hash chain as paged's blocks (hash of parent hash + tokens). The pool
+  is laid out region-major with the same chunk index in every region, so a run of shared chunks is
+  one mapping per region, and sharing stops before the process nears the kernel's limit of mappings
+  (vm.max_map_count): every (slot, region) with shared chunks costs about two.
 
 The CPU backend (`vmm_cpu.CpuVirtualMemory`) maps with madvise(MADV_POPULATE_WRITE) and returns
 pages with madvise(MADV_DONTNEED); `kernel_resident_bytes()` asks the kernel (mincore) what is
@@ -41,13 +49,14 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory
+from kvmem.memory.block_pool import BlockHash, hash_block
 
 if TYPE_CHECKING:
     from kvmem.engine.sequence import Sequence
@@ -55,6 +64,14 @@ if TYPE_CHECKING:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
 
 
 @dataclass(frozen=True)
@@ -185,10 +202,24 @@ class _Mapper:
 
 
 @dataclass
+class _SharedChunk:
+    """One chunk's pages in every region, in the shared pool at chunk index `index`."""
+
+    index: int
+    key: BlockHash
+    refs: int = 0  # slots that map it
+
+
+@dataclass
 class _Slot:
     index: int
-    mapped_chunks: int = 0
+    mapped_chunks: int = 0  # chunks [0, mapped_chunks) are backed, privately or from the pool
     cached_tokens: list[int] | None = None  # a free slot: the tokens whose KV it still holds
+    shared: dict[int, _SharedChunk] = field(default_factory=dict)  # chunk position -> pool chunk
+
+    @property
+    def private_chunks(self) -> int:
+        return self.mapped_chunks - len(self.shared)
 
 
 class VirtualKVCacheManager(KVCacheManager):
@@ -220,7 +251,18 @@ class VirtualKVCacheManager(KVCacheManager):
         self.free_slots: OrderedDict[int, _Slot] = OrderedDict((s.index, s) for s in self.slots)
         self.owned: dict[int, _Slot] = {}  # seq_id -> slot
         self.sequences: dict[int, Sequence] = {}
-        self.mapped_chunks = 0  # over all slots, free ones included
+        self.mapped_chunks = 0  # physical chunk sets: private ones of every slot + distinct shared ones
+        # Sharing between running sequences (see the module docstring).
+        self.pool = None  # vmm_cpu.SharedPagePool, made on first use
+        self.pool_chunks = self.max_chunks  # chunk indices in the pool, laid out region-major
+        self.chunk_pages = self.layout.chunk_bytes // PAGE_SIZE
+        self.shared_by_key: dict[BlockHash, _SharedChunk] = {}
+        self.free_pool_chunks = bytearray(b"\x01") * self.pool_chunks
+        self.private_by_key: dict[BlockHash, tuple[_Slot, int]] = {}  # computed full chunks of running slots
+        self.chunk_keys: dict[int, list[BlockHash]] = {}  # seq_id -> keys of its computed full chunks
+        # Leave half the mapping limit to the rest of the process (torch, libraries, the allocator).
+        self.max_sharing_slots = (_max_map_count() // 2) // (3 * self.layout.num_regions)
+        self.num_shared_chunk_maps = 0
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -238,23 +280,39 @@ class VirtualKVCacheManager(KVCacheManager):
 
     # --- admission ----------------------------------------------------------------------
     def admit(self, seq: Sequence) -> int:
-        """Take a free slot: the one holding the longest prefix of `seq`'s tokens, else the one
-        whose mapped pages best fit the prompt. Returns the tokens found cached. With no free slot
-        (every one held by a running sequence) it takes none, and can_allocate() says no."""
+        """Take a free slot and return how many of `seq`'s leading tokens are already in it.
+
+        The tokens come either from the slot's own leftovers (the free slot holding the longest
+        prefix of `seq`) or from chunks shared with running sequences (mapped into the best-fitting
+        free slot), whichever covers more. With no free slot (every one held by a running
+        sequence) it takes none, and can_allocate() says no."""
         assert seq.seq_id not in self.owned, "admit() on a sequence that already holds a slot"
         if not self.free_slots:
             return 0
         slot, hit = self._pick_slot(seq)
+        sources = self._shareable_chunks(seq) if self.enable_prefix_caching else []
+        if len(sources) * self.layout.page_tokens > hit and self._sharing_slots() < self.max_sharing_slots:
+            slot = self._best_fit(seq)
+            self._map_shared_prefix(slot, sources)
+            hit = len(sources) * self.layout.page_tokens
+        else:
+            # Never write into a shared chunk: from the first one the sequence would write into
+            # (its tokens there are not all cached), the slot is cut and those tokens recomputed.
+            cut = self._first_shared_past(slot, hit)
+            self._cut(slot, cut)
+            hit = min(hit, cut * self.layout.page_tokens)
         del self.free_slots[slot.index]
         slot.cached_tokens = None
         self.owned[seq.seq_id] = slot
         self.sequences[seq.seq_id] = seq
+        self.chunk_keys[seq.seq_id] = []
         if self.enable_prefix_caching:
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += hit
         return hit
 
     def _pick_slot(self, seq: Sequence) -> tuple[_Slot, int]:
+        """The free slot holding the longest prefix of `seq` (and its length), else the best fit."""
         if self.enable_prefix_caching:
             best, best_hit = None, 0
             tokens = np.asarray(seq.token_ids[: seq.num_tokens - 1])  # the last token must be computed
@@ -269,11 +327,130 @@ class VirtualKVCacheManager(KVCacheManager):
                     best, best_hit = slot, hit
             if best is not None:
                 return best, best_hit
+        return self._best_fit(seq), 0
+
+    def _best_fit(self, seq: Sequence) -> _Slot:
+        """The free slot with the fewest mapped chunks that still cover the sequence, else the one
+        with the most (deferred reclamation: reuse mapped pages rather than map new ones)."""
         need = cdiv(seq.num_tokens, self.layout.page_tokens)
         fitting = [s for s in self.free_slots.values() if s.mapped_chunks >= need]
         if fitting:
-            return min(fitting, key=lambda s: s.mapped_chunks), 0
-        return max(self.free_slots.values(), key=lambda s: s.mapped_chunks), 0
+            return min(fitting, key=lambda s: s.mapped_chunks)
+        return max(self.free_slots.values(), key=lambda s: s.mapped_chunks)
+
+    # --- sharing between running sequences ------------------------------------------------
+    def _shareable_chunks(self, seq: Sequence) -> list[tuple[BlockHash, _SharedChunk | tuple[_Slot, int]]]:
+        """For each leading full chunk of `seq`'s tokens (the last token excluded), its key and an
+        existing shared chunk or a running slot's private chunk with the same tokens; stops at the
+        first chunk found nowhere."""
+        pt = self.layout.page_tokens
+        found: list = []
+        parent = None
+        for i in range((seq.num_tokens - 1) // pt):
+            key = hash_block(parent, seq.token_ids[i * pt:(i + 1) * pt])
+            source = self.shared_by_key.get(key) or self.private_by_key.get(key)
+            if source is None:
+                break
+            found.append((key, source))
+            parent = key
+        return found
+
+    def _sharing_slots(self) -> int:
+        return sum(1 for s in self.slots if s.shared)
+
+    def _map_shared_prefix(self, slot: _Slot, sources: list) -> None:
+        """Make chunks [0, len(sources)) of the free `slot` the pool's, promoting private donors
+        first; whatever the slot held before is dropped (it was another sequence's)."""
+        from kvmem.memory.vmm_cpu import map_shared
+
+        self.mapper.drain()  # no background map may race with the remapping below
+        chunks = [source if isinstance(source, _SharedChunk) else self._promote(key, *source)
+                  for key, source in sources]
+        for chunk in chunks:
+            chunk.refs += 1  # held before the cut below, which may drop the slot's old hold on it
+        self._cut(slot, 0)
+        for position, chunk in enumerate(chunks):
+            for offset, page in zip(self._chunk_offsets(slot, position), self._pool_pages(chunk)):
+                map_shared(self.memory, offset, self.pool, page, self.chunk_pages)
+            slot.shared[position] = chunk
+        slot.mapped_chunks = len(chunks)
+
+    def _promote(self, key: BlockHash, donor: _Slot, position: int) -> _SharedChunk:
+        """Turn a running slot's private chunk into a shared one, in place: copy its pages into the
+        pool and map the pool pages where they were. What the donor reads does not change."""
+        from kvmem.memory.vmm_cpu import SharedPagePool, copy_to_shared
+
+        if self.pool is None:
+            self.pool = SharedPagePool(self.layout.num_regions * self.pool_chunks * self.chunk_pages)
+        index = self.free_pool_chunks.find(1)
+        if index < 0:  # cannot happen while the pool has one chunk index per budget chunk
+            raise NoFreeMemory("shared chunk pool full")
+        self.free_pool_chunks[index] = 0
+        chunk = _SharedChunk(index, key, refs=1)
+        for offset, page in zip(self._chunk_offsets(donor, position), self._pool_pages(chunk)):
+            self.pool.alloc_at(page, self.chunk_pages)
+            copy_to_shared(self.memory, offset, self.pool, page, self.chunk_pages)
+        del self.private_by_key[key]
+        self.shared_by_key[key] = chunk
+        donor.shared[position] = chunk  # its private pages were replaced by the pool's: count moves
+        return chunk
+
+    def _unshare(self, slot: _Slot, position: int) -> None:
+        """Drop `slot`'s mapping of a shared chunk (the range reads zero again); the last holder's
+        drop gives the pool pages back."""
+        from kvmem.memory.vmm_cpu import unmap_shared
+
+        chunk = slot.shared.pop(position)
+        for offset in self._chunk_offsets(slot, position):
+            unmap_shared(self.memory, offset, self.chunk_pages)
+        chunk.refs -= 1
+        if chunk.refs == 0:
+            for page in self._pool_pages(chunk):
+                self.pool.free_run(page, self.chunk_pages)
+            self.free_pool_chunks[chunk.index] = 1
+            del self.shared_by_key[chunk.key]
+            self.mapped_chunks -= 1
+
+    def _chunk_offsets(self, slot: _Slot, position: int) -> list[int]:
+        return (self.mapper.offsets[slot.index] + position * self.layout.chunk_bytes).tolist()
+
+    def _pool_pages(self, chunk: _SharedChunk) -> range:
+        """First pool page of the chunk in each region: region-major, so that consecutive chunk
+        indices are consecutive pages of one region (one mapping for a run of shared chunks)."""
+        per_region = self.pool_chunks * self.chunk_pages
+        return range(chunk.index * self.chunk_pages, self.layout.num_regions * per_region, per_region)
+
+    def _first_shared_past(self, slot: _Slot, hit: int) -> int:
+        """The first chunk position a sequence reusing `slot` with `hit` cached tokens would write
+        into while it is shared (its tokens there are not all cached); mapped_chunks if none."""
+        pt = self.layout.page_tokens
+        past = [p for p in slot.shared if (p + 1) * pt > hit]
+        return min(past) if past else slot.mapped_chunks
+
+    def _cut(self, slot: _Slot, position: int) -> None:
+        """Unmap `slot` from chunk `position` on: shared chunks are dropped, private pages given back."""
+        if position >= slot.mapped_chunks:
+            return
+        private = sum(1 for p in range(position, slot.mapped_chunks) if p not in slot.shared)
+        for p in [p for p in slot.shared if p >= position]:
+            self._unshare(slot, p)  # counts the chunks it frees itself
+        # Release [position, mapped) at once: ranges of dropped shared chunks are already fresh
+        # anonymous memory, so releasing them again costs nothing.
+        self.mapper.unmap(slot.index, position, slot.mapped_chunks - position)
+        self.mapped_chunks -= private
+        slot.mapped_chunks = position
+
+    def on_tokens_computed(self, seq: Sequence) -> None:
+        """Register the sequence's newly completed full chunks, so that others can share them."""
+        if not self.enable_prefix_caching:
+            return
+        slot, keys = self.owned[seq.seq_id], self.chunk_keys[seq.seq_id]
+        pt = self.layout.page_tokens
+        for i in range(len(keys), seq.num_computed_tokens // pt):
+            key = hash_block(keys[-1] if keys else None, seq.token_ids[i * pt:(i + 1) * pt])
+            keys.append(key)
+            if i not in slot.shared and key not in self.shared_by_key:
+                self.private_by_key.setdefault(key, (slot, i))
 
     # --- growth -------------------------------------------------------------------------
     def _chunks_needed(self, seq: Sequence, num_new_tokens: int) -> tuple[_Slot | None, int]:
@@ -282,7 +459,17 @@ class VirtualKVCacheManager(KVCacheManager):
         return slot, need - (slot.mapped_chunks if slot else 0)
 
     def _reclaimable(self, keep: _Slot | None = None) -> int:
-        return sum(s.mapped_chunks for s in self.free_slots.values() if s is not keep)
+        """Chunks that trimming free slots would give back: their private chunks, and the shared
+        chunks that only free slots hold."""
+        private = 0
+        free_holds: dict[int, tuple[_SharedChunk, int]] = {}  # id -> (chunk, free slots holding it)
+        for slot in self.free_slots.values():
+            if slot is keep:
+                continue
+            private += slot.private_chunks
+            for chunk in slot.shared.values():
+                free_holds[id(chunk)] = (chunk, free_holds.get(id(chunk), (chunk, 0))[1] + 1)
+        return private + sum(1 for chunk, holders in free_holds.values() if holders == chunk.refs)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         slot, missing = self._chunks_needed(seq, num_new_tokens)
@@ -331,14 +518,15 @@ class VirtualKVCacheManager(KVCacheManager):
                 self._trim(slot)
 
     def _trim(self, slot: _Slot) -> None:
-        self.mapper.unmap(slot.index, 0, slot.mapped_chunks)
-        self.mapped_chunks -= slot.mapped_chunks
-        slot.mapped_chunks = 0
+        self._cut(slot, 0)
         slot.cached_tokens = None
 
     def free(self, seq: Sequence) -> None:
         slot = self.owned.pop(seq.seq_id, None)
         self.sequences.pop(seq.seq_id, None)
+        for key in self.chunk_keys.pop(seq.seq_id, []):
+            if self.private_by_key.get(key, (None,))[0] is slot:
+                del self.private_by_key[key]  # a free slot may be overwritten: not a donor any more
         if slot is None:
             return
         computed = seq.num_computed_tokens
@@ -348,14 +536,22 @@ class VirtualKVCacheManager(KVCacheManager):
             self._trim(slot)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        child.num_computed_tokens = 0  # a slot is private: the child computes its prompt in its own
+        # The child waits for a slot of its own; at admission it shares the parent's full prompt
+        # chunks (when prefix caching is on) and computes only the rest.
+        child.num_computed_tokens = 0
 
     # --- accounting ---------------------------------------------------------------------
     def stats(self) -> MemoryStats:
         per_chunk = self.chunk_set_bytes
-        allocated = sum(s.mapped_chunks for s in self.owned.values())
-        cached = sum(s.mapped_chunks for s in self.free_slots.values())
-        live = sum(s.num_computed_tokens for s in self.sequences.values())
+        # A shared chunk is one physical chunk however many slots map it.
+        held_shared = {id(c) for s in self.owned.values() for c in s.shared.values()}
+        allocated = sum(s.private_chunks for s in self.owned.values()) + len(held_shared)
+        cached = self.mapped_chunks - allocated
+        # Live tokens, a shared chunk's once: every sequence's computed tokens outside its shared
+        # chunks, plus the (full) shared chunks the running sequences hold.
+        pt = self.layout.page_tokens
+        live = len(held_shared) * pt + sum(
+            seq.num_computed_tokens - pt * len(self.owned[seq.seq_id].shared) for seq in self.sequences.values())
         return MemoryStats(
             strategy=self.name,
             bytes_reserved=self.layout.total_bytes,
@@ -368,21 +564,25 @@ class VirtualKVCacheManager(KVCacheManager):
             prefix_cache_hits=self.prefix_hits,
             bytes_capacity=self.max_chunks * per_chunk,
             extra={"page_tokens": self.layout.page_tokens, "map_calls": self.mapper.num_map_calls,
+                   "shared_chunks": len(self.shared_by_key),
                    "map_seconds_critical": self.mapper.critical_seconds,
                    "map_seconds_background": self.mapper.background_seconds},
         )
 
     def kernel_resident_bytes(self) -> int:
-        """Physical bytes under the reservation as the kernel reports them (mincore), once every
-        queued map has run: what the manager's `bytes_physical` must agree with."""
+        """Physical KV bytes as the kernel reports them, once every queued map has run: what the
+        manager's `bytes_physical` must agree with. Without sharing: mincore's resident pages of the
+        reservation. With a shared pool, mincore would count a shared page once per place it is
+        mapped, so: the reservation's private pages (smaps `Anonymous`) + the pool's (st_blocks)."""
         self.mapper.drain()
-        return self.memory.resident_bytes()
+        if self.pool is None:
+            return self.memory.resident_bytes()
+        return self.memory.smaps_anonymous_bytes() + self.pool.allocated_bytes()
 
     def release_free_memory(self) -> int:
         """Unmap every free slot's pages (deferred reclamation's keep, and cached prefixes)."""
-        released = 0
-        for slot in self.free_slots.values():
+        before = self.mapped_chunks
+        for slot in list(self.free_slots.values()):
             if slot.mapped_chunks:
-                released += slot.mapped_chunks * self.chunk_set_bytes
                 self._trim(slot)
-        return released
+        return (before - self.mapped_chunks) * self.chunk_set_bytes

@@ -314,6 +314,23 @@ class CpuVirtualMemory:
                     total += int(rest.split()[0]) * 1024
         return total
 
+    def smaps_anonymous_bytes(self) -> int:
+        """The private (anonymous) RAM of the reservation by /proc/self/smaps' `Anonymous:` lines:
+        pages mapped from a shared pool are not in it, so this plus the pool's `allocated_bytes()`
+        counts every physical page once, however many places it is mapped."""
+        self._live()
+        lo, hi = self.address, self.address + self.size
+        total, inside = 0, False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                key, _, rest = line.partition(" ")
+                if not key.endswith(":"):
+                    start, _, end = key.partition("-")
+                    inside = lo <= int(start, 16) and int(end, 16) <= hi
+                elif inside and key == "Anonymous:":
+                    total += int(rest.split()[0]) * 1024
+        return total
+
     # --- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
         """Give the memory back; idempotent. See the class docstring for when the range is unmapped."""
@@ -397,6 +414,30 @@ class SharedPagePool:
         self._is_free[start:start + n] = bytes(n)
         self.num_free -= n
         return start
+
+    def alloc_at(self, index: int, n: int = 1) -> None:
+        """Take pages [index, index + n), which must all be free (callers that lay out the pool
+        themselves, e.g. one page range per region, pick the indices)."""
+        self._check_open()
+        if n < 1 or index < 0 or index + n > self.num_pages:
+            raise ValueError(f"pages {index}..{index + n - 1} outside the pool of {self.num_pages}")
+        if self._is_free.find(0, index, index + n) >= 0:
+            raise ValueError(f"pages {index}..{index + n - 1} are not all free")
+        self._is_free[index:index + n] = bytes(n)
+        self.num_free -= n
+
+    def free_run(self, index: int, n: int) -> None:
+        """`free` pages [index, index + n) with one hole punch."""
+        self._check_allocated(index, n)
+        if any(self._map_count[index:index + n]):
+            raise ValueError(f"shared pages {index}..{index + n - 1} are still mapped; unmap_shared them first")
+        if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, index * PAGE_SIZE, n * PAGE_SIZE):
+            raise _os_error(f"punching shared pages {index}..{index + n - 1}")
+        self._is_free[index:index + n] = b"\x01" * n
+        self.num_free += n
+        self._free_stack.extend(range(index + n - 1, index - 1, -1))
+        if len(self._free_stack) > 2 * self.num_pages:
+            self._free_stack = [i for i in range(self.num_pages - 1, -1, -1) if self._is_free[i]]
 
     def free(self, index: int) -> None:
         """Return a page and its RAM; ValueError on a double free or a page still mapped."""
