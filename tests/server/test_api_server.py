@@ -268,3 +268,20 @@ def test_metrics_names_and_labels(tiny_server):
     m = tiny_server.metrics()
     assert m["kvmem:prefix_cache_hits_total"] > 0
     assert m["kvmem:kv_cache_physical_bytes"] == 8 * 2**20
+
+
+def test_virtual_kv_cache_behind_the_server(tiny_model_dir, reference):
+    """`kvmem serve --kv-cache virtual`: same answers; /metrics shows physical pages mapped on demand
+    and given back by the deferred-reclamation policy only when asked."""
+    server = start_server(EngineConfig(model=str(tiny_model_dir), kv_cache="virtual", **TINY_ENGINE))
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
+        expected = reference.generate(PROMPTS, greedy(12), use_tqdm=False)
+        got = client.completions.create(model=server.model, prompt=PROMPTS, max_tokens=12, temperature=0)
+        assert [c.text for c in got.choices] == [o.outputs[0].text for o in expected]
+        m = server.wait_kv_free()
+        assert 'kv_cache="virtual"' in httpx.get(f"{server.base_url}/metrics").text
+        assert m["kvmem:kv_cache_allocated_bytes"] == 0
+        assert 0 < m["kvmem:kv_cache_physical_bytes"] < m["kvmem:kv_cache_reserved_bytes"]
+    finally:
+        server.stop()

@@ -557,11 +557,13 @@ def attention_case(cfg: AttentionConfig, context: int, ragged: bool) -> Attentio
 
 
 def run_attention(cfg: AttentionConfig) -> dict:
+    load_before = list(os.getloadavg())
     cases = []
     for ctx in cfg.contexts:
         for ragged in ((False, True) if cfg.ragged else (False,)):
             cases.append(attention_case(cfg, ctx, ragged))
-    return {"config": asdict(cfg), "torch_threads": torch.get_num_threads(), "cases": [asdict(c) for c in cases]}
+    return {"config": asdict(cfg), "torch_threads": torch.get_num_threads(), "loadavg_before": load_before,
+            "loadavg_after": list(os.getloadavg()), "cases": [asdict(c) for c in cases]}
 
 
 # --- the whole benchmark ----------------------------------------------------------------------
@@ -569,7 +571,8 @@ def machine_info() -> dict:
     return {"platform": platform.platform(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "nproc": os.cpu_count(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "loadavg_at_start": list(os.getloadavg())}  # other work on the machine skews the timings
 
 
 def run_memory_benchmark(cfg: MemoryBenchConfig, max_trace_points: int = 2000) -> tuple[dict, dict[str, StepTrace]]:

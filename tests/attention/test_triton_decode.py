@@ -1,0 +1,81 @@
+"""The Triton decode kernel against the reference attention, for the paged and the contiguous
+(virtual) layouts. Runs on a GPU when there is one, else through Triton's interpreter on CPU;
+skipped where Triton is not installed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernel is defined
+pytest.importorskip("triton")
+
+from kvmem.attention.metadata import AttentionMetadata  # noqa: E402
+from kvmem.attention.torch_attention import reference_attention  # noqa: E402
+from kvmem.attention.triton_decode import triton_decode_attention  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def reference(q, k_cache, v_cache, tables, lens):
+    """reference_attention on the same caches (its write of this step's K,V is made a no-op by
+    writing the values already there)."""
+    kv_heads, _, block_size, dim = k_cache.shape
+    meta = AttentionMetadata.build(tables, [n - 1 for n in lens], [1] * len(lens), block_size, DEVICE)
+    flat_k, flat_v = k_cache.view(kv_heads, -1, dim), v_cache.view(kv_heads, -1, dim)
+    k_new = flat_k[:, meta.slot_mapping].transpose(0, 1).clone()
+    v_new = flat_v[:, meta.slot_mapping].transpose(0, 1).clone()
+    return reference_attention(q, k_new, v_new, k_cache, v_cache, meta, dim ** -0.5)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_layout(heads, kv_heads, dtype):
+    torch.manual_seed(0)
+    dim, block_size, num_blocks = 16, 8, 40
+    lens = [1, 9, 33, 70]
+    k_cache = torch.randn(kv_heads, num_blocks, block_size, dim, dtype=dtype, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks).tolist()
+    tables, used = [], 0
+    for n in lens:
+        need = -(-n // block_size)
+        tables.append(perm[used:used + need])
+        used += need
+    q = torch.randn(len(lens), heads, dim, dtype=dtype, device=DEVICE)
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=DEVICE)
+    got = triton_decode_attention(q, k_cache, v_cache, padded, torch.tensor(lens, device=DEVICE), dim ** -0.5,
+                                  block_n=16)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), reference(q, k_cache, v_cache, tables, lens).float(), atol=tol, rtol=tol)
+
+
+def test_contiguous_slots_never_read_past_the_length():
+    """Virtual layout: one block of max_len per slot. Keys past each length are NaN: reading any of
+    them would poison the output."""
+    torch.manual_seed(1)
+    heads, kv_heads, dim, slots, max_len = 6, 3, 32, 5, 96
+    lens = [96, 1, 40, 77]
+    table = [[3], [0], [4], [1]]
+    k_cache = torch.full((kv_heads, slots, max_len, dim), float("nan"), device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    for (slot,), n in zip(table, lens):
+        k_cache[:, slot, :n] = torch.randn(kv_heads, n, dim, device=DEVICE)
+        v_cache[:, slot, :n] = torch.randn(kv_heads, n, dim, device=DEVICE)
+    q = torch.randn(len(lens), heads, dim, device=DEVICE)
+    got = triton_decode_attention(q, k_cache, v_cache, torch.tensor(table, device=DEVICE),
+                                  torch.tensor(lens, device=DEVICE), dim ** -0.5, block_n=32)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, reference(q, k_cache, v_cache, table, lens), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_head_counts_are_refused():
+    q = torch.zeros(1, 5, 8, device=DEVICE)
+    cache = torch.zeros(2, 1, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="heads"):
+        triton_decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE),
+                                torch.ones(1, dtype=torch.int32, device=DEVICE), 1.0)
