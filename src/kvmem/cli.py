@@ -136,6 +136,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from kvmem.bench.memory import cmd_bench_memory as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmem", description="LLM inference with managed KV-cache memory")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "throughput like vLLM's bench serve")
     add_serve_args(bs)
     bs.set_defaults(func=cmd_bench_serve)
+
+    from kvmem.bench.memory import add_memory_args
+
+    bm = bench.add_parser("memory", help="KV memory: static vs paged vs virtual on one request stream (no model)")
+    add_memory_args(bm)
+    bm.set_defaults(func=cmd_bench_memory)
     return parser
 
 

@@ -66,3 +66,33 @@ def test_reference_equals_contiguous_causal_attention():
         queries.transpose(0, 1), keys.repeat_interleave(group, 1).transpose(0, 1),
         values.repeat_interleave(group, 1).transpose(0, 1), is_causal=True).transpose(0, 1)
     torch.testing.assert_close(out, full[-qlen:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths, slots", [
+    ([9, 9, 9, 9], [2, 3, 4, 5]),  # one run: read in place
+    ([9, 9, 30, 2], [2, 3, 0, 5]),  # a few runs: in place
+    ([3, 17, 30, 2, 12, 25, 8], [6, 0, 2, 5, 1, 4, 3]),  # ragged: chunks gathered
+])
+def test_contiguous_slots_decode_matches_reference_without_reading_past_lengths(lengths, slots):
+    """The virtual layout: one slot of MAX_LEN tokens per sequence, NaN past each length (memory
+    that must not be read). In place or chunk-gathered, the result equals the reference's."""
+    max_len, chunk = 32, 8
+    g = torch.Generator().manual_seed(len(lengths))
+    kc = torch.full((KV_HEADS, 8, max_len, DIM), float("nan"))
+    vc = torch.full_like(kc, float("nan"))
+    for slot, n in zip(slots, lengths):  # whole chunks up to the last token are backed (zeros past it)
+        backed = -(-n // chunk) * chunk
+        kc[:, slot, :backed] = 0
+        vc[:, slot, :backed] = 0
+        kc[:, slot, :n] = torch.randn(KV_HEADS, n, DIM, generator=g)
+        vc[:, slot, :n] = torch.randn(KV_HEADS, n, DIM, generator=g)
+    q = torch.randn(len(lengths), HEADS, DIM, generator=g)
+    meta = AttentionMetadata.build([[s] for s in slots], [n - 1 for n in lengths], [1] * len(lengths), max_len,
+                                   torch.device("cpu"), in_place_decode=True, chunk_tokens=chunk)
+    assert (meta.decode_runs is None) == (len(set(lengths)) > 3)
+    k_new = kc.view(KV_HEADS, -1, DIM)[:, meta.slot_mapping].transpose(0, 1).clone()
+    v_new = vc.view(KV_HEADS, -1, DIM)[:, meta.slot_mapping].transpose(0, 1).clone()
+    fast = batched_attention(q, k_new, v_new, kc.clone(), vc.clone(), meta, DIM ** -0.5)
+    ref = reference_attention(q, k_new, v_new, kc.clone(), vc.clone(), meta, DIM ** -0.5)
+    assert not fast.isnan().any()
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)

@@ -62,6 +62,11 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     nd = meta.num_decodes
     if nd and meta.decode_runs is not None:
         out[:nd] = _decode_attention_in_place(q[:nd], k_cache, v_cache, meta, scale)
+    elif nd and meta.decode_gather_tokens:  # contiguous slots in a ragged batch: gather chunks
+        kv_heads, dim = k_cache.shape[0], k_cache.shape[-1]
+        chunk = meta.decode_gather_tokens
+        out[:nd] = _decode_attention(q[:nd], k_cache.view(kv_heads, -1, chunk, dim),
+                                     v_cache.view(kv_heads, -1, chunk, dim), meta, scale)
     elif nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
 

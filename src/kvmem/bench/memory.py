@@ -20,7 +20,8 @@ Parts (each in the JSON written by `--json`, and in the PNG written by `--plot`)
    kept by deferred reclamation). Both are time averages taken as ratios of sums over steps
    (sum live / sum allocated), for the whole run and for the saturated phase (steps where requests
    were left waiting: memory, not demand, was the limit).
-   For `virtual` the kernel's count of resident bytes (mincore) is checked against the manager's.
+   For `virtual` the kernel's count of resident bytes (`kernel_resident_bytes()`: mincore, or smaps
+   plus the shared pool once prefix chunks are shared) is checked against the manager's.
 3. Mapping latency (`virtual` only): the same stream with background mapping on and off; per step,
    the mapping time spent on the step's critical path (`map_seconds_critical` deltas) and the wall
    time of `schedule()`, where `allocate` runs.
@@ -133,7 +134,7 @@ class MemoryBenchConfig:
     run_latency: bool = True
     run_attention: bool = True
     progress: bool = True
-    kernel_check_every: int = 1000  # steps between mid-run mincore checks (virtual); 0 = only at the end
+    kernel_check_every: int = 1000  # steps between mid-run kernel checks (virtual); 0 = only at the end
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class StrategyResult:
     allocate_by_kind: dict = field(default_factory=dict)
     map_latency_critical: LatencySummary | None = None
     map_latency_background: LatencySummary | None = None
-    kernel_check: dict | None = None  # virtual: mincore vs the manager's bytes_physical
+    kernel_check: dict | None = None  # virtual: the kernel's resident bytes vs the manager's bytes_physical
     options: dict = field(default_factory=dict)
 
 
@@ -295,6 +296,8 @@ def close_manager(manager: KVCacheManager) -> None:
         manager.mapper.drain()
         manager.release_free_memory()
         manager.memory.close()  # RAM back now; the range goes once the tensor views are gone
+        if getattr(manager, "pool", None) is not None:
+            manager.pool.close()
     manager.kv = None
     gc.collect()
 
@@ -445,8 +448,9 @@ def _simulate(manager, strategy, stream, sim, label, progress, kernel_check_ever
 def _kernel_check(manager, step: int) -> dict:
     kernel = manager.kernel_resident_bytes()  # drains queued background maps first
     ours = manager.stats().bytes_physical
+    method = "mincore" if getattr(manager, "pool", None) is None else "smaps Anonymous + shared pool"
     return {"step": step, "kernel_resident_bytes": int(kernel), "manager_bytes_physical": int(ours),
-            "match": kernel == ours}
+            "match": kernel == ours, "method": method}
 
 
 # --- decode attention microbenchmark ----------------------------------------------------------
@@ -522,7 +526,8 @@ def attention_case(cfg: AttentionConfig, context: int, ragged: bool) -> Attentio
                 write_kv(kh, vh, k_cache, v_cache, _flat_slots(table, m.block_size, n - 1))
             t0 = time.perf_counter()
             metas[m.name] = AttentionMetadata.build(tables, [n - 1 for n in lens], [1] * len(lens), m.block_size,
-                                                    torch.device("cpu"), in_place_decode=m.contiguous_slots)
+                                                    torch.device("cpu"), in_place_decode=m.contiguous_slots,
+                                                    chunk_tokens=m.chunk_tokens)
             build_ms[m.name] = (time.perf_counter() - t0) * 1e3
         if virtual.kernel_resident_bytes() < sum(lens) * virtual.spec.bytes_per_token:
             raise RuntimeError("virtual: the kernel reports fewer resident bytes than the KV written")
@@ -575,7 +580,7 @@ def machine_info() -> dict:
             "loadavg_at_start": list(os.getloadavg())}  # other work on the machine skews the timings
 
 
-def run_memory_benchmark(cfg: MemoryBenchConfig, max_trace_points: int = 2000) -> tuple[dict, dict[str, StepTrace]]:
+def run_memory_benchmark(cfg: MemoryBenchConfig, max_trace_points: int = 600) -> tuple[dict, dict[str, StepTrace]]:
     """Everything; returns (the JSON-ready report, the full per-step traces by label)."""
     from kvmem.memory.virtual import VirtualOptions
 
@@ -697,8 +702,9 @@ def write_plot(report: dict, traces: dict[str, StepTrace], path: str | Path) -> 
         tr, c = traces[name], COLORS.get(name, None)
         steps = np.arange(len(tr.running))
         # Physical lines often coincide at the budget: thicker first, so each stays visible.
-        ax_mem.plot(steps, np.asarray(tr.bytes_physical) / GiB, color=c, lw=3.0 - i, label=f"{name} physical")
-        ax_mem.plot(steps, np.asarray(tr.bytes_live) / GiB, color=c, lw=1, ls="--", label=f"{name} live")
+        ax_mem.plot(steps, np.asarray(tr.bytes_physical) / GiB, color=c, lw=3.0 - i, alpha=0.6, zorder=1,
+                    label=f"{name} physical")
+        ax_mem.plot(steps, np.asarray(tr.bytes_live) / GiB, color=c, lw=1, ls="--", zorder=2, label=f"{name} live")
         alloc = np.asarray(tr.bytes_allocated, dtype=np.float64)
         live = np.asarray(tr.bytes_live, dtype=np.float64)
         waste = np.full_like(alloc, np.nan)
@@ -709,6 +715,13 @@ def write_plot(report: dict, traces: dict[str, StepTrace], path: str | Path) -> 
         ax_run.plot(steps, tr.running, color=c, lw=1,
                     label=f"{name}: peak {r['peak_running']}, {r['steps']} steps, {r['preemptions']} preemptions")
     sim = report["settings"]["sim"]
+    # Static takes several times the steps; zoom (a) and (b) on the others so their detail shows.
+    others = [len(traces[k].running) for k in shown if k != "static"]
+    if "static" in shown and others and len(traces["static"].running) > 1.5 * max(others):
+        for ax in (ax_mem, ax_waste):
+            ax.set_xlim(0, 1.15 * max(others))
+            ax.annotate(f"static runs on to step {len(traces['static'].running)} (see c)", (0.99, 0.02),
+                        xycoords="axes fraction", ha="right", fontsize=8, color=COLORS["static"])
     ax_mem.set(title=f"(a) KV bytes: physical (solid) and live (dashed), budget {sim['budget_bytes'] / GiB:g} GiB",
                xlabel="step", ylabel="GiB")
     ax_mem.legend(fontsize=8, ncol=2)
@@ -726,7 +739,7 @@ def write_plot(report: dict, traces: dict[str, StepTrace], path: str | Path) -> 
         for off, name in ((-0.2, "paged"), (0.2, "virtual")):
             vals = [c[f"{name}_ms_min"] for c in cases]
             bars = ax_attn.bar(x + off, vals, 0.4, color=COLORS[name], label=f"{name} (bar: min, tick: median)")
-            ax_attn.bar_label(bars, fmt="%.2f", fontsize=8)
+            ax_attn.bar_label(bars, fmt="%.2f", fontsize=8, label_type="center", color="white", weight="bold")
             ax_attn.scatter(x + off, [c[f"{name}_ms_median"] for c in cases], marker="_", s=300, color="black",
                             zorder=3)
         for xi, c in zip(x, cases):
@@ -778,7 +791,7 @@ def summary_table(report: dict) -> str:
     for name, r in report["strategies"].items():
         if r["kernel_check"]:
             k = r["kernel_check"]
-            lines.append(f"{name}: kernel (mincore) {k['end_kernel_resident_bytes']} B vs manager "
+            lines.append(f"{name}: kernel ({k['checks'][-1]['method']}) {k['end_kernel_resident_bytes']} B vs manager "
                          f"{k['end_manager_bytes_physical']} B at the end; all {len(k['checks'])} checks match: "
                          f"{k['match']}")
     lat = report.get("latency")

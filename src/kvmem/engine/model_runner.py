@@ -61,6 +61,7 @@ class ModelRunner:
             block_size=self.manager.block_size,
             device=self.device,
             in_place_decode=self.manager.contiguous_slots,
+            chunk_tokens=self.manager.chunk_tokens,
         )
         logits = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),

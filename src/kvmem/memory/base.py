@@ -94,6 +94,9 @@ class KVCacheManager(ABC):
     # True when each sequence's table is one contiguous slot that attention must not read past the
     # sequence's length (virtual: pages past it may be unmapped); decode then reads in place.
     contiguous_slots: bool = False
+    # With contiguous slots: the mapping granule in tokens (all of a slot below it is backed), so a
+    # ragged decode batch may gather whole chunks instead of reading each slot on its own.
+    chunk_tokens: int | None = None
 
     # --- admission and growth -------------------------------------------------------------
     def admit(self, seq: Sequence) -> int:
@@ -152,3 +155,6 @@ class KVCacheManager(ABC):
     def release_free_memory(self) -> int:
         """Give back idle memory (e.g. cached prefixes); returns bytes released."""
         return 0
+
+    def close(self) -> None:
+        """Release what the manager holds beyond Python objects (threads, mappings). Idempotent."""

@@ -48,6 +48,7 @@ import math
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -143,32 +144,38 @@ class _Mapper:
     The worker only ever *maps* (populate). Unmapping zeroes pages, so it must not race with a
     later owner's writes: it always runs on the caller's thread, after the worker has drained.
     On CPU a page that the model writes before the worker got to it is simply faulted in by the
-    kernel, so a late background map costs time, never correctness.
+    kernel, so a late background map costs time, never correctness. (A CUDA backend must instead
+    drain before the step that uses the pages: unmapped device memory faults.)
     """
 
     def __init__(self, memory, layout: VirtualLayout, background: bool) -> None:
         self.memory = memory
         self.layout = layout
         self.offsets = [layout.slot_offsets(s) for s in range(layout.num_slots)]
-        self.critical_seconds = 0.0  # mapping time spent inside allocate(), i.e. on the step's path
+        self.critical_seconds = 0.0  # mapping time spent inside the manager's calls, on the step's path
         self.background_seconds = 0.0
-        self.num_map_calls = 0
+        self.critical_calls = 0
+        self.background_calls = 0
         self._jobs: queue.SimpleQueue | None = None
         if background:
             self._jobs = queue.SimpleQueue()
             self._idle = threading.Condition()
             self._pending = 0
-            threading.Thread(target=self._work, name="kvmem-vmm-mapper", daemon=True).start()
+            self._pending_by_slot = [0] * layout.num_slots
+            # The worker holds only a weak reference: a dropped manager ends it (and frees the
+            # reservation) instead of being kept alive by its own thread.
+            threading.Thread(target=_map_worker, args=(weakref.ref(self), self._jobs), name="kvmem-vmm-mapper",
+                             daemon=True).start()
 
     def _populate(self, slot: int, first_chunk: int, num_chunks: int) -> float:
         start = time.perf_counter()
         chunk = self.layout.chunk_bytes
         self.memory.populate_many(self.offsets[slot] + first_chunk * chunk, num_chunks * chunk)
-        self.num_map_calls += 1
         return time.perf_counter() - start
 
     def map_now(self, slot: int, first_chunk: int, num_chunks: int) -> None:
         self.critical_seconds += self._populate(slot, first_chunk, num_chunks)
+        self.critical_calls += 1
 
     def map_soon(self, slot: int, first_chunk: int, num_chunks: int) -> None:
         if self._jobs is None:
@@ -176,29 +183,58 @@ class _Mapper:
             return
         with self._idle:
             self._pending += 1
+            self._pending_by_slot[slot] += 1
         self._jobs.put((slot, first_chunk, num_chunks))
 
     def unmap(self, slot: int, first_chunk: int, num_chunks: int) -> None:
-        self.drain()
+        start = time.perf_counter()
+        self.drain(slot)  # a queued map of this slot must not land after the release
         chunk = self.layout.chunk_bytes
         self.memory.release_many(self.offsets[slot] + first_chunk * chunk, num_chunks * chunk)
+        self.critical_seconds += time.perf_counter() - start
 
-    def drain(self) -> None:
-        """Wait until every queued map is done."""
+    def drain(self, slot: int | None = None) -> None:
+        """Wait until every queued map (of `slot`, if given) is done."""
         if self._jobs is None:
             return
         with self._idle:
-            self._idle.wait_for(lambda: self._pending == 0)
+            if slot is None:
+                self._idle.wait_for(lambda: self._pending == 0)
+            else:
+                self._idle.wait_for(lambda: self._pending_by_slot[slot] == 0)
 
-    def _work(self) -> None:
-        while True:
-            slot, first, num = self._jobs.get()
-            try:
-                self.background_seconds += self._populate(slot, first, num)
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
+    def close(self) -> None:
+        if self._jobs is not None:
+            self.drain()
+            self._jobs.put(None)
+            self._jobs = None
+
+    def _run_job(self, job: tuple[int, int, int]) -> None:
+        try:
+            self.background_seconds += self._populate(*job)
+            self.background_calls += 1
+        finally:
+            with self._idle:
+                self._pending -= 1
+                self._pending_by_slot[job[0]] -= 1
+                self._idle.notify_all()
+
+
+def _map_worker(mapper_ref: weakref.ref, jobs: queue.SimpleQueue) -> None:
+    while True:
+        try:
+            job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if mapper_ref() is None:
+                return
+            continue
+        if job is None:
+            return
+        mapper = mapper_ref()
+        if mapper is None:
+            return
+        mapper._run_job(job)
+        del mapper
 
 
 @dataclass
@@ -214,12 +250,19 @@ class _SharedChunk:
 class _Slot:
     index: int
     mapped_chunks: int = 0  # chunks [0, mapped_chunks) are backed, privately or from the pool
+    # Chunks its running sequence has asked for (up to its latest step's tokens). Mapped chunks past
+    # these are kept pages (deferred reclamation, look-ahead): idle, and reclaimable under pressure.
+    needed_chunks: int = 0
     cached_tokens: list[int] | None = None  # a free slot: the tokens whose KV it still holds
     shared: dict[int, _SharedChunk] = field(default_factory=dict)  # chunk position -> pool chunk
 
     @property
     def private_chunks(self) -> int:
         return self.mapped_chunks - len(self.shared)
+
+    @property
+    def excess_chunks(self) -> int:
+        return max(self.mapped_chunks - self.needed_chunks, 0)
 
 
 class VirtualKVCacheManager(KVCacheManager):
@@ -238,6 +281,7 @@ class VirtualKVCacheManager(KVCacheManager):
         self.enable_prefix_caching = enable_prefix_caching
         self.layout = VirtualLayout.build(spec, num_slots, max_model_len, PAGE_SIZE)
         self.block_size = self.layout.max_len
+        self.chunk_tokens = self.layout.page_tokens
         self.chunk_set_bytes = self.layout.chunk_bytes * self.layout.num_regions  # one chunk in every region
         self.max_chunks = physical_budget_bytes // self.chunk_set_bytes
         if self.max_chunks < 1:
@@ -262,7 +306,6 @@ class VirtualKVCacheManager(KVCacheManager):
         self.chunk_keys: dict[int, list[BlockHash]] = {}  # seq_id -> keys of its computed full chunks
         # Leave half the mapping limit to the rest of the process (torch, libraries, the allocator).
         self.max_sharing_slots = (_max_map_count() // 2) // (3 * self.layout.num_regions)
-        self.num_shared_chunk_maps = 0
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -303,6 +346,7 @@ class VirtualKVCacheManager(KVCacheManager):
             hit = min(hit, cut * self.layout.page_tokens)
         del self.free_slots[slot.index]
         slot.cached_tokens = None
+        slot.needed_chunks = cdiv(hit, self.layout.page_tokens)
         self.owned[seq.seq_id] = slot
         self.sequences[seq.seq_id] = seq
         self.chunk_keys[seq.seq_id] = []
@@ -469,7 +513,8 @@ class VirtualKVCacheManager(KVCacheManager):
             private += slot.private_chunks
             for chunk in slot.shared.values():
                 free_holds[id(chunk)] = (chunk, free_holds.get(id(chunk), (chunk, 0))[1] + 1)
-        return private + sum(1 for chunk, holders in free_holds.values() if holders == chunk.refs)
+        excess = sum(s.excess_chunks for s in self.owned.values() if s is not keep)
+        return private + excess + sum(1 for chunk, holders in free_holds.values() if holders == chunk.refs)
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         slot, missing = self._chunks_needed(seq, num_new_tokens)
@@ -477,9 +522,11 @@ class VirtualKVCacheManager(KVCacheManager):
             return False
         if slot is None and not self.free_slots:
             return False
-        if slot is None:  # it will take the best-fitting free slot; count that slot's pages as its own
-            return missing <= self.max_chunks - self.mapped_chunks + self._reclaimable()
-        return missing <= self.max_chunks - self.mapped_chunks + self._reclaimable(keep=slot)
+        room = self.max_chunks - self.mapped_chunks
+        if missing <= room:  # the common case, without counting what trimming would give back
+            return True
+        # A sequence without a slot will take the best-fitting free one: its pages count as room.
+        return missing <= room + self._reclaimable(keep=slot)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         if not self.can_allocate(seq, num_new_tokens):
@@ -490,11 +537,15 @@ class VirtualKVCacheManager(KVCacheManager):
         self.sequences[seq.seq_id] = seq
         end = seq.num_computed_tokens + num_new_tokens
         need = cdiv(end, self.layout.page_tokens)
+        slot.needed_chunks = max(slot.needed_chunks, need)
         if need > slot.mapped_chunks:  # a miss: this step writes pages not mapped yet
             self._make_room(need - slot.mapped_chunks, keep=slot)
-            self._grow(slot, need, now=True)
+            # With background mapping even a miss is queued: on CPU the step's first write to a page
+            # the worker has not reached yet is a page fault, which maps it (correct, not overlapped).
+            self._grow(slot, need, now=not self.options.background_mapping)
         # Look ahead: the whole rest of a known prompt (eager) plus a few tokens, mapped in the
-        # background while this step computes. Only with free room: never trims for a guess.
+        # background while this step computes. Only into free room: unmapping something for a
+        # guess would cost the step (and, under pressure, churn against the next miss).
         ahead = self.options.lookahead_tokens
         if self.options.eager_mapping:
             ahead += max(seq.num_tokens - end, 0)
@@ -509,13 +560,19 @@ class VirtualKVCacheManager(KVCacheManager):
         self.mapped_chunks += count
         (self.mapper.map_now if now else self.mapper.map_soon)(slot.index, first, count)
 
-    def _make_room(self, chunks: int, keep: _Slot) -> None:
-        """Trim free slots, least recently freed first, until `chunks` more fit the budget."""
+    def _make_room(self, chunks: int, keep: _Slot | None) -> None:
+        """Trim free slots, least recently freed first, then the idle tails of running slots (pages
+        past what their sequences asked for), until `chunks` more fit the budget."""
         for slot in list(self.free_slots.values()):
             if self.mapped_chunks + chunks <= self.max_chunks:
                 return
             if slot is not keep and slot.mapped_chunks:
                 self._trim(slot)
+        for slot in list(self.owned.values()):
+            if self.mapped_chunks + chunks <= self.max_chunks:
+                return
+            if slot is not keep and slot.excess_chunks:
+                self._cut(slot, slot.needed_chunks)
 
     def _trim(self, slot: _Slot) -> None:
         self._cut(slot, 0)
@@ -529,6 +586,7 @@ class VirtualKVCacheManager(KVCacheManager):
                 del self.private_by_key[key]  # a free slot may be overwritten: not a donor any more
         if slot is None:
             return
+        slot.needed_chunks = 0
         computed = seq.num_computed_tokens
         slot.cached_tokens = list(seq.token_ids[:computed]) if self.enable_prefix_caching and computed else None
         self.free_slots[slot.index] = slot  # most recently freed: trimmed last
@@ -545,7 +603,9 @@ class VirtualKVCacheManager(KVCacheManager):
         per_chunk = self.chunk_set_bytes
         # A shared chunk is one physical chunk however many slots map it.
         held_shared = {id(c) for s in self.owned.values() for c in s.shared.values()}
-        allocated = sum(s.private_chunks for s in self.owned.values()) + len(held_shared)
+        # Allocated: what running sequences asked for; their slots' idle tails count as cached.
+        allocated = sum(min(s.mapped_chunks, s.needed_chunks) - len(s.shared) for s in self.owned.values()) \
+            + len(held_shared)
         cached = self.mapped_chunks - allocated
         # Live tokens, a shared chunk's once: every sequence's computed tokens outside its shared
         # chunks, plus the (full) shared chunks the running sequences hold.
@@ -563,7 +623,9 @@ class VirtualKVCacheManager(KVCacheManager):
             prefix_cache_queries=self.prefix_queries,
             prefix_cache_hits=self.prefix_hits,
             bytes_capacity=self.max_chunks * per_chunk,
-            extra={"page_tokens": self.layout.page_tokens, "map_calls": self.mapper.num_map_calls,
+            extra={"page_tokens": self.layout.page_tokens,
+                   "map_calls": self.mapper.critical_calls + self.mapper.background_calls,
+                   "map_calls_background": self.mapper.background_calls,
                    "shared_chunks": len(self.shared_by_key),
                    "map_seconds_critical": self.mapper.critical_seconds,
                    "map_seconds_background": self.mapper.background_seconds},
@@ -579,10 +641,21 @@ class VirtualKVCacheManager(KVCacheManager):
             return self.memory.resident_bytes()
         return self.memory.smaps_anonymous_bytes() + self.pool.allocated_bytes()
 
+    def close(self) -> None:
+        """Stop the mapping worker and unmap the reservation (tensors still viewing it read zeros)."""
+        self.mapper.close()
+        self.memory.close()
+        if self.pool is not None:
+            self.pool.close()
+
     def release_free_memory(self) -> int:
-        """Unmap every free slot's pages (deferred reclamation's keep, and cached prefixes)."""
+        """Unmap every idle page: free slots' (deferred reclamation's keep, cached prefixes) and
+        running slots' mapped past what their sequences asked for (look-ahead)."""
         before = self.mapped_chunks
         for slot in list(self.free_slots.values()):
             if slot.mapped_chunks:
                 self._trim(slot)
+        for slot in list(self.owned.values()):
+            if slot.excess_chunks:
+                self._cut(slot, slot.needed_chunks)
         return (before - self.mapped_chunks) * self.chunk_set_bytes
