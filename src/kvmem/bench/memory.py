@@ -676,10 +676,21 @@ def targets(report: dict) -> dict:
     return out
 
 
+def _finite(value):
+    """JSON has no Infinity/NaN: write them as strings ("inf"), as `bench serve` does."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(report: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    path.write_text(json.dumps(_finite(report), indent=1, default=str) + "\n")
     return path
 
 
