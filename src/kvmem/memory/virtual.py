@@ -4,7 +4,9 @@ pages mapped on demand.
 Every sequence owns a *slot*: for each (layer, K/V, kv head) a contiguous `[max_len, head_dim]`
 range of one big virtual reservation. Nothing is physically backed until the manager maps it, a
 page at a time, as the sequence grows; attention then reads `cache[head, slot, :len]` in place with
-ordinary non-paged kernels (no block table, no gather).
+ordinary non-paged kernels (no block table, no gather) and never past `len`. (A decode batch whose
+lengths do not line up in a few runs of consecutive slots gathers whole chunks instead, as paged
+gathers blocks: see `AttentionMetadata.decode_runs`.)
 
 Layout and waste arithmetic. The reservation is one tensor `[layers, 2, kv_heads, slots, max_len,
 head_dim]`, so a layer's K cache is `[kv_heads, slots, max_len, head_dim]` — the shared addressing
@@ -21,8 +23,9 @@ vAttention's three optimizations, each switchable (`VirtualOptions`) for measure
 1. background mapping: the chunks a sequence will need in the next few steps are mapped by a
    worker thread while the model computes, so growing costs the step nothing;
 2. deferred reclamation: a finished sequence's slot keeps its pages; a new sequence takes the free
-   slot whose mapped pages fit it best; pages go back only under memory pressure or on
-   `release_free_memory()`;
+   slot whose mapped pages fit it best; pages go back only under memory pressure (free slots least
+   recently freed first, then the idle tails of running slots: pages mapped past what their
+   sequences have asked for, which count as cached, not allocated) or on `release_free_memory()`;
 3. eager mapping: a prompt's whole known length (plus the look-ahead) is mapped at admission.
 
 Prefix sharing (beyond the paper, which has none), two ways:
