@@ -122,7 +122,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         echo = [prompt_text(engine, p) if body.echo else "" for p in prompts]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(stream_completion(header, prompts, streams, params, echo, include_usage))
+            return sse_response(stream_completion(header, streams, params, echo, include_usage))
         finals = await until_disconnected(request, gather_finals(streams))
         choices = []
         for i, out in enumerate(finals):
@@ -155,7 +155,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         stream = track(metrics, engine.generate(prompt.text, prompt.token_ids, params, request_id), params.n)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(stream_chat(header, prompt, stream, params, include_usage))
+            return sse_response(stream_chat(header, stream, params, include_usage))
         (final,) = await until_disconnected(request, gather_finals([stream]))
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": chat_logprobs(c, params, 0), "finish_reason": c.finish_reason,
@@ -356,7 +356,7 @@ def _check_error(out: RequestOutput) -> None:
         raise InvalidRequest(out.metrics["error"], "prompt")
 
 
-async def stream_completion(header: dict, prompts: list[_Prompt], streams: list[AsyncIterator[RequestOutput]],
+async def stream_completion(header: dict, streams: list[AsyncIterator[RequestOutput]],
                             params: SamplingParams, echo: list[str], include_usage: bool) -> AsyncIterator[dict]:
     extra = {"usage": None} if include_usage else {}
     state = _StreamState()
@@ -389,7 +389,7 @@ async def stream_completion(header: dict, prompts: list[_Prompt], streams: list[
         yield {**header, "choices": [], "usage": usage([finals[i] for i in sorted(finals)])}
 
 
-async def stream_chat(header: dict, prompt: _Prompt, stream: AsyncIterator[RequestOutput], params: SamplingParams,
+async def stream_chat(header: dict, stream: AsyncIterator[RequestOutput], params: SamplingParams,
                       include_usage: bool) -> AsyncIterator[dict]:
     header = {**header, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
