@@ -301,6 +301,16 @@ class CpuVirtualMemory:
     def smaps_rss_bytes(self) -> int:
         """Rss of the reservation's mappings in /proc/self/smaps. Shared pages count once per
         place they are mapped (Rss is per mapping), so prefix sharing shows up here twice."""
+        return self._smaps_sum("Rss:")
+
+    def smaps_anonymous_bytes(self) -> int:
+        """The private (anonymous) RAM of the reservation by /proc/self/smaps' `Anonymous:` lines:
+        pages mapped from a shared pool are not in it, so this plus the pool's `allocated_bytes()`
+        counts every physical page once, however many places it is mapped."""
+        return self._smaps_sum("Anonymous:")
+
+    def _smaps_sum(self, field: str) -> int:
+        """Sum of one /proc/self/smaps field (kB) over the mappings inside the reservation."""
         self._live()
         lo, hi = self.address, self.address + self.size
         total, inside = 0, False
@@ -310,24 +320,7 @@ class CpuVirtualMemory:
                 if not key.endswith(":"):  # a VMA header: "start-end perms offset dev inode path"
                     start, _, end = key.partition("-")
                     inside = lo <= int(start, 16) and int(end, 16) <= hi
-                elif inside and key == "Rss:":
-                    total += int(rest.split()[0]) * 1024
-        return total
-
-    def smaps_anonymous_bytes(self) -> int:
-        """The private (anonymous) RAM of the reservation by /proc/self/smaps' `Anonymous:` lines:
-        pages mapped from a shared pool are not in it, so this plus the pool's `allocated_bytes()`
-        counts every physical page once, however many places it is mapped."""
-        self._live()
-        lo, hi = self.address, self.address + self.size
-        total, inside = 0, False
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                key, _, rest = line.partition(" ")
-                if not key.endswith(":"):
-                    start, _, end = key.partition("-")
-                    inside = lo <= int(start, 16) and int(end, 16) <= hi
-                elif inside and key == "Anonymous:":
+                elif inside and key == field:
                     total += int(rest.split()[0]) * 1024
         return total
 
