@@ -144,11 +144,12 @@ class VirtualLayout:
 class _Mapper:
     """Maps and unmaps chunks of slots, on the caller's thread or on a background worker.
 
-    The worker only ever *maps* (populate). Unmapping zeroes pages, so it must not race with a
-    later owner's writes: it always runs on the caller's thread, after the worker has drained.
-    On CPU a page that the model writes before the worker got to it is simply faulted in by the
-    kernel, so a late background map costs time, never correctness. (A CUDA backend must instead
-    drain before the step that uses the pages: unmapped device memory faults.)
+    Jobs run in order. A map (populate) may land late: on CPU a page the model writes before the
+    worker got to it is faulted in by the kernel, so a late map costs time, never correctness.
+    An unmap (MADV_DONTNEED) zeroes pages, so it must never land after someone wrote there: a
+    slot with unmaps still queued is `settle`d (waited for) before it can be written again — the
+    manager does that in admit() and allocate(). (A CUDA backend must also drain maps before the
+    step that uses the pages: unmapped device memory faults.)
     """
 
     def __init__(self, memory, layout: VirtualLayout, background: bool) -> None:
@@ -165,6 +166,7 @@ class _Mapper:
             self._idle = threading.Condition()
             self._pending = 0
             self._pending_by_slot = [0] * layout.num_slots
+            self._unmaps_by_slot = [0] * layout.num_slots
             # The worker holds only a weak reference: a dropped manager ends it (and frees the
             # reservation) instead of being kept alive by its own thread.
             threading.Thread(target=_map_worker, args=(weakref.ref(self), self._jobs), name="kvmem-vmm-mapper",
@@ -184,27 +186,43 @@ class _Mapper:
         if self._jobs is None:
             self.map_now(slot, first_chunk, num_chunks)
             return
+        self._enqueue(False, slot, first_chunk, num_chunks)
+
+    def unmap_soon(self, slot: int, first_chunk: int, num_chunks: int) -> None:
+        """Give the pages back, on the worker if there is one (after the slot's queued maps)."""
+        if self._jobs is None:
+            start = time.perf_counter()
+            self._release(slot, first_chunk, num_chunks)
+            self.critical_seconds += time.perf_counter() - start
+            return
+        self._enqueue(True, slot, first_chunk, num_chunks)
+
+    def _enqueue(self, unmap: bool, slot: int, first_chunk: int, num_chunks: int) -> None:
         with self._idle:
             self._pending += 1
             self._pending_by_slot[slot] += 1
-        self._jobs.put((slot, first_chunk, num_chunks))
+            self._unmaps_by_slot[slot] += unmap
+        self._jobs.put((unmap, slot, first_chunk, num_chunks))
 
-    def unmap(self, slot: int, first_chunk: int, num_chunks: int) -> None:
-        start = time.perf_counter()
-        self.drain(slot)  # a queued map of this slot must not land after the release
+    def _release(self, slot: int, first_chunk: int, num_chunks: int) -> None:
         chunk = self.layout.chunk_bytes
         self.memory.release_many(self.offsets[slot] + first_chunk * chunk, num_chunks * chunk)
+
+    def settle(self, slot: int) -> None:
+        """Wait until no unmap of `slot` is queued: after this, writes to it are safe."""
+        if self._jobs is None or not self._unmaps_by_slot[slot]:
+            return
+        start = time.perf_counter()
+        with self._idle:
+            self._idle.wait_for(lambda: self._unmaps_by_slot[slot] == 0)
         self.critical_seconds += time.perf_counter() - start
 
-    def drain(self, slot: int | None = None) -> None:
-        """Wait until every queued map (of `slot`, if given) is done."""
+    def drain(self) -> None:
+        """Wait until every queued job is done."""
         if self._jobs is None:
             return
         with self._idle:
-            if slot is None:
-                self._idle.wait_for(lambda: self._pending == 0)
-            else:
-                self._idle.wait_for(lambda: self._pending_by_slot[slot] == 0)
+            self._idle.wait_for(lambda: self._pending == 0)
 
     def close(self) -> None:
         if self._jobs is not None:
@@ -212,14 +230,21 @@ class _Mapper:
             self._jobs.put(None)
             self._jobs = None
 
-    def _run_job(self, job: tuple[int, int, int]) -> None:
+    def _run_job(self, job: tuple[bool, int, int, int]) -> None:
+        unmap, slot, first, num = job
         try:
-            self.background_seconds += self._populate(*job)
-            self.background_calls += 1
+            if unmap:
+                start = time.perf_counter()
+                self._release(slot, first, num)
+                self.background_seconds += time.perf_counter() - start
+            else:
+                self.background_seconds += self._populate(slot, first, num)
+                self.background_calls += 1
         finally:
             with self._idle:
                 self._pending -= 1
-                self._pending_by_slot[job[0]] -= 1
+                self._pending_by_slot[slot] -= 1
+                self._unmaps_by_slot[slot] -= unmap
                 self._idle.notify_all()
 
 
@@ -350,6 +375,7 @@ class VirtualKVCacheManager(KVCacheManager):
         del self.free_slots[slot.index]
         slot.cached_tokens = None
         slot.needed_chunks = cdiv(hit, self.layout.page_tokens)
+        self.mapper.settle(slot.index)  # its old pages' queued unmaps land before it is written
         self.owned[seq.seq_id] = slot
         self.sequences[seq.seq_id] = seq
         self.chunk_keys[seq.seq_id] = []
@@ -483,7 +509,7 @@ class VirtualKVCacheManager(KVCacheManager):
             self._unshare(slot, p)  # counts the chunks it frees itself
         # Release [position, mapped) at once: ranges of dropped shared chunks are already fresh
         # anonymous memory, so releasing them again costs nothing.
-        self.mapper.unmap(slot.index, position, slot.mapped_chunks - position)
+        self.mapper.unmap_soon(slot.index, position, slot.mapped_chunks - position)
         self.mapped_chunks -= private
         slot.mapped_chunks = position
 
@@ -538,6 +564,7 @@ class VirtualKVCacheManager(KVCacheManager):
             self.admit(seq)  # a caller that skipped admit(): take a slot, ignore any cached prefix
         slot = self.owned[seq.seq_id]
         self.sequences[seq.seq_id] = seq
+        self.mapper.settle(slot.index)  # e.g. its idle tail, cut for another sequence, then needed again
         end = seq.num_computed_tokens + num_new_tokens
         need = cdiv(end, self.layout.page_tokens)
         slot.needed_chunks = max(slot.needed_chunks, need)
