@@ -292,12 +292,7 @@ def make_manager(strategy: str, sim: SimConfig, virtual_options=None) -> KVCache
 
 def close_manager(manager: KVCacheManager) -> None:
     """Give the KV memory back before the next strategy allocates its own."""
-    if manager.name == "virtual":
-        manager.mapper.drain()
-        manager.release_free_memory()
-        manager.memory.close()  # RAM back now; the range goes once the tensor views are gone
-        if getattr(manager, "pool", None) is not None:
-            manager.pool.close()
+    manager.close()  # virtual: finishes the queued (un)maps, stops its worker, gives the range back
     manager.kv = None
     gc.collect()
 
