@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from kvmem.engine.sequence import Sequence
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: how many blocks (chunks) of b tokens hold a tokens."""
+    return -(-a // b)
+
+
 class NoFreeMemory(RuntimeError):
     """Raised by `allocate` when called without room; the scheduler checks `can_allocate` first."""
 

@@ -59,15 +59,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory
+from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, cdiv
 from kvmem.memory.block_pool import BlockHash, hash_block
 
 if TYPE_CHECKING:
     from kvmem.engine.sequence import Sequence
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _max_map_count() -> int:

@@ -350,6 +350,15 @@ class _StreamState:
         self.tokens_sent: dict[int, int] = {}
         self.chars_sent: dict[int, int] = {}
 
+    def unsent(self, index: int, c: CompletionOutput, params: SamplingParams) -> int | None:
+        """Tokens of choice `index` already sent, or None when this output has nothing to send:
+        no text (held back, a possible stop string), no finish, and no logprobs asked for."""
+        sent = self.tokens_sent.get(index, 0)
+        new_tokens = len(c.token_ids) > sent
+        if c.text_delta or c.finish_reason or (new_tokens and params.logprobs is not None):
+            return sent
+        return None
+
 
 def _check_error(out: RequestOutput) -> None:
     if "error" in out.metrics:
@@ -371,10 +380,9 @@ async def stream_completion(header: dict, streams: list[AsyncIterator[RequestOut
         choices = []
         for c in out.outputs:
             index = i * params.n + c.index
-            sent = state.tokens_sent.get(index, 0)
-            new_tokens = len(c.token_ids) > sent
-            if not (c.text_delta or c.finish_reason or (new_tokens and params.logprobs is not None)):
-                continue  # text held back (a possible stop string): nothing to say yet
+            sent = state.unsent(index, c, params)
+            if sent is None:
+                continue
             offset = state.chars_sent.get(index, len(echo[i]))
             choices.append({"index": index, "text": c.text_delta,
                             "logprobs": completion_logprobs(c, params, sent, offset),
@@ -401,9 +409,8 @@ async def stream_chat(header: dict, stream: AsyncIterator[RequestOutput], params
         _check_error(out)
         choices = []
         for c in out.outputs:
-            sent = state.tokens_sent.get(c.index, 0)
-            new_tokens = len(c.token_ids) > sent
-            if not (c.text_delta or c.finish_reason or (new_tokens and params.logprobs is not None)):
+            sent = state.unsent(c.index, c, params)
+            if sent is None:
                 continue
             choices.append({"index": c.index, "delta": {"content": c.text_delta} if c.text_delta else {},
                             "logprobs": chat_logprobs(c, params, sent), "finish_reason": c.finish_reason,
