@@ -142,6 +142,12 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_hybrid(args: argparse.Namespace) -> int:
+    from kvmem.bench.hybrid import cmd_bench_hybrid as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmem", description="LLM inference with managed KV-cache memory")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     bm = bench.add_parser("memory", help="KV memory: static vs paged vs virtual on one request stream (no model)")
     add_memory_args(bm)
     bm.set_defaults(func=cmd_bench_memory)
+
+    from kvmem.bench.hybrid import add_hybrid_args
+
+    bh = bench.add_parser("hybrid", help="hybrid KV + activation host tier (HybridServe): predicted throughput of "
+                                         "KV-only, ACT-only and hybrid from a hardware profile (simulator, no model)")
+    add_hybrid_args(bh)
+    bh.set_defaults(func=cmd_bench_hybrid)
     return parser
 
 
