@@ -68,14 +68,16 @@ def test_reference_equals_contiguous_causal_attention():
     torch.testing.assert_close(out, full[-qlen:], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lengths, slots", [
-    ([9, 9, 9, 9], [2, 3, 4, 5]),  # one run: read in place
-    ([9, 9, 30, 2], [2, 3, 0, 5]),  # a few runs: in place
-    ([3, 17, 30, 2, 12, 25, 8], [6, 0, 2, 5, 1, 4, 3]),  # ragged: chunks gathered
+@pytest.mark.parametrize("lengths, slots, num_runs", [
+    ([9, 9, 9, 9], [2, 3, 4, 5], 1),  # one run: read in place
+    ([9, 10, 16, 11], [2, 3, 4, 5], 1),  # unequal lengths within the backed chunks: one padded run
+    ([9, 9, 30, 2], [2, 3, 0, 5], 3),  # a few runs: in place
+    ([7, 9, 9, 9], [2, 3, 4, 5], 2),  # slot 2 is backed to 8 tokens only: its own run
+    ([3, 17, 30, 2, 12, 25, 8], [6, 0, 2, 5, 1, 4, 3], None),  # ragged: chunks gathered
 ])
-def test_contiguous_slots_decode_matches_reference_without_reading_past_lengths(lengths, slots):
-    """The virtual layout: one slot of MAX_LEN tokens per sequence, NaN past each length (memory
-    that must not be read). In place or chunk-gathered, the result equals the reference's."""
+def test_contiguous_slots_decode_matches_reference_without_reading_past_lengths(lengths, slots, num_runs):
+    """The virtual layout: one slot of MAX_LEN tokens per sequence, backed in whole chunks, NaN past
+    them (memory that must not be read). In place or chunk-gathered, the result equals the reference's."""
     max_len, chunk = 32, 8
     g = torch.Generator().manual_seed(len(lengths))
     kc = torch.full((KV_HEADS, 8, max_len, DIM), float("nan"))
@@ -89,7 +91,7 @@ def test_contiguous_slots_decode_matches_reference_without_reading_past_lengths(
     q = torch.randn(len(lengths), HEADS, DIM, generator=g)
     meta = AttentionMetadata.build([[s] for s in slots], [n - 1 for n in lengths], [1] * len(lengths), max_len,
                                    torch.device("cpu"), in_place_decode=True, chunk_tokens=chunk)
-    assert (meta.decode_runs is None) == (len(set(lengths)) > 3)
+    assert (None if meta.decode_runs is None else len(meta.decode_runs)) == num_runs
     k_new = kc.view(KV_HEADS, -1, DIM)[:, meta.slot_mapping].transpose(0, 1).clone()
     v_new = vc.view(KV_HEADS, -1, DIM)[:, meta.slot_mapping].transpose(0, 1).clone()
     fast = batched_attention(q, k_new, v_new, kc.clone(), vc.clone(), meta, DIM ** -0.5)

@@ -44,11 +44,34 @@ def test_greedy_is_argmax():
     assert all(t.logprob is None and t.top_logprobs is None for t in out)
 
 
-def test_greedy_fast_path_does_not_touch_logits():
-    logits = torch.randn(4, 50)
-    before = logits.clone()
-    sample(logits, [row(temperature=0.0, repetition_penalty=1.5, output=[1, 2]) for _ in range(4)], EOS)
-    assert torch.equal(logits, before)  # penalties work on a copy
+@pytest.mark.parametrize("params", [
+    {"temperature": 0.0},  # the fast path: argmax of the bf16 logits
+    {"temperature": 0.0, "min_tokens": 5},  # -inf masking, still in bf16
+    {"temperature": 0.0, "repetition_penalty": 1.5, "presence_penalty": 0.5},  # arithmetic: float32
+    {"temperature": 0.0, "logprobs": 3},
+    {"temperature": 0.8, "seed": 7},
+])
+def test_bfloat16_logits_sample_as_their_float32_widening(params):
+    """The model hands over logits in its own dtype; the result must be what float32 logits give."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 50, generator=g) * 3).bfloat16()
+    logits[:, EOS[0]] = 20.0  # EOS would win where min_tokens does not mask it
+    def rows():
+        return [row(prompt=[1, 2], output=[3], generator=gen(7) if "seed" in params else None, **params)
+                for _ in range(4)]
+    got = sample(logits.clone(), rows(), EOS)
+    want = sample(logits.float(), rows(), EOS)
+    assert [(t.token_id, t.logprob, t.top_logprobs) for t in got] == \
+        [(t.token_id, t.logprob, t.top_logprobs) for t in want]
+    if "min_tokens" in params:
+        assert all(t.token_id != EOS[0] for t in got)
+
+
+def test_logprobs_stay_raw_when_penalties_apply():
+    logits = torch.tensor([[1.0, 3.0, 2.5]])  # the penalty takes token 1 from 3.0 to 1.0
+    raw_lp = torch.log_softmax(logits, -1)[0]
+    [t] = sample(logits.clone(), [row(output=[1], temperature=0.0, presence_penalty=2.0, logprobs=1)], EOS)
+    assert t.token_id == 2 and t.logprob == pytest.approx(raw_lp[2].item())
 
 
 def test_empty_batch_and_shape_check():
@@ -265,8 +288,8 @@ def test_penalties_are_per_row_and_combine():
 
 def test_penalties_steer_greedy_choice():
     logits = torch.tensor([[3.0, 2.9, 0.0]])
-    assert sample(logits, [row(temperature=0.0, output=[0], presence_penalty=0.2)], EOS)[0].token_id == 1
-    assert sample(logits, [row(temperature=0.0, output=[0], presence_penalty=0.05)], EOS)[0].token_id == 0
+    assert sample(logits.clone(), [row(temperature=0.0, output=[0], presence_penalty=0.2)], EOS)[0].token_id == 1
+    assert sample(logits.clone(), [row(temperature=0.0, output=[0], presence_penalty=0.05)], EOS)[0].token_id == 0
 
 
 # --- min_tokens ---------------------------------------------------------------------------------------
@@ -275,9 +298,9 @@ def test_penalties_steer_greedy_choice():
 def test_min_tokens_blocks_eos_and_stop_ids(ignore_eos):
     logits = torch.tensor([[10.0, 0.0, 9.0, 1.0]])  # eos (0) then stop id 2 are the most likely
     kw = dict(temperature=0.0, min_tokens=2, stop_token_ids=[2], ignore_eos=ignore_eos)
-    assert sample(logits, [row(output=[], **kw)], EOS)[0].token_id == 3
-    assert sample(logits, [row(output=[3], **kw)], EOS)[0].token_id == 3
-    assert sample(logits, [row(output=[3, 3], **kw)], EOS)[0].token_id == 0
+    assert sample(logits.clone(), [row(output=[], **kw)], EOS)[0].token_id == 3
+    assert sample(logits.clone(), [row(output=[3], **kw)], EOS)[0].token_id == 3
+    assert sample(logits.clone(), [row(output=[3, 3], **kw)], EOS)[0].token_id == 0
 
 
 def test_min_tokens_blocks_eos_when_sampling():

@@ -11,6 +11,7 @@ layer cache viewed as `[kv_heads, num_blocks * block_size, head_dim]`; reads gat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,20 @@ def gathered_key_len(num_blocks: int, block_size: int, context_len: int) -> int:
 # one padded batch (two index_select, two bmm) is faster. Measured at batch 32 on the 2-core CPU:
 # one run 1.9 ms vs 3.6 ms gathered, 32 single-sequence runs 5.8 ms vs 3.4 ms (SmolLM2, 1k context).
 IN_PLACE_MAX_RUNS = 4
+
+
+class DecodeRun(NamedTuple):
+    """Decode rows [start, end) whose sequences sit in consecutive slots first_slot, first_slot + 1,
+    ...: one strided view `cache[head, first_slot:first_slot + n, :length]` holds all their keys.
+    `length` is the longest row's context; shorter rows read past their own length only into memory
+    their slot has backed (see `readable_lens`), and `padding` ([n, 1, length], True at those keys;
+    None when every row has `length` tokens) hides them."""
+
+    start: int
+    end: int
+    first_slot: int
+    length: int
+    padding: torch.Tensor | None
 
 
 @dataclass
@@ -49,10 +64,9 @@ class AttentionMetadata:
     context_lens: list[int]
     query_lens: list[int]
     block_size: int
-    # Contiguous slots (virtual): decodes read each sequence's keys in place, never past its length.
-    # Runs of decode rows (start, end, first_slot, length) whose slots are consecutive and whose
-    # lengths are equal, so one strided view covers the run; None for block-table gathers.
-    decode_runs: list[tuple[int, int, int, int]] | None = None
+    # Contiguous slots (virtual): decodes read their keys in place, a run of consecutive slots at a
+    # time, never past what the slots have backed; None for block-table gathers.
+    decode_runs: list[DecodeRun] | None = None
     # Contiguous slots in a ragged batch: decodes gather whole chunks of this many tokens, as paged
     # gathers blocks (`decode_block_tables` then count chunks of a cache viewed in chunk units).
     decode_gather_tokens: int | None = None
@@ -70,12 +84,15 @@ class AttentionMetadata:
     @classmethod
     def build(cls, block_tables: list[list[int]], num_computed: list[int], query_lens: list[int],
               block_size: int, device: torch.device, in_place_decode: bool = False,
-              chunk_tokens: int | None = None) -> "AttentionMetadata":
+              chunk_tokens: int | None = None, readable_lens: list[int] | None = None) -> "AttentionMetadata":
         """`block_tables[i]`, `num_computed[i]` (tokens already cached before this step) and
         `query_lens[i]` describe sequence i; decodes (query_len 1) must come first.
         `in_place_decode`: every table is one contiguous slot that attention must not read past
-        the sequence's length (the virtual strategy); decodes then get `decode_runs`, or, when the
-        batch is too ragged for few runs and `chunk_tokens` is given, chunk tables to gather from.
+        what is backed (the virtual strategy); decodes then get `decode_runs`, or, when the batch
+        is too ragged for few runs and `chunk_tokens` is given, chunk tables to gather from.
+        `readable_lens[i]`: how many tokens from the start of sequence i's slot are backed (at least
+        its context; by default its context rounded up to `chunk_tokens`). Decodes in consecutive
+        slots whose lengths differ share a run when every one of them can be read to the longest.
 
         Built with one tensor construction per field rather than per sequence: this runs every step."""
         num_decodes = 0
@@ -90,16 +107,29 @@ class AttentionMetadata:
         decode_block_tables = decode_mask = decode_runs = None
         gather_tokens = None
         if num_decodes and in_place_decode:
-            runs: list[tuple[int, int, int, int]] = []
+            if readable_lens is None:
+                grain = chunk_tokens or 1
+                readable_lens = [-(-n // grain) * grain for n in context_lens]
+            # Greedy left to right: extend the run while the slot follows on and every row so far
+            # can be read up to the longest context so far.
+            bounds: list[list[int]] = []  # [start, end, first_slot, longest, least readable]
             for i in range(num_decodes):
-                slot, length = block_tables[i][0], context_lens[i]
-                if runs and runs[-1][3] == length and runs[-1][2] + (i - runs[-1][0]) == slot:
-                    start, _, first, _ = runs[-1]
-                    runs[-1] = (start, i + 1, first, length)
+                slot, length, readable = block_tables[i][0], context_lens[i], readable_lens[i]
+                run = bounds[-1] if bounds else None
+                if run is not None and run[2] + (i - run[0]) == slot \
+                        and max(run[3], length) <= min(run[4], readable):
+                    run[1], run[3], run[4] = i + 1, max(run[3], length), min(run[4], readable)
                 else:
-                    runs.append((i, i + 1, slot, length))
-            if len(runs) <= IN_PLACE_MAX_RUNS or chunk_tokens is None:
-                decode_runs = runs
+                    bounds.append([i, i + 1, slot, length, readable])
+            if len(bounds) <= IN_PLACE_MAX_RUNS or chunk_tokens is None:
+                decode_runs = []
+                for start, end, first, longest, _ in bounds:
+                    lens = context_lens[start:end]
+                    padding = None
+                    if min(lens) != longest:
+                        padding = (torch.arange(longest, device=device)[None, :]
+                                   >= torch.tensor(lens, device=device)[:, None])[:, None, :]
+                    decode_runs.append(DecodeRun(start, end, first, longest, padding))
             else:
                 # Ragged: a slot is a row of chunks; gather each sequence's chunks up to the one
                 # holding its last token (mapped memory), padding with its own first chunk.

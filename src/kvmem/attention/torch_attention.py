@@ -114,20 +114,21 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def _decode_attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Decode attention straight on contiguous slots (vAttention): no gather, no copy of K or V,
-    and no read past a sequence's length. `cache[:, slot, :len]` is an ordinary strided tensor, so
-    plain bmm reads it in place.
+    """Decode attention straight on contiguous slots (vAttention): no gather, no copy of K or V.
+    `cache[:, slot, :len]` is an ordinary strided tensor, so plain bmm reads it in place.
 
-    A run of rows whose slots are consecutive and whose lengths are equal is one strided view per
-    KV head, `cache[h, first:first + n, :len]`: one bmm pair per head covers the run. A row alone
-    is one bmm pair over its KV heads.
+    A run of rows in consecutive slots is one strided view per KV head, `cache[h, first:first + n,
+    :length]`: one bmm pair per head covers the run. Rows shorter than the run's `length` read past
+    their own tokens only into memory their slot has backed, and the run's padding sets those scores to
+    -inf, so they weigh exactly 0 (the keys there are finite: zero pages or an earlier sequence's KV).
+    A row alone is one bmm pair over its KV heads.
     """
     nd, num_heads, dim = q.shape
     num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
     qg = q.view(nd, num_kv_heads, group, dim)
     out = torch.empty(nd, num_kv_heads, group, dim, dtype=q.dtype, device=q.device)
-    for start, end, first, length in meta.decode_runs:
+    for start, end, first, length, padding in meta.decode_runs:
         if end - start == 1:
             keys, values = k_cache[:, first, :length], v_cache[:, first, :length]  # [kv_heads, len, dim]
             scores = torch.bmm(qg[start], keys.transpose(1, 2)).mul_(scale)  # [kv_heads, group, len]
@@ -138,6 +139,8 @@ def _decode_attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         for h in range(num_kv_heads):
             keys, values = k_cache[h, slots, :length], v_cache[h, slots, :length]  # [n, len, dim]
             scores = torch.bmm(qg[start:end, h], keys.transpose(1, 2)).mul_(scale)  # [n, group, len]
+            if padding is not None:
+                scores.masked_fill_(padding, float("-inf"))
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             out[start:end, h] = torch.bmm(probs, values)
     return out.view(nd, num_heads, dim)

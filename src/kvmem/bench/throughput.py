@@ -42,7 +42,8 @@ def run_throughput(num_prompts: int = 64, input_len: int = 128, output_len: int 
     llm = LLM(**llm_kwargs)
     engine = llm.engine
     prompts = random_prompts(num_prompts, input_len, engine.model_config.vocab_size, seed)
-    params = SamplingParams(temperature=0, max_tokens=output_len, min_tokens=output_len, ignore_eos=True)
+    # ignore_eos alone makes every request produce exactly max_tokens (as in vLLM's benchmark)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     if warmup:  # first calls pay for allocator growth and kernel selection
         llm.generate([{"prompt_token_ids": p} for p in prompts[:4]],
                      SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)

@@ -18,6 +18,7 @@ import torch
 from kvmem.config import EngineConfig, available_memory_bytes, parse_memory_size
 from kvmem.config import DEFAULT_KV_CACHE_FRACTION_CPU, DEFAULT_KV_CACHE_FRACTION_CUDA
 from kvmem.engine.detokenizer import IncrementalDetokenizer
+from kvmem.engine.host_allocator import keep_freed_memory
 from kvmem.engine.model_runner import ModelRunner
 from kvmem.engine.sampler import SampledToken, SamplingRow, sample
 from kvmem.engine.scheduler import Scheduler
@@ -65,6 +66,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)  # the RNG of requests that set no seed of their own
         self.device = torch.device(config.device)
+        keep_freed_memory()  # no page faults on every step's temporaries (see host_allocator)
         source = source or load_model(config.model)
         self.model_config = source.config
         self.tokenizer = source.tokenizer
@@ -220,8 +222,9 @@ class LLMEngine:
                 logits_rows.append(i)
         if not rows:
             return []
-        logits = result.logits if len(logits_rows) == len(result.sampled_seqs) else result.logits[logits_rows]
-        sampled = sample(logits, rows, self.eos_token_ids)
+        with torch.inference_mode():  # the logits are inference tensors, which the sampler may mask in place
+            logits = result.logits if len(logits_rows) == len(result.sampled_seqs) else result.logits[logits_rows]
+            sampled = sample(logits, rows, self.eos_token_ids)
 
         touched: dict[str, Request] = {}
         now = time.monotonic()

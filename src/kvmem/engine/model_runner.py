@@ -17,7 +17,7 @@ from kvmem.models.llama import LlamaForCausalLM
 @dataclass
 class StepResult:
     sampled_seqs: list[Sequence]  # sequences whose every token is now computed: they sample
-    logits: torch.Tensor  # [len(sampled_seqs), vocab] float32
+    logits: torch.Tensor  # [len(sampled_seqs), vocab] in the model dtype
 
 
 def is_decode(s: ScheduledSequence) -> bool:
@@ -40,7 +40,11 @@ class ModelRunner:
             self.manager.copy_blocks(self.manager.pending_copies)
             self.manager.pending_copies.clear()
 
-        batch = [s for s in scheduled if is_decode(s)] + [s for s in scheduled if not is_decode(s)]
+        decodes = [s for s in scheduled if is_decode(s)]
+        contiguous = self.manager.contiguous_slots
+        if contiguous:  # neighbouring slots next to each other: attention reads them as one view
+            decodes.sort(key=lambda s: self.manager.block_table(s.seq)[0])
+        batch = decodes + [s for s in scheduled if not is_decode(s)]
         input_ids: list[int] = []
         positions: list[int] = []
         logits_rows: list[int] = []
@@ -60,8 +64,9 @@ class ModelRunner:
             query_lens=[s.num_new_tokens for s in batch],
             block_size=self.manager.block_size,
             device=self.device,
-            in_place_decode=self.manager.contiguous_slots,
+            in_place_decode=contiguous,
             chunk_tokens=self.manager.chunk_tokens,
+            readable_lens=[self.manager.readable_tokens(s.seq) for s in decodes] if contiguous else None,
         )
         logits = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),

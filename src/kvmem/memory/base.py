@@ -138,6 +138,11 @@ class KVCacheManager(ABC):
     def block_table(self, seq: Sequence) -> list[int]:
         """Block ids holding `seq`'s tokens, in order."""
 
+    def readable_tokens(self, seq: Sequence) -> int:
+        """How many tokens from the start of `seq`'s table are backed by memory, written or not
+        (attention may read that far and mask the rest). Default: all of its blocks."""
+        return len(self.block_table(seq)) * self.block_size
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src → dst in every layer (copy-on-write)."""
         if not pairs:

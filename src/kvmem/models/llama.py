@@ -22,6 +22,7 @@ from kvmem.models.config import ModelConfig, RopeScaling
 
 AttentionFn = Callable[..., torch.Tensor]
 LayerCache = tuple[torch.Tensor, torch.Tensor]
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin) of this step's positions
 
 
 class OneDNNLinear(nn.Module):
@@ -67,24 +68,34 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once in float32 (as HF does) then cast."""
+    """cos/sin tables for every position, computed once in float32 (as HF does) then cast.
+
+    HF rotates with `x * cos + rotate_half(x) * sin`, rotate_half(x) = [-x2, x1]. Here the sign sits in
+    the table instead: [-x2, x1] * [s1, s2] = [x2, x1] * [-s1, s2] bit for bit (negation is exact),
+    which saves a negation per call.
+    """
 
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
+        half = config.head_dim // 2
+        signed_sin = emb.sin()
+        signed_sin[:, :half].neg_()
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self.register_buffer("signed_sin", signed_sin.to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) rows for `positions`, shaped [T, 1, head_dim]: looked up once per
+        forward pass and shared by every layer."""
+        return self.cos[positions][:, None, :], self.signed_sin[positions][:, None, :]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate every head of x ([T, heads, head_dim]) by its token's angle."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -99,13 +110,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache,
-                meta: AttentionMetadata, attention: AttentionFn) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache: LayerCache, meta: AttentionMetadata,
+                attention: AttentionFn) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        # q and k sit side by side in each row: rotate them as one [T, heads + kv_heads, dim] tensor.
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                                   self.head_dim), *rope)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         out = attention(q, k, v, cache[0], cache[1], meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -130,9 +142,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, cache: LayerCache,
-                meta: AttentionMetadata, attention: AttentionFn) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta, attention)
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache: LayerCache, meta: AttentionMetadata,
+                attention: AttentionFn) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache, meta, attention)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -176,12 +188,14 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache],
                 meta: AttentionMetadata, attention: AttentionFn, logits_indices: torch.Tensor) -> torch.Tensor:
-        """Returns float32 logits for the rows `logits_indices` of the flat batch."""
+        """Returns the logits (model dtype; the sampler widens what needs it) for the rows
+        `logits_indices` of the flat batch."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope.tables(positions)
         for layer, cache in zip(self.layers, caches):
-            x = layer(x, positions, self.rope, cache, meta, attention)
+            x = layer(x, rope, cache, meta, attention)
         x = self.norm(x[logits_indices])  # only rows that sample need the final norm and lm_head
-        return self.lm_head(x).float()
+        return self.lm_head(x)
 
     # --- weights ------------------------------------------------------------------------
     # HF checkpoint name suffix -> (our parameter suffix, shard index within a fused weight)
