@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvmem.models import llama
-from kvmem.models.llama import Attention, RotaryEmbedding
+from kvmem.models.llama import Attention, RotaryEmbedding, apply_rope
 
 
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -59,11 +58,7 @@ def rotate_keys(k: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding)
     if positions.numel() and int(positions.max()) >= rope.cos.shape[0]:
         raise ValueError(f"position {int(positions.max())} is past the model's RoPE table ({rope.cos.shape[0]} "
                          f"positions); build the model with a larger max_positions")
-    if hasattr(rope, "tables"):  # signed-sin tables shared by all layers: the model's own apply_rope
-        return llama.apply_rope(k, *rope.tables(positions))
-    # The RotaryEmbedding before the signed-sin tables rotates (q, k) together; v as q is a spare.
-    # This branch can go once every checkout has the signed-sin RotaryEmbedding.
-    return rope(positions, k, k)[1]
+    return apply_rope(k, *rope.tables(positions))
 
 
 def recompute_kv(activations: torch.Tensor, projection: KVProjection | Attention, positions: torch.Tensor,
