@@ -43,6 +43,22 @@ Prefix sharing (beyond the paper, which has none), two ways:
 The CPU backend (`vmm_cpu.CpuVirtualMemory`) maps with madvise(MADV_POPULATE_WRITE) and returns
 pages with madvise(MADV_DONTNEED); `kernel_resident_bytes()` asks the kernel (mincore) what is
 really backed, which the tests hold against the manager's own count.
+
+The CUDA backend (`vmm_cuda.CudaVirtualMemory`, used when the spec's device is CUDA) maps driver
+pages (cuMemCreate / cuMemMap through cuda-bindings, 2 MiB each) from a pool of pre-created
+handles. Three things differ from CPU, and the manager minds them (`device_faults`):
+- the layout: 2 MiB pages in every (layer, K/V, head) region would waste hundreds of MiB per
+  sequence, so on CUDA a slot is token-major across all layers (`megacache.MegacacheLayout`, one
+  region, the layer caches strided views of the same logical shape; its docstring has the waste
+  arithmetic); everything here works in its chunks as in the CPU layout's;
+- an unmapped page faults: allocate() maps a miss at once and waits for the slot's look-ahead
+  maps still queued on the worker before returning, and `readable_tokens` counts only what it
+  waited for;
+- unmaps are booked at once and done by the backend after a CUDA event recorded on the current
+  stream has passed (a step's kernels may still read the pages).
+Sharing maps one physical handle at two addresses (`vmm_cuda.map_shared`, nothing copied), and
+`kernel_resident_bytes()` is the backend's record of the driver's mappings. This backend has been
+exercised only against a fake driver (tests/memory/test_vmm_cuda.py), not yet on a GPU.
 """
 
 from __future__ import annotations
@@ -82,6 +98,9 @@ class VirtualOptions:
     deferred_reclamation: bool = True
     eager_mapping: bool = True
     lookahead_tokens: int = 8  # map this far past what the current step needs
+    # CUDA only: the physical page size, a multiple of the device's allocation granularity
+    # (None: the granularity, 2 MiB on current GPUs). On CPU the page is the kernel's.
+    page_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,19 +163,26 @@ class _Mapper:
     worker got to it is faulted in by the kernel, so a late map costs time, never correctness.
     An unmap (MADV_DONTNEED) zeroes pages, so it must never land after someone wrote there: a
     slot with unmaps still queued is `settle`d (waited for) before it can be written again — the
-    manager does that in admit() and allocate(). (A CUDA backend must also drain maps before the
-    step that uses the pages: unmapped device memory faults.)
+    manager does that in admit() and allocate().
+
+    On a backend whose unmapped pages fault (`device_faults`: CUDA) both rules change. A map must
+    have landed before the step that uses the page: the manager waits for the slot's queued maps
+    (`wait_slot`) in allocate(). An unmap is booked on the caller's thread at once (after the
+    slot's queued maps, which it must not overtake); the backend itself defers the driver call
+    until the device is done with the page, so nothing is queued here that could land late.
     """
 
-    def __init__(self, memory, layout: VirtualLayout, background: bool) -> None:
+    def __init__(self, memory, layout: VirtualLayout, background: bool, device_faults: bool = False) -> None:
         self.memory = memory
         self.layout = layout
+        self.device_faults = device_faults
         self.offsets = [layout.slot_offsets(s) for s in range(layout.num_slots)]
         self.critical_seconds = 0.0  # mapping time spent inside the manager's calls, on the step's path
         self.background_seconds = 0.0
         self.critical_calls = 0
         self.background_calls = 0
         self._jobs: queue.SimpleQueue | None = None
+        self._worker_error: BaseException | None = None  # a failed job, raised by the next wait
         if background:
             self._jobs = queue.SimpleQueue()
             self._idle = threading.Condition()
@@ -186,7 +212,8 @@ class _Mapper:
 
     def unmap_soon(self, slot: int, first_chunk: int, num_chunks: int) -> None:
         """Give the pages back, on the worker if there is one (after the slot's queued maps)."""
-        if self._jobs is None:
+        if self._jobs is None or self.device_faults:
+            self.wait_slot(slot)  # CUDA: a queued map of these chunks must not land after the unmap
             start = time.perf_counter()
             self._release(slot, first_chunk, num_chunks)
             self.critical_seconds += time.perf_counter() - start
@@ -212,6 +239,19 @@ class _Mapper:
         with self._idle:
             self._idle.wait_for(lambda: self._unmaps_by_slot[slot] == 0)
         self.critical_seconds += time.perf_counter() - start
+        self._raise_worker_error()
+
+    def wait_slot(self, slot: int) -> None:
+        """Wait until no job of `slot` is queued: its maps have landed (needed before a step uses
+        the pages where unmapped memory faults)."""
+        if self._jobs is None or not self._pending_by_slot[slot]:
+            self._raise_worker_error()
+            return
+        start = time.perf_counter()
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending_by_slot[slot] == 0)
+        self.critical_seconds += time.perf_counter() - start
+        self._raise_worker_error()
 
     def drain(self) -> None:
         """Wait until every queued job is done."""
@@ -219,10 +259,16 @@ class _Mapper:
             return
         with self._idle:
             self._idle.wait_for(lambda: self._pending == 0)
+        self._raise_worker_error()
+
+    def _raise_worker_error(self) -> None:
+        if self._worker_error is not None:
+            raise RuntimeError(f"a background map or unmap failed: {self._worker_error}") from self._worker_error
 
     def close(self) -> None:
         if self._jobs is not None:
-            self.drain()
+            with self._idle:  # a failed job was raised by the manager's waits already
+                self._idle.wait_for(lambda: self._pending == 0)
             self._jobs.put(None)
             self._jobs = None
 
@@ -236,6 +282,8 @@ class _Mapper:
             else:
                 self.background_seconds += self._populate(slot, first, num)
                 self.background_calls += 1
+        except BaseException as e:  # kept for the manager's next wait: a dead worker would hang it
+            self._worker_error = self._worker_error or e
         finally:
             with self._idle:
                 self._pending -= 1
@@ -294,16 +342,32 @@ class VirtualKVCacheManager(KVCacheManager):
     contiguous_slots = True  # attention reads cache[:, slot, :len] in place, never past len
 
     def __init__(self, spec: KVCacheSpec, num_slots: int, max_model_len: int, physical_budget_bytes: int,
-                 options: VirtualOptions | None = None, enable_prefix_caching: bool = True) -> None:
-        if spec.device.type != "cpu":
-            raise ValueError("kv_cache='virtual' on CUDA needs the driver VMM backend, which is not built yet; "
-                             "use kv_cache='paged' on CUDA")
-        from kvmem.memory.vmm_cpu import PAGE_SIZE, CpuVirtualMemory
-
+                 options: VirtualOptions | None = None, enable_prefix_caching: bool = True,
+                 cuda_driver=None) -> None:
+        """`cuda_driver`: a `cuda_driver.VmmDriver` to use on CUDA instead of the real driver (tests
+        inject a fake one)."""
         self.spec = spec
         self.options = options or VirtualOptions()
         self.enable_prefix_caching = enable_prefix_caching
-        self.layout = VirtualLayout.build(spec, num_slots, max_model_len, PAGE_SIZE)
+        # The backend: Linux virtual memory on CPU, CUDA driver VMM on a GPU (module docstring).
+        self.device_faults = spec.device.type == "cuda"  # an unmapped page faults instead of being mapped
+        if spec.device.type == "cuda":
+            from kvmem.memory import vmm_cuda as vmm
+            from kvmem.memory.megacache import MegacacheLayout
+
+            driver = cuda_driver if cuda_driver is not None else vmm.open_driver(spec.device)
+            page_size = vmm.page_size_for(driver, self.options.page_size)  # CudaVmmError if not a granule multiple
+            self.layout = MegacacheLayout.build(spec, num_slots, max_model_len, page_size)
+        elif spec.device.type == "cpu":
+            from kvmem.memory import vmm_cpu as vmm
+
+            page_size = vmm.PAGE_SIZE
+            if self.options.page_size not in (None, page_size):
+                raise ValueError(f"page_size is the kernel's on CPU ({page_size} bytes); it is a choice only on CUDA")
+            self.layout = VirtualLayout.build(spec, num_slots, max_model_len, page_size)
+        else:
+            raise ValueError(f"kv_cache='virtual' runs on cpu or cuda, not {spec.device}")
+        self._vmm = vmm  # the backend module: its map_shared / unmap_shared / copy_to_shared
         self.block_size = self.layout.max_len
         self.chunk_tokens = self.layout.page_tokens
         self.chunk_set_bytes = self.layout.chunk_bytes * self.layout.num_regions  # one chunk in every region
@@ -311,9 +375,16 @@ class VirtualKVCacheManager(KVCacheManager):
         if self.max_chunks < 1:
             raise ValueError(f"kv_cache_memory ({physical_budget_bytes} bytes) holds less than one mapping chunk "
                              f"({self.layout.page_tokens} tokens = {self.chunk_set_bytes} bytes)")
-        self.memory = CpuVirtualMemory(self.layout.total_bytes)  # VirtualMemoryError (a ValueError) if refused
-        self.kv = self.memory.tensor(spec.dtype, self.layout.shape)
-        self.mapper = _Mapper(self.memory, self.layout, self.options.background_mapping)
+        self.chunk_pages = self.layout.chunk_bytes // page_size
+        # A reservation the system refuses is a VirtualMemoryError / CudaVmmError, both ValueErrors.
+        if self.device_faults:
+            self.memory = vmm.CudaVirtualMemory(self.layout.total_bytes, driver, page_size,
+                                                max_pages=self.max_chunks * self.chunk_pages)
+            self.kv = self.memory.tensor(spec.dtype, self.layout.shape, self.layout.strides)
+        else:
+            self.memory = vmm.CpuVirtualMemory(self.layout.total_bytes)
+            self.kv = self.memory.tensor(spec.dtype, self.layout.shape)
+        self.mapper = _Mapper(self.memory, self.layout, self.options.background_mapping, self.device_faults)
         self.slots = [_Slot(i) for i in range(num_slots)]
         # Free slots, least recently freed first: trimmed in that order under memory pressure.
         self.free_slots: OrderedDict[int, _Slot] = OrderedDict((s.index, s) for s in self.slots)
@@ -321,15 +392,16 @@ class VirtualKVCacheManager(KVCacheManager):
         self.sequences: dict[int, Sequence] = {}
         self.mapped_chunks = 0  # physical chunk sets: private ones of every slot + distinct shared ones
         # Sharing between running sequences (see the module docstring).
-        self.pool = None  # vmm_cpu.SharedPagePool, made on first use
+        self.pool = None  # vmm_cpu.SharedPagePool / vmm_cuda.CudaSharedPages, made on first use
         self.pool_chunks = self.max_chunks  # chunk indices in the pool, laid out region-major
-        self.chunk_pages = self.layout.chunk_bytes // PAGE_SIZE
         self.shared_by_key: dict[BlockHash, _SharedChunk] = {}
         self.free_pool_chunks = bytearray(b"\x01") * self.pool_chunks
         self.private_by_key: dict[BlockHash, tuple[_Slot, int]] = {}  # computed full chunks of running slots
         self.chunk_keys: dict[int, list[BlockHash]] = {}  # seq_id -> keys of its computed full chunks
         # Leave half the mapping limit to the rest of the process (torch, libraries, the allocator).
-        self.max_sharing_slots = (_max_map_count() // 2) // (3 * self.layout.num_regions)
+        # CUDA mappings are the driver's, not the process's VMAs: no such limit is known there.
+        self.max_sharing_slots = num_slots if self.device_faults else \
+            (_max_map_count() // 2) // (3 * self.layout.num_regions)
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -344,6 +416,14 @@ class VirtualKVCacheManager(KVCacheManager):
 
     def block_table(self, seq: Sequence) -> list[int]:
         return [self.owned[seq.seq_id].index]
+
+    def readable_tokens(self, seq: Sequence) -> int:
+        """The slot's mapped chunks (on CPU a map still queued on the worker reads as zeros). On
+        CUDA only the chunks allocate() waited for: look-ahead maps may still be queued, and an
+        unmapped page faults."""
+        slot = self.owned[seq.seq_id]
+        chunks = min(slot.needed_chunks, slot.mapped_chunks) if self.device_faults else slot.mapped_chunks
+        return chunks * self.layout.page_tokens
 
     # --- admission ----------------------------------------------------------------------
     def admit(self, seq: Sequence) -> int:
@@ -430,8 +510,6 @@ class VirtualKVCacheManager(KVCacheManager):
     def _map_shared_prefix(self, slot: _Slot, sources: list) -> None:
         """Make chunks [0, len(sources)) of the free `slot` the pool's, promoting private donors
         first; whatever the slot held before is dropped (it was another sequence's)."""
-        from kvmem.memory.vmm_cpu import map_shared
-
         self.mapper.drain()  # no background map may race with the remapping below
         chunks = [source if isinstance(source, _SharedChunk) else self._promote(key, *source)
                   for key, source in sources]
@@ -440,17 +518,18 @@ class VirtualKVCacheManager(KVCacheManager):
         self._cut(slot, 0)
         for position, chunk in enumerate(chunks):
             for offset, page in zip(self._chunk_offsets(slot, position), self._pool_pages(chunk)):
-                map_shared(self.memory, offset, self.pool, page, self.chunk_pages)
+                self._vmm.map_shared(self.memory, offset, self.pool, page, self.chunk_pages)
             slot.shared[position] = chunk
         slot.mapped_chunks = len(chunks)
 
     def _promote(self, key: BlockHash, donor: _Slot, position: int) -> _SharedChunk:
         """Turn a running slot's private chunk into a shared one, in place: copy its pages into the
-        pool and map the pool pages where they were. What the donor reads does not change."""
-        from kvmem.memory.vmm_cpu import SharedPagePool, copy_to_shared
-
+        pool and map the pool pages where they were. What the donor reads does not change. (On CUDA
+        nothing is copied: the pool adopts the physical pages already mapped there.)"""
         if self.pool is None:
-            self.pool = SharedPagePool(self.layout.num_regions * self.pool_chunks * self.chunk_pages)
+            num_pages = self.layout.num_regions * self.pool_chunks * self.chunk_pages
+            self.pool = self._vmm.CudaSharedPages(self.memory, num_pages) if self.device_faults \
+                else self._vmm.SharedPagePool(num_pages)
         index = self.free_pool_chunks.find(1)
         if index < 0:  # cannot happen while the pool has one chunk index per budget chunk
             raise NoFreeMemory("shared chunk pool full")
@@ -458,7 +537,7 @@ class VirtualKVCacheManager(KVCacheManager):
         chunk = _SharedChunk(index, key, refs=1)
         for offset, page in zip(self._chunk_offsets(donor, position), self._pool_pages(chunk)):
             self.pool.alloc_at(page, self.chunk_pages)
-            copy_to_shared(self.memory, offset, self.pool, page, self.chunk_pages)
+            self._vmm.copy_to_shared(self.memory, offset, self.pool, page, self.chunk_pages)
         del self.private_by_key[key]
         self.shared_by_key[key] = chunk
         donor.shared[position] = chunk  # its private pages were replaced by the pool's: count moves
@@ -467,11 +546,9 @@ class VirtualKVCacheManager(KVCacheManager):
     def _unshare(self, slot: _Slot, position: int) -> None:
         """Drop `slot`'s mapping of a shared chunk (the range reads zero again); the last holder's
         drop gives the pool pages back."""
-        from kvmem.memory.vmm_cpu import unmap_shared
-
         chunk = slot.shared.pop(position)
         for offset in self._chunk_offsets(slot, position):
-            unmap_shared(self.memory, offset, self.chunk_pages)
+            self._vmm.unmap_shared(self.memory, offset, self.chunk_pages)
         chunk.refs -= 1
         if chunk.refs == 0:
             for page in self._pool_pages(chunk):
@@ -504,7 +581,7 @@ class VirtualKVCacheManager(KVCacheManager):
         for p in [p for p in slot.shared if p >= position]:
             self._unshare(slot, p)  # counts the chunks it frees itself
         # Release [position, mapped) at once: ranges of dropped shared chunks are already fresh
-        # anonymous memory, so releasing them again costs nothing.
+        # anonymous memory (on CUDA: already unmapped or retired), so releasing them again costs nothing.
         self.mapper.unmap_soon(slot.index, position, slot.mapped_chunks - position)
         self.mapped_chunks -= private
         slot.mapped_chunks = position
@@ -568,7 +645,13 @@ class VirtualKVCacheManager(KVCacheManager):
             self._make_room(need - slot.mapped_chunks, keep=slot)
             # With background mapping even a miss is queued: on CPU the step's first write to a page
             # the worker has not reached yet is a page fault, which maps it (correct, not overlapped).
-            self._grow(slot, need, now=not self.options.background_mapping)
+            # On CUDA that write would be an illegal address: a miss is mapped now.
+            self._grow(slot, need, now=not self.options.background_mapping or self.device_faults)
+        if self.device_faults:
+            # Chunks this step uses that earlier steps' look-ahead queued must have landed before it
+            # runs (usually long since: they had a whole step to map). This step's look-ahead,
+            # queued below, is not waited for; readable_tokens() does not count it.
+            self.mapper.wait_slot(slot.index)
         # Look ahead: the whole rest of a known prompt (eager) plus a few tokens, mapped in the
         # background while this step computes. Only into free room: unmapping something for a
         # guess would cost the step (and, under pressure, churn against the next miss).
@@ -638,6 +721,15 @@ class VirtualKVCacheManager(KVCacheManager):
         pt = self.layout.page_tokens
         live = len(held_shared) * pt + sum(
             seq.num_computed_tokens - pt * len(self.owned[seq.seq_id].shared) for seq in self.sequences.values())
+        extra = {"page_tokens": self.layout.page_tokens,
+                 "map_calls": self.mapper.critical_calls + self.mapper.background_calls,
+                 "map_calls_background": self.mapper.background_calls,
+                 "shared_chunks": len(self.shared_by_key),
+                 "map_seconds_critical": self.mapper.critical_seconds,
+                 "map_seconds_background": self.mapper.background_seconds}
+        if self.device_faults:  # device memory held beyond the mapped pages: the idle handle pool
+            extra.update(page_size=self.memory.page_size, device_pool_idle_bytes=self.memory.idle_bytes(),
+                         device_handles_bytes=self.memory.created_bytes())
         return MemoryStats(
             strategy=self.name,
             bytes_reserved=self.layout.total_bytes,
@@ -649,12 +741,7 @@ class VirtualKVCacheManager(KVCacheManager):
             prefix_cache_queries=self.prefix_queries,
             prefix_cache_hits=self.prefix_hits,
             bytes_capacity=self.max_chunks * per_chunk,
-            extra={"page_tokens": self.layout.page_tokens,
-                   "map_calls": self.mapper.critical_calls + self.mapper.background_calls,
-                   "map_calls_background": self.mapper.background_calls,
-                   "shared_chunks": len(self.shared_by_key),
-                   "map_seconds_critical": self.mapper.critical_seconds,
-                   "map_seconds_background": self.mapper.background_seconds},
+            extra=extra,
         )
 
     def kernel_resident_bytes(self) -> int:
@@ -663,12 +750,20 @@ class VirtualKVCacheManager(KVCacheManager):
         reservation. With a shared pool, mincore would count a shared page once per place it is
         mapped, so: the reservation's private pages (smaps `Anonymous`) + the pool's (st_blocks)."""
         self.mapper.drain()
+        if self.device_faults:
+            # CUDA: the distinct physical handles the driver has mapped (or a shared pool holds), by
+            # the backend's record of driver calls, once retired pages are unmapped. A shared handle
+            # counts once. cuMemGetInfo agrees in tests on a GPU (`memory.device_used_bytes()`), but
+            # counts the idle handle pool and every other allocation of the process too.
+            self.memory.settle()
+            return self.memory.resident_bytes()
         if self.pool is None:
             return self.memory.resident_bytes()
         return self.memory.smaps_anonymous_bytes() + self.pool.allocated_bytes()
 
     def close(self) -> None:
-        """Stop the mapping worker and unmap the reservation (tensors still viewing it read zeros)."""
+        """Stop the mapping worker and unmap the reservation (tensors still viewing it read zeros on
+        CPU; on CUDA they must not be read at all: their pages are unmapped)."""
         self.mapper.close()
         self.memory.close()
         if self.pool is not None:
@@ -684,4 +779,6 @@ class VirtualKVCacheManager(KVCacheManager):
         for slot in list(self.owned.values()):
             if slot.excess_chunks:
                 self._cut(slot, slot.needed_chunks)
+        if self.device_faults:  # unmapped pages go back to the handle pool; give the pool to the device
+            self.memory.trim_pool()
         return (before - self.mapped_chunks) * self.chunk_set_bytes
