@@ -10,20 +10,28 @@ import platform
 import time
 
 
-def make_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """The shared workload; kvmem.bench.throughput.random_prompts draws the same ids."""
-    import numpy
+def load_workload(args: argparse.Namespace, vocab_size: int):
+    """The shared workload (`kvmem.bench.workloads`), loaded by file path: kvmem need not be installed
+    in a peer's virtual environment."""
+    import importlib.util
+    import sys
 
-    rng = numpy.random.default_rng(seed)
-    return rng.integers(100, vocab_size - 100, size=(num_prompts, input_len)).tolist()
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src", "kvmem", "bench", "workloads.py")
+    spec = importlib.util.spec_from_file_location("kvmem_bench_workloads", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building the class
+    spec.loader.exec_module(module)
+    return module.make_workload(args.workload, vocab_size, args.seed, args.num_prompts, args.input_len,
+                                args.output_len)
 
 
 def parse_args(description: str, kv_cache_help: str = "unused; kept for a shared CLI") -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", required=True, help="Hugging Face model directory")
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--workload", choices=["random", "sharegpt", "prefix"], default="random")
+    ap.add_argument("--num-prompts", type=int, default=None, help="default: the workload's own count")
+    ap.add_argument("--input-len", type=int, default=128, help="random workload only")
+    ap.add_argument("--output-len", type=int, default=128, help="random workload only")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-cache-gb", type=float, default=2.0, help=kv_cache_help)
@@ -45,19 +53,20 @@ def timed(run, wait_quiet_max: float) -> tuple[object, float, dict, dict | None]
     return out, elapsed, contention(before, cpu_snapshot(os.getpid()), elapsed), quiet
 
 
-def base_result(engine: str, args: argparse.Namespace, elapsed: float, warmup_s: float, n_in: int, n_out: int) -> dict:
+def base_result(engine: str, args: argparse.Namespace, workload, elapsed: float, warmup_s: float, n_out: int) -> dict:
     """The fields every engine's result has, under the keys kvmem's benchmark uses too."""
+    n_in, n = workload.num_input_tokens, len(workload.prompts)
     return {
         "engine": engine,
         "model": os.path.abspath(args.model),
         "dtype": args.dtype,
-        "num_prompts": args.num_prompts,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
+        "workload": workload.name,
+        "workload_description": workload.describe(),
+        "num_prompts": n,
         "seed": args.seed,
         "elapsed_s": elapsed,
         "warmup_s": warmup_s,
-        "requests_per_s": args.num_prompts / elapsed,
+        "requests_per_s": n / elapsed,
         "total_tokens_per_s": (n_in + n_out) / elapsed,
         "output_tokens_per_s": n_out / elapsed,
         "input_tokens": n_in,

@@ -1,7 +1,7 @@
 """Offline throughput of vLLM (CPU build) on a fixed random-token workload.
 
-Workload (shared with kvmem's and transformers' benchmarks, see bench_common.py): each prompt
-generates exactly ``output_len`` tokens (greedy, ignore_eos). One small warm-up generate, then the
+Workload (shared with kvmem's and transformers' benchmarks: kvmem/bench/workloads.py): each request
+generates exactly its output length (greedy, ignore_eos). One small warm-up generate, then the
 whole workload is timed as one ``LLM.generate`` call.
 
 Run it with the vLLM venv, through run_vllm.sh, which sets the CPU-tuning environment
@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from bench_common import base_result, make_prompts, parse_args, timed, write_result
+from bench_common import base_result, load_workload, parse_args, timed, write_result
 
 
 def main() -> None:
@@ -29,24 +29,23 @@ def main() -> None:
 
     with open(os.path.join(args.model, "config.json")) as f:
         vocab_size = json.load(f)["vocab_size"]
-    prompts = make_prompts(args.num_prompts, args.input_len, vocab_size, args.seed)
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16, seed=args.seed)
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    w = load_workload(args, vocab_size)
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=w.max_seq_len + 16, seed=args.seed)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
 
-    warm = [TokensPrompt(prompt_token_ids=p) for p in prompts[: args.warmup_prompts]]
+    warm = [TokensPrompt(prompt_token_ids=p[:64]) for p in w.prompts[: args.warmup_prompts]]
     t0 = time.perf_counter()
-    llm.generate(warm, params, use_tqdm=False)
+    llm.generate(warm, SamplingParams(temperature=0, max_tokens=args.warmup_tokens, ignore_eos=True), use_tqdm=False)
     warmup_s = time.perf_counter() - t0
+    llm.reset_prefix_cache()  # the warm-up must not give the timed run prefix-cache hits
 
-    batch = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    batch = [TokensPrompt(prompt_token_ids=p) for p in w.prompts]
     outs, elapsed, contention, quiet = timed(lambda: llm.generate(batch, params, use_tqdm=False), args.wait_quiet_max)
 
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    n_in = sum(len(o.prompt_token_ids) for o in outs)
-    expected = args.num_prompts * args.output_len
-    if n_out != expected or n_in != args.num_prompts * args.input_len:
-        raise SystemExit(f"token counts off: in {n_in}, out {n_out} (expected out {expected})")
-    result = base_result("vllm", args, elapsed, warmup_s, n_in, n_out)
+    if n_out != w.num_output_tokens:
+        raise SystemExit(f"token counts off: out {n_out} (expected {w.num_output_tokens})")
+    result = base_result("vllm", args, w, elapsed, warmup_s, n_out)
     result.update({
         "kv_cache_gb": args.kv_cache_gb,
         "first_output_ids": list(outs[0].outputs[0].token_ids[:16]),

@@ -89,11 +89,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    if args.compare:
+        return _bench_throughput_compare(args)
     from kvmem.bench.throughput import run_throughput, write_json
 
-    result = run_throughput(args.num_prompts, args.input_len, args.output_len, seed=args.seed,
+    result = run_throughput(args.workload, args.num_prompts, args.input_len, args.output_len, seed=args.seed,
                             **engine_kwargs(args))
-    print(f"kvmem throughput: {result.num_prompts} prompts x {result.input_len} in -> {result.output_len} out, "
+    print(f"kvmem throughput: {result.settings['workload_description']}; "
           f"kv_cache={result.settings['kv_cache']} dtype={result.settings['dtype']}")
     print(f"  elapsed            {result.elapsed_s:.2f} s")
     print(f"  requests/s         {result.requests_per_s:.2f}")
@@ -102,6 +104,25 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     if args.json:
         write_json(result, args.json)
         print(f"  wrote {args.json}")
+    return 0
+
+
+def _bench_throughput_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvmem.bench.compare import CompareConfig, parse_peers, print_summary, run_compare
+    from kvmem.config import parse_memory_size
+
+    budget = parse_memory_size(args.kv_cache_memory or "2GiB")
+    if not isinstance(budget, int):
+        raise ValueError("--compare needs --kv-cache-memory as a size (e.g. 2GiB), the same for every engine")
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+    out_dir = Path(args.out_dir or f"benchmarks/results/throughput_vs_peers/{args.workload}_{dtype}")
+    cfg = CompareConfig(args.workload, dtype, args.kv_cache, budget / 2**30, args.seed, args.rounds, out_dir,
+                        Path(args.hf_model), parse_peers(args.compare), args.num_prompts, args.input_len,
+                        args.output_len, wait_quiet_max=args.wait_quiet_max)
+    print_summary(run_compare(cfg))
+    print(f"  results in {out_dir}/")
     return 0
 
 
@@ -179,12 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    tp = bench.add_parser("throughput", help="offline throughput on random prompts")
-    tp.add_argument("--num-prompts", type=int, default=64)
-    tp.add_argument("--input-len", type=int, default=128)
-    tp.add_argument("--output-len", type=int, default=128)
+    tp = bench.add_parser("throughput", help="offline throughput on a seeded workload, optionally against peers")
+    tp.add_argument("--workload", default="random", choices=["random", "sharegpt", "prefix"],
+                    help="random: N x input-len -> output-len; sharegpt: 256 log-normal lengths; "
+                         "prefix: 128 requests sharing a 512-token system prompt")
+    tp.add_argument("--num-prompts", type=int, default=None, help="default: the workload's own (64 / 256 / 128)")
+    tp.add_argument("--input-len", type=int, default=128, help="random workload")
+    tp.add_argument("--output-len", type=int, default=128, help="random workload")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--json", default=None, help="write the result here")
+    cmp_ = tp.add_argument_group("comparison with other engines (from a repository checkout; benchmarks/peers)")
+    cmp_.add_argument("--compare", default=None, metavar="vllm,transformers",
+                      help="also run these peers, alternating with kvmem round by round, and report ratios")
+    cmp_.add_argument("--rounds", type=int, default=2)
+    cmp_.add_argument("--hf-model", default="/work/peers/smollm2-hf",
+                      help="Hugging Face export of the same weights, for the peers")
+    cmp_.add_argument("--out-dir", default=None, help="default: benchmarks/results/throughput_vs_peers/WORKLOAD_DTYPE")
+    cmp_.add_argument("--wait-quiet-max", type=float, default=0.0,
+                      help="peers wait up to this many seconds for the machine to go idle before timing")
     add_engine_args(tp)
     tp.set_defaults(func=cmd_bench_throughput)
 

@@ -1,8 +1,8 @@
-"""`kvmem bench throughput`: offline generation speed on a fixed random workload.
+"""`kvmem bench throughput`: offline generation speed on a fixed, seeded workload.
 
-The workload is `num_prompts` prompts of `input_len` random token ids, each generating exactly
-`output_len` tokens (greedy, ignore_eos). The ids come from numpy's default_rng(seed), the same
-recipe the peer scripts in benchmarks/peers use, so every engine sees identical prompts.
+The workloads (`kvmem.bench.workloads`) are token ids that the peer scripts in benchmarks/peers draw
+identically, so every engine sees the same prompts. Every request generates exactly its output
+length (greedy, ignore_eos); the whole workload is submitted at once and timed as one `generate`.
 """
 
 from __future__ import annotations
@@ -13,52 +13,56 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-
-def random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
-    """Token ids away from both ends of the vocabulary, where special tokens usually sit."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(100, vocab_size - 100, size=(num_prompts, input_len)).tolist()
+from kvmem.bench.workloads import Workload, make_workload, random_prompts  # noqa: F401  (re-exported)
 
 
 @dataclass
 class ThroughputResult:
+    workload: str
     num_prompts: int
-    input_len: int
-    output_len: int
+    input_tokens: int
+    output_tokens: int
     elapsed_s: float
     requests_per_s: float
     total_tokens_per_s: float
     output_tokens_per_s: float
     settings: dict = field(default_factory=dict)
+    engine: str = "kvmem"
 
 
-def run_throughput(num_prompts: int = 64, input_len: int = 128, output_len: int = 128, seed: int = 0,
-                   warmup: bool = True, **llm_kwargs) -> ThroughputResult:
+def run_throughput(workload: str = "random", num_prompts: int | None = None, input_len: int = 128,
+                   output_len: int = 128, seed: int = 0, warmup: bool = True, **llm_kwargs) -> ThroughputResult:
     from kvmem import LLM, SamplingParams
 
     llm = LLM(**llm_kwargs)
     engine = llm.engine
-    prompts = random_prompts(num_prompts, input_len, engine.model_config.vocab_size, seed)
+    w: Workload = make_workload(workload, engine.model_config.vocab_size, seed, num_prompts, input_len, output_len)
+    if w.max_seq_len > engine.max_model_len:
+        raise ValueError(f"the {workload} workload needs max_model_len >= {w.max_seq_len}, "
+                         f"the engine has {engine.max_model_len}")
     # ignore_eos alone makes every request produce exactly max_tokens (as in vLLM's benchmark)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
     if warmup:  # first calls pay for allocator growth and kernel selection
-        llm.generate([{"prompt_token_ids": p} for p in prompts[:4]],
+        llm.generate([{"prompt_token_ids": p[:64]} for p in w.prompts[:4]],
                      SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
         llm.release_free_memory()  # the warm-up must not give the timed run prefix-cache hits
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in w.prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
-    assert num_out == num_prompts * output_len, "ignore_eos run ended early"
+    if num_out != w.num_output_tokens:
+        raise RuntimeError(f"ignore_eos run produced {num_out} tokens, expected {w.num_output_tokens}")
+    stats = engine.manager.stats()
     settings = dict(llm_kwargs, dtype=str(engine.dtype).removeprefix("torch."), kv_cache=engine.manager.name,
                     max_model_len=engine.max_model_len, torch=torch.__version__, threads=torch.get_num_threads(),
                     machine=platform.machine(), processor=platform.processor() or platform.machine(),
-                    seed=seed, num_preemptions=engine.scheduler.counters.num_preemptions)
-    return ThroughputResult(num_prompts, input_len, output_len, elapsed, num_prompts / elapsed,
-                            num_prompts * (input_len + output_len) / elapsed, num_out / elapsed, settings)
+                    seed=seed, num_preemptions=engine.scheduler.counters.num_preemptions,
+                    prefix_cache_hit_tokens=stats.prefix_cache_hits, workload_description=w.describe())
+    n = len(w.prompts)
+    return ThroughputResult(workload, n, w.num_input_tokens, num_out, elapsed, n / elapsed,
+                            (w.num_input_tokens + num_out) / elapsed, num_out / elapsed, settings)
 
 
 def write_json(result: ThroughputResult, path: str | Path) -> None:

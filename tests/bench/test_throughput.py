@@ -1,0 +1,100 @@
+"""`kvmem bench throughput`: the shared workloads, and `--compare` orchestrating peers."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvmem.bench.compare import CompareConfig, command, parse_peers, run_compare
+from kvmem.bench.workloads import make_workload
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 49152
+
+
+def test_workloads_are_seeded_and_shaped_as_documented():
+    random = make_workload("random", VOCAB)
+    assert len(random.prompts) == 64 and {len(p) for p in random.prompts} == {128} and set(random.output_lens) == {128}
+
+    share = make_workload("sharegpt", VOCAB)
+    ins = [len(p) for p in share.prompts]
+    assert len(ins) == 256 and max(ins) <= 1024 and max(share.output_lens) <= 512
+    assert 150 <= np.median(ins) <= 250 and 110 <= np.median(share.output_lens) <= 190
+    assert share.prompts == make_workload("sharegpt", VOCAB).prompts  # seeded
+    assert share.prompts != make_workload("sharegpt", VOCAB, seed=1).prompts
+
+    prefix = make_workload("prefix", VOCAB)
+    assert len(prefix.prompts) == 128 and {len(p) for p in prefix.prompts} == {544}
+    assert len({tuple(p[:512]) for p in prefix.prompts}) == 1  # one shared system prompt
+    assert len({tuple(p[512:]) for p in prefix.prompts}) == 128  # own tokens differ
+    assert all(100 <= t < VOCAB - 100 for p in share.prompts for t in p)
+    with pytest.raises(ValueError, match="workload"):
+        make_workload("nope", VOCAB)
+
+
+def test_peers_draw_the_same_workload():
+    """benchmarks/peers/bench_common.py loads the workload module by path (kvmem is not installed in a
+    peer's venv); it must give the very same ids."""
+    peers = REPO / "benchmarks" / "peers"
+    spec = importlib.util.spec_from_file_location("bench_common_under_test", peers / "bench_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    for name in ("random", "sharegpt", "prefix"):
+        args = argparse.Namespace(workload=name, seed=3, num_prompts=None, input_len=16, output_len=8)
+        theirs = common.load_workload(args, VOCAB)
+        ours = make_workload(name, VOCAB, 3, None, 16, 8)
+        assert (theirs.prompts, theirs.output_lens) == (ours.prompts, ours.output_lens)
+
+
+def test_parse_peers_rejects_unknown_engines():
+    assert parse_peers("vllm, transformers") == ("vllm", "transformers")
+    with pytest.raises(ValueError, match="--compare"):
+        parse_peers("vllm,llama.cpp")
+
+
+def _fake_peers(tmp_path: Path, vllm_tok_s: float, hf_tok_s: float) -> Path:
+    """Peer scripts with the real ones' command line that write a result without running an engine."""
+    d = tmp_path / "peers"
+    d.mkdir()
+    writer = ("import json, sys\n"
+              "a = sys.argv[1:]\n"
+              "path = a[a.index('--json') + 1]\n"
+              "assert a[a.index('--workload') + 1] == 'random' and '--model' in a\n"
+              "json.dump({{'output_tokens_per_s': {}}}, open(path, 'w'))\n")
+    (d / "fake_vllm.py").write_text(writer.format(vllm_tok_s))
+    (d / "run_vllm.sh").write_text(f'exec "{sys.executable}" "$(dirname "$0")/fake_vllm.py" "$@"\n')
+    (d / "transformers_throughput.py").write_text(writer.format(hf_tok_s))
+    return d
+
+
+def test_compare_runs_every_engine_each_round_and_reports_ratios(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    cfg = CompareConfig("random", "bfloat16", "paged", 0.25, 0, 2, tmp_path / "out", hf, ("vllm", "transformers"),
+                        num_prompts=2, input_len=8, output_len=4, peers_dir=_fake_peers(tmp_path, 1000.0, 10.0))
+    assert command("kvmem", cfg, tmp_path / "x.json")[1:4] == ["-m", "kvmem.cli", "bench"]
+    result = run_compare(cfg)
+    kvmem = result.runs["kvmem"]
+    assert len(kvmem) == 2 and all(v > 0 for v in kvmem)  # the real kvmem ran, twice
+    assert result.runs["vllm"] == [1000.0, 1000.0] and result.runs["transformers"] == [10.0, 10.0]
+    assert result.kvmem_ratio_per_round["vllm"] == pytest.approx([v / 1000.0 for v in kvmem])
+    assert result.kvmem_ratio_median["transformers"] == pytest.approx(np.median(kvmem) / 10.0)
+    summary = json.loads((tmp_path / "out" / "compare_random_bfloat16.json").read_text())
+    assert summary["median_output_tokens_per_s"]["vllm"] == 1000.0
+    assert (tmp_path / "out" / "compare_random_bfloat16.png").stat().st_size > 0
+    kvmem_run = json.loads((tmp_path / "out" / "kvmem_random_bfloat16_r1.json").read_text())
+    assert kvmem_run["output_tokens"] == 2 * 4 and kvmem_run["workload"] == "random"
+
+
+def test_compare_says_how_to_get_the_hf_export(tmp_path):
+    cfg = CompareConfig("random", "bfloat16", "paged", 1.0, 0, 1, tmp_path / "out", tmp_path / "missing",
+                        ("vllm",), peers_dir=_fake_peers(tmp_path, 1.0, 1.0))
+    with pytest.raises(FileNotFoundError, match="export_hf.py"):
+        run_compare(cfg)
