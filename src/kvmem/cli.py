@@ -94,7 +94,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from kvmem.bench.throughput import run_throughput, write_json
 
     result = run_throughput(args.workload, args.num_prompts, args.input_len, args.output_len, seed=args.seed,
-                            **engine_kwargs(args))
+                            wait_quiet_max=args.wait_quiet_max, **engine_kwargs(args))
     print(f"kvmem throughput: {result.settings['workload_description']}; "
           f"kv_cache={result.settings['kv_cache']} dtype={result.settings['dtype']}")
     print(f"  elapsed            {result.elapsed_s:.2f} s")
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--output-len", type=int, default=128, help="random workload")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--json", default=None, help="write the result here")
+    tp.add_argument("--wait-quiet-max", type=float, default=0.0,
+                    help="wait up to this many seconds for other processes to go idle before timing")
     cmp_ = tp.add_argument_group("comparison with other engines (from a repository checkout; benchmarks/peers)")
     cmp_.add_argument("--compare", default=None, metavar="vllm,transformers",
                       help="also run these peers, alternating with kvmem round by round, and report ratios")
@@ -216,8 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--hf-model", default="/work/peers/smollm2-hf",
                       help="Hugging Face export of the same weights, for the peers")
     cmp_.add_argument("--out-dir", default=None, help="default: benchmarks/results/throughput_vs_peers/WORKLOAD_DTYPE")
-    cmp_.add_argument("--wait-quiet-max", type=float, default=0.0,
-                      help="peers wait up to this many seconds for the machine to go idle before timing")
     add_engine_args(tp)
     tp.set_defaults(func=cmd_bench_throughput)
 

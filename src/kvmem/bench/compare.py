@@ -60,7 +60,8 @@ def parse_peers(text: str) -> tuple[str, ...]:
 
 def _workload_args(cfg: CompareConfig) -> list[str]:
     args = ["--workload", cfg.workload, "--dtype", cfg.dtype, "--seed", str(cfg.seed),
-            "--input-len", str(cfg.input_len), "--output-len", str(cfg.output_len)]
+            "--input-len", str(cfg.input_len), "--output-len", str(cfg.output_len),
+            "--wait-quiet-max", str(cfg.wait_quiet_max)]
     return args + (["--num-prompts", str(cfg.num_prompts)] if cfg.num_prompts is not None else [])
 
 
@@ -70,8 +71,7 @@ def command(engine: str, cfg: CompareConfig, json_path: Path) -> list[str]:
     if engine == "kvmem":
         return [sys.executable, "-m", "kvmem.cli", "bench", "throughput", *common, "--kv-cache", cfg.kv_cache,
                 "--kv-cache-memory", f"{cfg.kv_cache_gib}GiB", "--max-model-len", "2048", "--json", str(json_path)]
-    peer = [*common, "--model", str(cfg.hf_model), "--kv-cache-gb", str(cfg.kv_cache_gib),
-            "--wait-quiet-max", str(cfg.wait_quiet_max), "--json", str(json_path)]
+    peer = [*common, "--model", str(cfg.hf_model), "--kv-cache-gb", str(cfg.kv_cache_gib), "--json", str(json_path)]
     if engine == "vllm":
         return ["bash", str(cfg.peers_dir / "run_vllm.sh"), *peer]
     if engine == "transformers":

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from kvmem.bench.machine_load import timed
 from kvmem.bench.workloads import Workload, make_workload, random_prompts  # noqa: F401  (re-exported)
 
 
@@ -33,7 +33,10 @@ class ThroughputResult:
 
 
 def run_throughput(workload: str = "random", num_prompts: int | None = None, input_len: int = 128,
-                   output_len: int = 128, seed: int = 0, warmup: bool = True, **llm_kwargs) -> ThroughputResult:
+                   output_len: int = 128, seed: int = 0, warmup: bool = True, wait_quiet_max: float = 0.0,
+                   **llm_kwargs) -> ThroughputResult:
+    """`wait_quiet_max`: wait up to this many seconds for other processes to leave the CPU before the
+    timed run (on a shared 2-core machine one busy neighbour slows an OpenMP engine severalfold)."""
     from kvmem import LLM, SamplingParams
 
     llm = LLM(**llm_kwargs)
@@ -48,9 +51,8 @@ def run_throughput(workload: str = "random", num_prompts: int | None = None, inp
         llm.generate([{"prompt_token_ids": p[:64]} for p in w.prompts[:4]],
                      SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
         llm.release_free_memory()  # the warm-up must not give the timed run prefix-cache hits
-    start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in w.prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    outputs, elapsed, contention, quiet = timed(
+        lambda: llm.generate([{"prompt_token_ids": p} for p in w.prompts], params, use_tqdm=False), wait_quiet_max)
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     if num_out != w.num_output_tokens:
         raise RuntimeError(f"ignore_eos run produced {num_out} tokens, expected {w.num_output_tokens}")
@@ -59,7 +61,8 @@ def run_throughput(workload: str = "random", num_prompts: int | None = None, inp
                     max_model_len=engine.max_model_len, torch=torch.__version__, threads=torch.get_num_threads(),
                     machine=platform.machine(), processor=platform.processor() or platform.machine(),
                     seed=seed, num_preemptions=engine.scheduler.counters.num_preemptions,
-                    prefix_cache_hit_tokens=stats.prefix_cache_hits, workload_description=w.describe())
+                    prefix_cache_hit_tokens=stats.prefix_cache_hits, workload_description=w.describe(),
+                    cpu_contention=contention, wait_quiet=quiet)
     n = len(w.prompts)
     return ThroughputResult(workload, n, w.num_input_tokens, num_out, elapsed, n / elapsed,
                             (w.num_input_tokens + num_out) / elapsed, num_out / elapsed, settings)
