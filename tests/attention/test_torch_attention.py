@@ -6,13 +6,17 @@ import random
 import pytest
 import torch
 
+from kvmem.attention import cpu_kernels
 from kvmem.attention.metadata import AttentionMetadata
 from kvmem.attention.torch_attention import batched_attention, reference_attention
+
+NATIVE = [False, pytest.param(True, marks=pytest.mark.skipif(
+    cpu_kernels.decode_attention_kernel() is None, reason="no C++ toolchain for the native CPU kernel"))]
 
 HEADS, KV_HEADS, DIM, BLOCK, NUM_BLOCKS = 6, 2, 16, 4, 64
 
 
-def make_batch(seed: int, dtype: torch.dtype):
+def make_batch(seed: int, dtype: torch.dtype, native: bool = False):
     """Random sequences: some decoding, some prefilling on top of a cached prefix, some fresh."""
     rng = random.Random(seed)
     blocks = list(range(NUM_BLOCKS))
@@ -33,14 +37,18 @@ def make_batch(seed: int, dtype: torch.dtype):
     q = torch.randn(total, HEADS, DIM, generator=g).to(dtype)
     k = torch.randn(total, KV_HEADS, DIM, generator=g).to(dtype)
     v = torch.randn(total, KV_HEADS, DIM, generator=g).to(dtype)
-    meta = AttentionMetadata.build(tables, [c for c, _ in seqs], [q for _, q in seqs], BLOCK, torch.device("cpu"))
+    meta = AttentionMetadata.build(tables, [c for c, _ in seqs], [q for _, q in seqs], BLOCK, torch.device("cpu"),
+                                   native_decode=native)
     return q, k, v, k_cache, v_cache, meta
 
 
+@pytest.mark.parametrize("native", NATIVE)
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_batched_matches_reference(seed, dtype, tol):
-    q, k, v, kc, vc, meta = make_batch(seed, dtype)
+def test_batched_matches_reference(seed, dtype, tol, native):
+    """Decodes through torch ops (gathered blocks) or the native kernel (in place), prefills through SDPA."""
+    q, k, v, kc, vc, meta = make_batch(seed, dtype, native)
+    assert (meta.decode_context_lens is not None) == native
     kc2, vc2 = kc.clone(), vc.clone()
     ref = reference_attention(q, k, v, kc, vc, meta, DIM ** -0.5)
     fast = batched_attention(q, k, v, kc2, vc2, meta, DIM ** -0.5)
@@ -90,7 +98,8 @@ def test_contiguous_slots_decode_matches_reference_without_reading_past_lengths(
         vc[:, slot, :n] = torch.randn(KV_HEADS, n, DIM, generator=g)
     q = torch.randn(len(lengths), HEADS, DIM, generator=g)
     meta = AttentionMetadata.build([[s] for s in slots], [n - 1 for n in lengths], [1] * len(lengths), max_len,
-                                   torch.device("cpu"), in_place_decode=True, chunk_tokens=chunk)
+                                   torch.device("cpu"), in_place_decode=True, chunk_tokens=chunk,
+                                   native_decode=False)
     assert (None if meta.decode_runs is None else len(meta.decode_runs)) == num_runs
     k_new = kc.view(KV_HEADS, -1, DIM)[:, meta.slot_mapping].transpose(0, 1).clone()
     v_new = vc.view(KV_HEADS, -1, DIM)[:, meta.slot_mapping].transpose(0, 1).clone()

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from kvmem.attention import cpu_kernels
+
 
 def gathered_key_len(num_blocks: int, block_size: int, context_len: int) -> int:
     """How many key positions attention gathers for a context: whole blocks for a paged table, or
@@ -70,6 +72,9 @@ class AttentionMetadata:
     # Contiguous slots in a ragged batch: decodes gather whole chunks of this many tokens, as paged
     # gathers blocks (`decode_block_tables` then count chunks of a cache viewed in chunk units).
     decode_gather_tokens: int | None = None
+    # The native CPU kernel reads every decode in place through `decode_block_tables` (one slot per
+    # row for contiguous slots) up to these lengths; runs, gather tables and masks are then unused.
+    decode_context_lens: torch.Tensor | None = None
     # Scratch tensors that every layer of this step reuses (see `buffer`).
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -84,7 +89,8 @@ class AttentionMetadata:
     @classmethod
     def build(cls, block_tables: list[list[int]], num_computed: list[int], query_lens: list[int],
               block_size: int, device: torch.device, in_place_decode: bool = False,
-              chunk_tokens: int | None = None, readable_lens: list[int] | None = None) -> "AttentionMetadata":
+              chunk_tokens: int | None = None, readable_lens: list[int] | None = None,
+              native_decode: bool | None = None) -> "AttentionMetadata":
         """`block_tables[i]`, `num_computed[i]` (tokens already cached before this step) and
         `query_lens[i]` describe sequence i; decodes (query_len 1) must come first.
         `in_place_decode`: every table is one contiguous slot that attention must not read past
@@ -93,6 +99,8 @@ class AttentionMetadata:
         `readable_lens[i]`: how many tokens from the start of sequence i's slot are backed (at least
         its context; by default its context rounded up to `chunk_tokens`). Decodes in consecutive
         slots whose lengths differ share a run when every one of them can be read to the longest.
+        `native_decode`: decodes go to the C++ kernel (`cpu_kernels`), which reads any table in place;
+        None: whenever it is available on a CPU device.
 
         Built with one tensor construction per field rather than per sequence: this runs every step."""
         num_decodes = 0
@@ -104,9 +112,16 @@ class AttentionMetadata:
                                      for table, c, q in zip(block_tables, num_computed, query_lens)
                                      for p in range(c, c + q)], dtype=torch.long, device=device)
 
-        decode_block_tables = decode_mask = decode_runs = None
+        decode_block_tables = decode_mask = decode_runs = decode_lens = None
         gather_tokens = None
-        if num_decodes and in_place_decode:
+        if native_decode is None:
+            native_decode = device.type == "cpu" and cpu_kernels.decode_attention_kernel() is not None
+        if num_decodes and native_decode:
+            width = max(len(t) for t in block_tables[:num_decodes])
+            decode_block_tables = torch.tensor([t + [t[0]] * (width - len(t)) for t in block_tables[:num_decodes]],
+                                               dtype=torch.long, device=device)
+            decode_lens = torch.tensor(context_lens[:num_decodes], dtype=torch.long, device=device)
+        elif num_decodes and in_place_decode:
             if readable_lens is None:
                 grain = chunk_tokens or 1
                 readable_lens = [-(-n // grain) * grain for n in context_lens]
@@ -153,7 +168,7 @@ class AttentionMetadata:
             prefills.append(PrefillSpan(start, q, ctx, table))
             start += q
         return cls(slot_mapping, num_decodes, decode_block_tables, decode_mask, prefills,
-                   block_tables, context_lens, query_lens, block_size, decode_runs, gather_tokens)
+                   block_tables, context_lens, query_lens, block_size, decode_runs, gather_tokens, decode_lens)
 
     @staticmethod
     def _gather_tables(tables: list[list[int]], context_lens: list[int], block_size: int,

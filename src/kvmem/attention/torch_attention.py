@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvmem.attention import cpu_kernels
 from kvmem.attention.metadata import AttentionMetadata, gathered_key_len
 
 
@@ -60,7 +61,10 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
-    if nd and meta.decode_runs is not None:
+    if nd and meta.decode_context_lens is not None:  # the native CPU kernel, in place for every layout
+        out[:nd] = cpu_kernels.decode_attention_kernel()(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                                         meta.decode_context_lens, scale)
+    elif nd and meta.decode_runs is not None:
         out[:nd] = _decode_attention_in_place(q[:nd], k_cache, v_cache, meta, scale)
     elif nd and meta.decode_gather_tokens:  # contiguous slots in a ragged batch: gather chunks
         kv_heads, dim = k_cache.shape[0], k_cache.shape[-1]

@@ -1,0 +1,68 @@
+"""Native CPU kernels (C++, built on first use with torch's extension builder).
+
+Decode attention is the one place where plain torch costs more than it should on the CPU: bmm
+needs each (head, sequence) key matrix packed, so paged blocks are gathered and even a virtual slot
+read "in place" is copied by bfloat16 bmm (its oneDNN path packs strided batches). The kernel in
+csrc/cpu_decode.cpp reads keys and values where they lie, through the block table, never past a
+sequence's length.
+
+Built once per machine into torch's extension cache (~/.cache/torch_extensions, or
+TORCH_EXTENSIONS_DIR) with -march=native, so the cache key includes this CPU's model and flags.
+Without a C++ compiler or ninja, or with KVMEM_CPU_KERNELS=0, `decode_attention_kernel()` returns
+None and attention falls back to the torch paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
+_lock = threading.Lock()
+_module = None
+_tried = False
+
+
+def _cpu_tag() -> str:
+    """What -march=native depends on: the CPU model and its flags."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        text += "".join(sorted(set(lines)))
+    except OSError:
+        pass
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def enabled() -> bool:
+    return os.environ.get("KVMEM_CPU_KERNELS", "1") != "0"
+
+
+def decode_attention_kernel():
+    """The compiled `decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)`, or None."""
+    global _module, _tried
+    if not enabled():
+        return None
+    if _tried:
+        return None if _module is None else _module.decode_attention
+    with _lock:
+        if not _tried:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _module = load(name=f"kvmem_cpu_decode_{_cpu_tag()}", sources=[str(_SOURCE)],
+                               extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
+                               verbose=False)
+            except Exception as e:  # no compiler, no ninja, an exotic platform: the torch paths still work
+                logger.warning("kvmem: native CPU decode attention unavailable (%s); using torch ops",
+                               str(e).splitlines()[0] if str(e) else type(e).__name__)
+                _module = None
+            _tried = True
+    return None if _module is None else _module.decode_attention
