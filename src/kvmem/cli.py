@@ -29,12 +29,25 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     v.add_argument("--no-deferred-reclamation", action="store_true", help="unmap a slot's pages when it ends")
     v.add_argument("--no-eager-mapping", action="store_true", help="map a prompt chunk by chunk, not whole")
     v.add_argument("--mapping-lookahead", type=int, default=8, help="tokens mapped ahead of need")
+    h = p.add_argument_group("hybrid KV cache (HybridServe): --kv-cache hybrid")
+    h.add_argument("--device-memory", default=None, help="device tier + staging buffers: bytes, a size like 64MiB, "
+                   "or a fraction of free device memory (default: --kv-cache-memory's budget)")
+    h.add_argument("--host-memory", default=None, help="host tier (KV + activation blocks): bytes, a size like 1GiB, "
+                   "or a fraction of free host memory (default: 0.2)")
+    h.add_argument("--act-ratio", type=float, default=None, help="force this fraction (0-1) of host-tier blocks to "
+                   "hold activations (default: the cost model decides; KV only for grouped-query models)")
+    h.add_argument("--offload-weights", action="store_true", help="keep layer weights in host memory and stream "
+                   "them to the device layer by layer")
+    h.add_argument("--hybrid-profile", default=None, help="hardware profile JSON for the cost model (kvmem bench "
+                   "hybrid --measure --save-profile FILE); default: measured at start-up when needed")
+
+
+def _memory_arg(value: str | None) -> int | str | None:
+    return int(value) if value is not None and value.isdigit() else value
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    kv_mem = args.kv_cache_memory
-    if kv_mem is not None and kv_mem.isdigit():
-        kv_mem = int(kv_mem)
+    kv_mem = _memory_arg(args.kv_cache_memory)
     model = args.model or getattr(args, "model_arg", None)
     return dict(model=model, dtype=args.dtype, kv_cache=args.kv_cache, kv_cache_memory=kv_mem,
                 block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
@@ -42,7 +55,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, device=args.device, num_threads=args.threads,
                 background_mapping=not args.no_background_mapping,
                 deferred_reclamation=not args.no_deferred_reclamation, eager_mapping=not args.no_eager_mapping,
-                mapping_lookahead=args.mapping_lookahead)
+                mapping_lookahead=args.mapping_lookahead,
+                device_memory=_memory_arg(args.device_memory), host_memory=_memory_arg(args.host_memory),
+                act_ratio=args.act_ratio, offload_weights=args.offload_weights, hybrid_profile=args.hybrid_profile)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 128) -> None:

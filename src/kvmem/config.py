@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_STRATEGIES = ("paged", "static", "virtual")
+KV_CACHE_STRATEGIES = ("paged", "static", "virtual", "hybrid")
 ATTENTION_BACKENDS = ("torch", "reference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -42,6 +42,12 @@ class EngineConfig:
     deferred_reclamation: bool = True
     eager_mapping: bool = True
     mapping_lookahead: int = 8  # tokens mapped ahead of what a step needs
+    # kv_cache="hybrid" only (HybridServe; see kvmem.memory.hybrid)
+    device_memory: int | float | str | None = None  # device tier + staging; None = kv_cache_memory's budget
+    host_memory: int | float | str | None = None  # host tier (KV + activation blocks); None = 0.2 of free RAM
+    act_ratio: float | None = None  # share of host-tier blocks kept as activations; None = the cost model's
+    offload_weights: bool = False  # layer weights in host memory, streamed to the device layer by layer
+    hybrid_profile: str | None = None  # hardware profile JSON for the cost model; None = measured when needed
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_STRATEGIES:
@@ -70,6 +76,28 @@ class EngineConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.kv_cache_memory is not None:
             parse_memory_size(self.kv_cache_memory)  # validate early
+        self._check_hybrid()
+
+    def _check_hybrid(self) -> None:
+        for name in ("device_memory", "host_memory"):
+            if getattr(self, name) is not None:
+                parse_memory_size(getattr(self, name), name)
+        if self.act_ratio is not None:
+            r = self.act_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:  # NaN fails too
+                raise ValueError(f"act_ratio must be a number in [0, 1] (or None: the cost model decides), got {r!r}")
+            self.act_ratio = float(r)
+        if not isinstance(self.offload_weights, bool):
+            raise ValueError(f"offload_weights must be a bool, got {self.offload_weights!r}")
+        if self.hybrid_profile is not None and not isinstance(self.hybrid_profile, str):
+            raise ValueError(f"hybrid_profile must be a path to a profile JSON, got {self.hybrid_profile!r}")
+        if self.kv_cache != "hybrid":
+            given = [n for n in ("device_memory", "host_memory", "act_ratio", "hybrid_profile")
+                     if getattr(self, n) is not None] + (["offload_weights"] if self.offload_weights else [])
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to kv_cache='hybrid' only (kv_cache is {self.kv_cache!r})")
+        elif self.device_memory is not None and self.kv_cache_memory is not None:
+            raise ValueError("kv_cache='hybrid' takes device_memory (its device budget) or kv_cache_memory, not both")
 
     def torch_dtype(self, checkpoint_dtype: str) -> torch.dtype:
         """`auto`: the checkpoint's dtype on CUDA; on CPU bfloat16 where the CPU computes it natively
@@ -90,28 +118,28 @@ def cpu_has_native_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def parse_memory_size(value: int | float | str) -> int | float:
-    """Bytes (int or "2GiB"/"512MB") -> int; a fraction in (0, 1] -> float."""
+def parse_memory_size(value: int | float | str, name: str = "kv_cache_memory") -> int | float:
+    """Bytes (int or "2GiB"/"512MB") -> int; a fraction in (0, 1] -> float. Errors name `name`."""
     if isinstance(value, bool):
-        raise ValueError(f"kv_cache_memory must be bytes, a size like '2GiB' or a fraction, got {value!r}")
+        raise ValueError(f"{name} must be bytes, a size like '2GiB' or a fraction, got {value!r}")
     if isinstance(value, float):
         if not 0 < value <= 1:
-            raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {value}")
+            raise ValueError(f"{name} as a fraction must be in (0, 1], got {value}")
         return value
     if isinstance(value, int):
         if value <= 0:
-            raise ValueError(f"kv_cache_memory must be positive, got {value}")
+            raise ValueError(f"{name} must be positive, got {value}")
         return value
     if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if m and m.group(2).lower() in _SIZE_UNITS:
             number = float(m.group(1))
             if not m.group(2) and number <= 1 and "." in m.group(1):
-                return parse_memory_size(number)
+                return parse_memory_size(number, name)
             size = int(number * _SIZE_UNITS[m.group(2).lower()])
             if size > 0:
                 return size
-    raise ValueError(f"kv_cache_memory must be bytes, a size like '2GiB' or a fraction in (0, 1], got {value!r}")
+    raise ValueError(f"{name} must be bytes, a size like '2GiB' or a fraction in (0, 1], got {value!r}")
 
 
 def available_memory_bytes(device: torch.device) -> int:

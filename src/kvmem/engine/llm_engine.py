@@ -77,7 +77,10 @@ class LLMEngine:
             raise ValueError(f"max_model_len ({config.max_model_len}) is longer than the model's context "
                              f"({trained_len} positions in its config)")
         max_model_len = config.max_model_len or trained_len
-        self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype, self.device)
+        # hybrid with offload_weights: the layers stay in host memory and stream to the device per layer.
+        offload = config.kv_cache == "hybrid" and config.offload_weights
+        self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
+                                            torch.device("cpu") if offload else self.device)
         self.model.load_weights(source.weights())
         if self.device.type == "cpu" and self.dtype == torch.float32:
             self.model.pack_linear_weights_for_cpu()
@@ -86,7 +89,13 @@ class LLMEngine:
         # A sequence can never hold more than the KV budget: cap the context to it.
         self.max_model_len = min(max_model_len, self.manager.max_tokens_per_sequence)
         self.scheduler = Scheduler(self.manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.manager, self.device, config.attention_backend)
+        if config.kv_cache == "hybrid":
+            from kvmem.engine.hybrid_runner import HybridModelRunner
+
+            self.runner = HybridModelRunner(self.model, self.manager, self.device, config.attention_backend,
+                                            offload_weights=offload)
+        else:
+            self.runner = ModelRunner(self.model, self.manager, self.device, config.attention_backend)
         self.requests: dict[str, Request] = {}
         self.counters = EngineCounters()
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
@@ -115,6 +124,10 @@ class LLMEngine:
                 raise ValueError(f"kv_cache_memory ({budget} bytes) holds no sequence "
                                  f"({spec.bytes_per_token} bytes per token)")
             return StaticKVCacheManager(spec, num_slots, max_model_len)
+        if self.config.kv_cache == "hybrid":
+            from kvmem.memory.hybrid import make_hybrid_manager
+
+            return make_hybrid_manager(self.config, c, spec, max_model_len, default_device_budget=budget)
         if self.config.kv_cache == "virtual":
             from kvmem.memory.virtual import VirtualKVCacheManager, VirtualOptions
 

@@ -143,8 +143,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, cache: LayerCache, meta: AttentionMetadata,
-                attention: AttentionFn) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, cache, meta, attention)
+                attention: AttentionFn, capture: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """`capture`, if given, receives the normed input of the q,k,v projection: the activation from
+        which the hybrid cache recomputes K,V (`kvmem.hybrid.recompute`)."""
+        a = self.input_layernorm(x)
+        if capture is not None:
+            capture(a)
+        h = x + self.self_attn(a, rope, cache, meta, attention)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
