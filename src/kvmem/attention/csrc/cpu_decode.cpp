@@ -34,6 +34,27 @@ inline void widen<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n
   for (int64_t d = 0; d < n; ++d) out[d] = static_cast<uint32_t>(bits[d]) << 16;
 }
 
+// A dot product of two float rows. With DIM known, 16 lane-wise partial sums (one vector register)
+// and a tree at the end: a serial reduction of each dot product to one float cost more than its FMAs.
+template <int DIM>
+inline float dot(const float* a, const float* b, int64_t dim) {
+  if constexpr (DIM > 0 && DIM % 16 == 0) {
+    float part[16] = {};
+    for (int64_t d = 0; d < DIM; d += 16)
+#pragma omp simd
+      for (int l = 0; l < 16; ++l) part[l] += a[d + l] * b[d + l];
+    for (int w = 8; w > 0; w /= 2)
+#pragma omp simd
+      for (int l = 0; l < w; ++l) part[l] += part[l + w];
+    return part[0];
+  } else {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < dim; ++d) s += a[d] * b[d];
+    return s;
+  }
+}
+
 // DIM > 0: the head dimension known at compile time (64 and 128 are common), so the per-row loops
 // unroll into a few full vectors; DIM == 0: any head dimension, read from `dim`.
 template <typename T, int DIM>
@@ -61,13 +82,7 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
         for (int64_t i = 0; i < n; ++i) {
           const T* kr = kb + i * cache_token_stride;
           widen(kr, row.data(), DIM > 0 ? DIM : dim);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf.data() + g * dim;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < (DIM > 0 ? DIM : dim); ++d) s += qg[d] * row[d];
-            scores[g * len + start + i] = s;
-          }
+          for (int64_t g = 0; g < group; ++g) scores[g * len + start + i] = dot<DIM>(qf.data() + g * dim, row.data(), dim);
         }
       }
       // Softmax per query head.
@@ -87,19 +102,35 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
 #pragma omp simd
         for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
       }
-      // Pass 2: probabilities times values.
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = std::min(block_size, len - start);
-        const T* vb = v_cache + kvh * cache_head_stride + table[start / block_size] * cache_block_stride;
-        for (int64_t i = 0; i < n; ++i) {
-          const T* vr = vb + i * cache_token_stride;
-          widen(vr, row.data(), DIM > 0 ? DIM : dim);
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * len + start + i];
-            float* ag = acc.data() + g * dim;
+      // Pass 2: probabilities times values, one query head at a time so that its accumulator stays
+      // in registers (storing it back after every token was the kernel's hottest instruction).
+      for (int64_t g = 0; g < group; ++g) {
+        const float* pg = scores.data() + g * len;
+        float* ag = acc.data() + g * dim;
+        if constexpr (DIM > 0) {
+          float a[DIM] = {};
+          for (int64_t start = 0; start < len; start += block_size) {
+            const int64_t n = std::min(block_size, len - start);
+            const T* vb = v_cache + kvh * cache_head_stride + table[start / block_size] * cache_block_stride;
+            for (int64_t i = 0; i < n; ++i) {
+              widen(vb + i * cache_token_stride, row.data(), DIM);
+              const float p = pg[start + i];
 #pragma omp simd
-            for (int64_t d = 0; d < (DIM > 0 ? DIM : dim); ++d) ag[d] += p * row[d];
+              for (int64_t d = 0; d < DIM; ++d) a[d] += p * row[d];
+            }
+          }
+          std::copy(a, a + DIM, ag);
+        } else {
+          std::fill(ag, ag + dim, 0.f);
+          for (int64_t start = 0; start < len; start += block_size) {
+            const int64_t n = std::min(block_size, len - start);
+            const T* vb = v_cache + kvh * cache_head_stride + table[start / block_size] * cache_block_stride;
+            for (int64_t i = 0; i < n; ++i) {
+              widen(vb + i * cache_token_stride, row.data(), dim);
+              const float p = pg[start + i];
+#pragma omp simd
+              for (int64_t d = 0; d < dim; ++d) ag[d] += p * row[d];
+            }
           }
         }
       }
