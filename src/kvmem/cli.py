@@ -135,7 +135,7 @@ def _bench_throughput_compare(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir or f"benchmarks/results/throughput_vs_peers/{args.workload}_{dtype}")
     cfg = CompareConfig(args.workload, dtype, args.kv_cache, budget / 2**30, args.seed, args.rounds, out_dir,
                         Path(args.hf_model), parse_peers(args.compare), args.num_prompts, args.input_len,
-                        args.output_len, wait_quiet_max=args.wait_quiet_max)
+                        args.output_len, wait_quiet_max=args.wait_quiet_max, max_retries=args.max_retries)
     print_summary(run_compare(cfg))
     print(f"  results in {out_dir}/")
     return 0
@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--compare", default=None, metavar="vllm,transformers",
                       help="also run these peers, alternating with kvmem round by round, and report ratios")
     cmp_.add_argument("--rounds", type=int, default=2)
+    cmp_.add_argument("--max-retries", type=int, default=2,
+                      help="rerun a run during which other processes took more than 0.1 cores, up to this many times")
     cmp_.add_argument("--hf-model", default="/work/peers/smollm2-hf",
                       help="Hugging Face export of the same weights, for the peers")
     cmp_.add_argument("--out-dir", default=None, help="default: benchmarks/results/throughput_vs_peers/WORKLOAD_DTYPE")

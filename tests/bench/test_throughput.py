@@ -98,3 +98,24 @@ def test_compare_says_how_to_get_the_hf_export(tmp_path):
                         ("vllm",), peers_dir=_fake_peers(tmp_path, 1.0, 1.0))
     with pytest.raises(FileNotFoundError, match="export_hf.py"):
         run_compare(cfg)
+
+
+def test_a_run_that_shared_the_machine_is_run_again(tmp_path):
+    """The first vLLM run reports another process on 0.9 cores; the compare reruns it and keeps the clean one."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    peers = _fake_peers(tmp_path, 1.0, 1.0)
+    (peers / "fake_vllm.py").write_text(
+        "import json, sys, pathlib\n"
+        "a = sys.argv[1:]\n"
+        "count = pathlib.Path(__file__).with_name('calls')\n"
+        "n = int(count.read_text()) if count.exists() else 0\n"
+        "count.write_text(str(n + 1))\n"
+        "json.dump({'output_tokens_per_s': 100.0 + n, 'cpu_contention': {'other_cores': 0.9 if n == 0 else 0.0}},"
+        " open(a[a.index('--json') + 1], 'w'))\n")
+    cfg = CompareConfig("random", "bfloat16", "paged", 0.25, 0, 1, tmp_path / "out", hf, ("vllm",),
+                        num_prompts=2, input_len=8, output_len=4, peers_dir=peers)
+    result = run_compare(cfg)
+    assert (peers / "calls").read_text() == "2"
+    assert result.runs["vllm"] == [101.0]
