@@ -107,32 +107,23 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
       for (int64_t g = 0; g < group; ++g) {
         const float* pg = scores.data() + g * len;
         float* ag = acc.data() + g * dim;
-        if constexpr (DIM > 0) {
-          float a[DIM] = {};
-          for (int64_t start = 0; start < len; start += block_size) {
-            const int64_t n = std::min(block_size, len - start);
-            const T* vb = v_cache + kvh * cache_head_stride + table[start / block_size] * cache_block_stride;
-            for (int64_t i = 0; i < n; ++i) {
-              widen(vb + i * cache_token_stride, row.data(), DIM);
-              const float p = pg[start + i];
+        // With DIM known the accumulator is a local array the compiler keeps in registers.
+        constexpr int64_t kLocal = DIM > 0 ? DIM : 1;
+        float local[kLocal] = {};
+        float* a = DIM > 0 ? local : ag;
+        const int64_t n_dim = DIM > 0 ? DIM : dim;
+        std::fill(a, a + n_dim, 0.f);
+        for (int64_t start = 0; start < len; start += block_size) {
+          const int64_t n = std::min(block_size, len - start);
+          const T* vb = v_cache + kvh * cache_head_stride + table[start / block_size] * cache_block_stride;
+          for (int64_t i = 0; i < n; ++i) {
+            widen(vb + i * cache_token_stride, row.data(), n_dim);
+            const float p = pg[start + i];
 #pragma omp simd
-              for (int64_t d = 0; d < DIM; ++d) a[d] += p * row[d];
-            }
-          }
-          std::copy(a, a + DIM, ag);
-        } else {
-          std::fill(ag, ag + dim, 0.f);
-          for (int64_t start = 0; start < len; start += block_size) {
-            const int64_t n = std::min(block_size, len - start);
-            const T* vb = v_cache + kvh * cache_head_stride + table[start / block_size] * cache_block_stride;
-            for (int64_t i = 0; i < n; ++i) {
-              widen(vb + i * cache_token_stride, row.data(), dim);
-              const float p = pg[start + i];
-#pragma omp simd
-              for (int64_t d = 0; d < dim; ++d) ag[d] += p * row[d];
-            }
+            for (int64_t d = 0; d < n_dim; ++d) a[d] += p * row[d];
           }
         }
+        if (DIM > 0) std::copy(a, a + n_dim, ag);
       }
       for (int64_t g = 0; g < group; ++g) {
         T* o = out + seq * num_heads * dim + (kvh * group + g) * dim;
