@@ -193,8 +193,12 @@ class HybridKVCacheManager(KVCacheManager):
         if seq.seq_id in self.on_device:
             return self.device_tier.can_allocate(seq, num_new_tokens)
         # First allocation: the device only if the rest of the prompt fits there, so a prompt is not
-        # moved to the host tier in the middle of its chunked prefill.
+        # moved to the host tier in the middle of its chunked prefill. Without host KV blocks
+        # (act_ratio 1) a device-resident sequence could never move (there are no activations of the
+        # tokens it computed on the device): then only if its whole lifetime fits.
         rest = max(num_new_tokens, seq.num_tokens - seq.num_computed_tokens)
+        if self.plan.num_kv_blocks == 0 and hasattr(seq, "max_tokens"):
+            rest = max(rest, seq.num_prompt_tokens + seq.max_tokens - seq.num_computed_tokens)
         return self.device_tier.can_allocate(seq, rest)
 
     def _can_move_to_host(self, seq: Sequence, num_new_tokens: int) -> bool:
