@@ -210,15 +210,14 @@ def test_kv_rebuilt_from_captured_activations_equals_transformers(mha_dir, mha_c
 
 
 # --- the cost model's choice ----------------------------------------------------------------------
-def test_gqa_models_keep_kv_only_unless_forced(tmp_path_factory, caplog):
+def test_gqa_models_keep_kv_only_unless_forced(tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("hybrid-gqa") / "qwen2-bias", "qwen2-bias")
     from transformers import AutoModelForCausalLM
 
     from kvmem.models.loader import load_model
 
     config = load_model(str(path)).config
-    with caplog.at_level("INFO"):
-        auto = hybrid_llm(path, config, None)
+    auto = hybrid_llm(path, config, None)
     assert auto.engine.manager.act_ratio == 0.0 and auto.engine.manager.plan.num_act_blocks == 0
     assert "grouped-query" in auto.stats().extra["act_ratio_reason"]
     # Forced: activations with the q,k,v bias, on a model where they do not pay.

@@ -144,18 +144,22 @@ def test_staging_and_write_back_move_the_right_tokens():
         m.allocate(seq, 3)
     assert m.is_host_resident(a) and m.is_host_resident(b)
     t = m.plan_minibatch([(a, 9, 3), (b, 13, 3)])
-    assert t.block_tables == [[0, 1, 2], [3, 4, 5, 6]]
+    tables = t.block_tables
+    assert [len(x) for x in tables] == [3, 4] and sorted(sum(tables, [])) == list(range(7)) == list(range(t.num_staging_blocks))
+    staged_kv = [table[i] for seq, table, c in ((a, tables[0], 9), (b, tables[1], 13))
+                 for i, blk in enumerate(m.host_table(seq)[:cdiv(c, BS)]) if not blk.is_act]
+    assert staged_kv == list(range(t.num_kv_blocks))  # staged KV blocks first: one gather into the buffer
     buffer = m.staging[0]
     buffer.kv.zero_()
     m.stage(1, t, buffer)
     heads, dim, hidden = SPEC.num_kv_heads, SPEC.head_dim, SHAPE.hidden_size
     act_rows = []
-    for seq, computed, first in ((a, 9, 0), (b, 13, 3)):
+    for seq, computed, table in ((a, 9, tables[0]), (b, 13, tables[1])):
         for i, block in enumerate(m.host_table(seq)[:cdiv(computed, BS)]):
             if block.is_act:
-                act_rows += [(block.block_id * BS + o, first + i, i * BS + o) for o in range(min(BS, computed - i * BS))]
+                act_rows += [(block.block_id * BS + o, table[i], i * BS + o) for o in range(min(BS, computed - i * BS))]
             else:
-                torch.testing.assert_close(buffer.kv[:, :, first + i], m.host_kv[1, :, :, block.block_id], rtol=0, atol=0)
+                torch.testing.assert_close(buffer.kv[:, :, table[i]], m.host_kv[1, :, :, block.block_id], rtol=0, atol=0)
     assert t.num_act_tokens == len(act_rows)
     torch.testing.assert_close(buffer.act[:len(act_rows)],
                                m.host_act[1].reshape(-1, hidden)[[r for r, _, _ in act_rows]], rtol=0, atol=0)
@@ -164,8 +168,8 @@ def test_staging_and_write_back_move_the_right_tokens():
 
     # Write-back: the step's tokens 9..11 of a and 13..15 of b, rows 0..5 of the mini-batch.
     new_kv = torch.randn(2, heads, 6, dim)
-    slots = torch.tensor([(0 * 3 + p // BS) * BS + p % BS for p in range(9, 12)] +
-                         [(3 + p // BS) * BS + p % BS for p in range(13, 16)])
+    slots = torch.tensor([tables[0][p // BS] * BS + p % BS for p in range(9, 12)] +
+                         [tables[1][p // BS] * BS + p % BS for p in range(13, 16)])
     buffer.kv.view(2, heads, -1, dim)[:, :, slots] = new_kv
     activations = torch.randn(6, hidden)
     m.write_back(0, t, buffer, activations)

@@ -1,27 +1,31 @@
 """The model runner of kv_cache="hybrid": layer-major steps over device- and host-resident sequences.
 
 A step with no host-resident sequence (and resident weights) is the ordinary `ModelRunner` step on
-the device tier. Otherwise the step's sequences form groups: one group of the device-resident ones
-(reading the device tier's caches) and mini-batches of the host-resident ones (`form_minibatches`:
-balanced transfer bytes and recompute FLOPs, as few as fit a staging buffer). The layers run in order,
-each layer group by group (HybridServe's schedule), on one copy worker and the compute thread:
+the device tier. Otherwise the step's sequences form groups: the device-resident ones (reading the
+device tier's caches) and mini-batches of the host-resident ones (`form_minibatches`: balanced
+transfer bytes and recompute FLOPs, as few as fit a staging buffer). All rows go through each layer
+as one flat batch, so every GEMM reads the layer's weights once; only attention runs group by group
+(the grouped attention function below stands in for the backend). HybridServe's pipeline:
 
     copy worker:  [weights j+1]  stage(j, mb0)  stage(j, mb1)  stage(j+1, mb0) ...
-    compute:      layer j of the device group | recompute ACT → K,V; layer j of mb0; write back | ...
+    compute:      qkv(j) | attn(j, device) | recompute + attn(j, mb0), write back | attn(j, mb1) ... | mlp(j)
 
 `stage` moves a mini-batch's host KV blocks and activations of layer j into one of two staging
-buffers, so the worker fills one while the model reads the other (double buffering; with one
-mini-batch the next *layer's* staging overlaps the current one). Before the layer, the staged
-activations are turned back into K,V (`recompute_kv`: the layer's own K,V rows of qkv_proj, bias and
-RoPE at the tokens' positions) in the staging cache, which attention then reads as ordinary paged
-blocks. During the layer, `DecoderLayer`'s capture hook hands over the normed input of the q,k,v
-projection; after it, the new tokens' K,V (KV blocks) or activations (ACT blocks) go back to the host.
+buffers, so the worker fills one while attention reads the other (double buffering; with one
+mini-batch the next *layer's* staging overlaps this layer's MLP). Before a mini-batch's attention,
+its staged activations are turned back into K,V (`recompute_kv`: the layer's own K,V rows of qkv_proj,
+bias and RoPE at the tokens' positions) in the staging cache, which the attention backend then reads
+as ordinary paged blocks. `DecoderLayer`'s capture hook hands over the normed input of the q,k,v
+projection; after a mini-batch's attention, its new tokens' K,V (KV blocks) or activations (ACT
+blocks) go back to the host.
 
 Weight streaming (`offload_weights`): the layers' weights stay in host memory; two device buffers
 take turns, layer j+1's weights copied by the worker while layer j computes (FlexGen's schedule).
 
 On CPU the worker is a thread doing memcpys (device and host are one memory): the schedule and the
-results are those of a GPU run, the speed is not. On CUDA the worker issues its copies on a side
+results are those of a GPU run, the speed is not. On two cores the thread competes with the compute
+thread's OpenMP team; `KVMEM_HYBRID_INLINE_COPIES=1` runs the same jobs, in the same order, on the
+compute thread (measured in docs/benchmarks.md). On CUDA the worker issues its copies on a side
 stream and waits for them; events order buffer reuse against the compute stream. The CUDA path has
 not been run on a GPU yet.
 """

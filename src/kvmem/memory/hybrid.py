@@ -102,10 +102,9 @@ class MinibatchTransfers:
 
     `*_host` index tensors address host pools (CPU), `*_dev` ones the staging buffer (device)."""
 
-    block_tables: list[list[int]]  # per sequence: its staging block ids this step
+    block_tables: list[list[int]]  # per sequence: its staging block ids this step (in position order)
     num_staging_blocks: int
-    kv_src_host: torch.Tensor  # host KV block ids holding computed tokens
-    kv_dst_dev: torch.Tensor  # -> staging block ids
+    kv_src_host: torch.Tensor  # host KV block ids holding computed tokens -> staging blocks 0, 1, ...
     act_src_host: torch.Tensor  # host ACT flat rows (block * block_size + offset) of computed tokens
     act_dst_dev: torch.Tensor  # -> staging flat slots their recomputed K,V go to
     act_positions_dev: torch.Tensor  # their positions (RoPE)
@@ -278,38 +277,46 @@ class HybridKVCacheManager(KVCacheManager):
         """Staging block tables and transfer indices for host-resident sequences run together.
 
         `items`: (sequence, tokens computed before this step, tokens computed in it), decodes first.
-        Sequence i gets consecutive staging blocks for its whole context after the step. Blocks holding
+        Every sequence gets staging blocks for its whole context after the step. Blocks holding
         computed tokens are staged: KV blocks copied whole, ACT blocks' computed tokens recomputed. The
-        step's new tokens are written back to the host block their position falls in."""
+        staged KV blocks take staging blocks 0, 1, ... in order, so that staging them is one gather
+        straight into the buffer; the other blocks follow. The step's new tokens are written back to the
+        host block their position falls in."""
         bs = self.block_size
+        num_staged_kv = sum(not b.is_act for seq, computed, _ in items
+                            for b in self.host_tables[seq.seq_id][:cdiv(computed, bs)])
+        next_kv, next_other = 0, num_staged_kv
         tables: list[list[int]] = []
-        kv_src, kv_dst = [], []
+        kv_src = []
         act_blocks, act_counts, act_stage, act_first_pos = [], [], [], []
         wb_kv_src, wb_kv_dst, wb_act_rows, wb_act_dst = [], [], [], []
-        offset = row = 0
+        row = 0
         for seq, computed, num_new in items:
             blocks = self.host_tables[seq.seq_id]
-            num_blocks = cdiv(computed + num_new, bs)
-            tables.append(list(range(offset, offset + num_blocks)))
-            for i in range(cdiv(computed, bs)):
+            table = []
+            for i in range(cdiv(computed + num_new, bs)):
                 block = blocks[i]
-                if block.is_act:
-                    act_blocks.append(block.block_id)
-                    act_counts.append(min(bs, computed - i * bs))
-                    act_stage.append(offset + i)
-                    act_first_pos.append(i * bs)
-                else:
+                if i < cdiv(computed, bs) and not block.is_act:
+                    table.append(next_kv)
+                    next_kv += 1
                     kv_src.append(block.block_id)
-                    kv_dst.append(offset + i)
+                else:
+                    table.append(next_other)
+                    next_other += 1
+                    if i < cdiv(computed, bs):
+                        act_blocks.append(block.block_id)
+                        act_counts.append(min(bs, computed - i * bs))
+                        act_stage.append(table[-1])
+                        act_first_pos.append(i * bs)
+            tables.append(table)
             for pos in range(computed, computed + num_new):
                 block = blocks[pos // bs]
                 if block.is_act:
                     wb_act_rows.append(row + pos - computed)
                     wb_act_dst.append(block.block_id * bs + pos % bs)
                 else:
-                    wb_kv_src.append((offset + pos // bs) * bs + pos % bs)
+                    wb_kv_src.append(table[pos // bs] * bs + pos % bs)
                     wb_kv_dst.append(block.block_id * bs + pos % bs)
-            offset += num_blocks
             row += num_new
         dev, host = self.spec.device, self.host_device
 
@@ -324,7 +331,7 @@ class HybridKVCacheManager(KVCacheManager):
         act_src = torch.repeat_interleave(t(act_blocks, host) * bs, counts) + within
         act_dst = torch.repeat_interleave(t(act_stage, host) * bs, counts) + within
         act_pos = torch.repeat_interleave(t(act_first_pos, host), counts) + within
-        return MinibatchTransfers(tables, offset, t(kv_src, host), t(kv_dst, dev), act_src, act_dst.to(dev),
+        return MinibatchTransfers(tables, next_other, t(kv_src, host), act_src, act_dst.to(dev),
                                   act_pos.to(dev), t(wb_kv_src, dev), t(wb_kv_dst, host), t(wb_act_rows, dev),
                                   t(wb_act_dst, host))
 
@@ -333,10 +340,16 @@ class HybridKVCacheManager(KVCacheManager):
         """Host -> device for one layer of a mini-batch: KV blocks into the staging cache, activations
         into the staging activation area (rows in order of `act_dst_dev`). Recompute happens on the
         device afterwards (the runner's compute stream)."""
-        if transfers.num_kv_blocks:
-            blocks = self.host_kv[layer].index_select(2, transfers.kv_src_host)  # [2, heads, n, bs, dim]
-            buffer.kv.index_copy_(2, transfers.kv_dst_dev, blocks.to(buffer.kv.device, non_blocking=True))
-            self.counters.bytes_to_device += blocks.numel() * blocks.element_size()
+        n = transfers.num_kv_blocks
+        if n:  # into staging blocks 0..n-1
+            src = self.host_kv[layer]  # [2, heads, blocks, block_size, head_dim]
+            if buffer.kv.device == src.device:  # one gather per (K|V, head), no temporary
+                for kind in range(2):
+                    for head in range(src.shape[1]):
+                        torch.index_select(src[kind, head], 0, transfers.kv_src_host, out=buffer.kv[kind, head, :n])
+            else:
+                buffer.kv[:, :, :n].copy_(src.index_select(2, transfers.kv_src_host), non_blocking=True)
+            self.counters.bytes_to_device += n * self.block_size * self.kv_bytes_per_token_per_layer
         n = transfers.num_act_tokens
         if n:
             rows = self.host_act[layer].view(-1, self.hidden_size)
