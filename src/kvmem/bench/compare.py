@@ -167,7 +167,7 @@ def plot(result: CompareResult, path: Path) -> None:
 
 
 def print_summary(result: CompareResult) -> None:
-    print(f"median output tokens/s: " + ", ".join(f"{e} {v:.1f}" for e, v in result.median_output_tokens_per_s.items()))
+    print("median output tokens/s: " + ", ".join(f"{e} {v:.1f}" for e, v in result.median_output_tokens_per_s.items()))
     for peer, ratio in result.kvmem_ratio_median.items():
         rounds = " / ".join(f"{r:.2f}" for r in result.kvmem_ratio_per_round[peer])
         print(f"  kvmem / {peer}: {ratio:.2f}x (rounds: {rounds})")

@@ -19,13 +19,13 @@ Nothing runs on a GPU: `kvmem.hybrid.simulator` predicts prefill + decode time p
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kvmem.bench.report_json import write_json
 from kvmem.hybrid import profile as hw
 from kvmem.hybrid.cost_model import ModelShape
 from kvmem.hybrid.profile import DEFAULT_PROFILE, HardwareProfile
@@ -232,22 +232,6 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _finite(value):
-    """JSON has no Infinity/NaN: write them as strings ("inf"), as the other benches do."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def write_json(report: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(report), indent=1) + "\n")
-    return path
 
 
 COLORS = {"kv-only": "tab:red", "act-only": "tab:orange", "hybrid": "tab:blue"}

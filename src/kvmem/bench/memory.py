@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -53,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvmem.bench.report_json import write_json
 from kvmem.engine.detokenizer import IncrementalDetokenizer
 from kvmem.engine.scheduler import Scheduler
 from kvmem.engine.sequence import Sequence, SequenceStatus
@@ -672,22 +672,6 @@ def targets(report: dict) -> dict:
     return out
 
 
-def _finite(value):
-    """JSON has no Infinity/NaN: write them as strings ("inf"), as `bench serve` does."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def write_json(report: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(report), indent=1, default=str) + "\n")
-    return path
 
 
 # --- the plot ---------------------------------------------------------------------------------

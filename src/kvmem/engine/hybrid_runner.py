@@ -42,7 +42,7 @@ from torch import nn
 
 from kvmem.attention.metadata import AttentionMetadata
 from kvmem.attention.torch_attention import write_kv
-from kvmem.engine.model_runner import ModelRunner, StepResult, is_decode
+from kvmem.engine.model_runner import ModelRunner, StepResult, append_tokens, is_decode
 from kvmem.engine.scheduler import ScheduledSequence
 from kvmem.hybrid.cost_model import ModelShape
 from kvmem.hybrid.policy import RequestLoad, form_minibatches
@@ -215,14 +215,7 @@ class HybridModelRunner(ModelRunner):
         for g in groups:
             g.scheduled.sort(key=lambda s: not is_decode(s))  # stable: decodes first, as the metadata wants
             g.start = len(input_ids)
-            for s in g.scheduled:
-                seq, start = s.seq, s.seq.num_computed_tokens
-                end = start + s.num_new_tokens
-                input_ids += seq.token_ids[start:end]
-                positions += range(start, end)
-                if end == seq.num_tokens:  # caught up: the last position's logits give the next token
-                    logits_rows.append(len(input_ids) - 1)
-                    sampled.append(seq)
+            append_tokens(g.scheduled, input_ids, positions, logits_rows, sampled)
             g.end = len(input_ids)
             if g.on_host:
                 g.transfers = self.manager.plan_minibatch(

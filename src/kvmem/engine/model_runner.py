@@ -24,6 +24,20 @@ def is_decode(s: ScheduledSequence) -> bool:
     return s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0
 
 
+def append_tokens(batch: list[ScheduledSequence], input_ids: list[int], positions: list[int],
+                  logits_rows: list[int], sampled: list[Sequence]) -> None:
+    """Append this step's tokens of `batch`, in order, to the flat batch being built; a sequence that
+    catches up with its last token samples from that row's logits."""
+    for s in batch:
+        seq, start = s.seq, s.seq.num_computed_tokens
+        end = start + s.num_new_tokens
+        input_ids += seq.token_ids[start:end]
+        positions += range(start, end)
+        if end == seq.num_tokens:  # caught up: the last position's logits give the next token
+            logits_rows.append(len(input_ids) - 1)
+            sampled.append(seq)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, manager: KVCacheManager, device: torch.device,
                  attention_backend: str = "torch") -> None:
@@ -49,14 +63,7 @@ class ModelRunner:
         positions: list[int] = []
         logits_rows: list[int] = []
         sampled: list[Sequence] = []
-        for s in batch:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_new_tokens
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            if end == seq.num_tokens:  # caught up: the last position's logits give the next token
-                logits_rows.append(len(input_ids) - 1)
-                sampled.append(seq)
+        append_tokens(batch, input_ids, positions, logits_rows, sampled)
 
         meta = AttentionMetadata.build(
             block_tables=[self.manager.block_table(s.seq) for s in batch],
