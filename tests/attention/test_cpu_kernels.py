@@ -58,3 +58,26 @@ def test_a_strided_query_is_read_correctly():
     out = kernel(q, kc, vc, tables, lens, 0.25)
     expected = kernel(q.contiguous(), kc, vc, tables, lens, 0.25)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 3, 5, 8])
+def test_vector_kernel_matches_the_portable_loops(dtype, dim, group):
+    """The AVX-512 path (head dims 64 and 128) against the portable loops of the same kernel, for
+    query-head groups that split into different tiles and lengths around its 16-token steps."""
+    if not cpu_kernels.has_vector_kernel():
+        pytest.skip("this CPU has no AVX-512 path")
+    g = torch.Generator().manual_seed(dim + group)
+    kv_heads, block = 2, 16
+    lengths = [1, 15, 16, 17, 33, 100]
+    per_seq = -(-max(lengths) // block)
+    tables = torch.randperm(len(lengths) * per_seq, generator=g).view(len(lengths), per_seq)
+    kc = torch.randn(kv_heads, tables.numel(), block, dim, generator=g).to(dtype)
+    vc = torch.randn_like(kc, dtype=torch.float32).to(dtype)
+    q = torch.randn(len(lengths), kv_heads * group, dim, generator=g).to(dtype)
+    lens = torch.tensor(lengths)
+    vector = kernel(q, kc, vc, tables, lens, dim ** -0.5, use_vector_kernel=True)
+    portable = kernel(q, kc, vc, tables, lens, dim ** -0.5, use_vector_kernel=False)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(vector.float(), portable.float(), atol=tol, rtol=tol)

@@ -45,6 +45,11 @@ def enabled() -> bool:
     return os.environ.get("KVMEM_CPU_KERNELS", "1") != "0"
 
 
+def has_vector_kernel() -> bool:
+    """Whether the built kernel has its AVX-512 path (head dims 64 and 128) on this CPU."""
+    return decode_attention_kernel() is not None and _module.has_vector_kernel()
+
+
 def decode_attention_kernel():
     """The compiled `decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)`, or None."""
     global _module, _tried
