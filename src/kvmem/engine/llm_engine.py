@@ -82,7 +82,7 @@ class LLMEngine:
         self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
                                             torch.device("cpu") if offload else self.device)
         self.model.load_weights(source.weights())
-        if self.device.type == "cpu" and self.dtype == torch.float32:
+        if self.device.type == "cpu":
             self.model.pack_linear_weights_for_cpu()
 
         self.manager = self._make_manager(max_model_len)
