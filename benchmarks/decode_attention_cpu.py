@@ -46,7 +46,7 @@ def main() -> None:
         k_new = k_cache.view(kv_heads, -1, dim)[:, tables[:, 0] * block + args.context - 1].transpose(0, 1).clone()
         v_new = v_cache.view(kv_heads, -1, dim)[:, tables[:, 0] * block + args.context - 1].transpose(0, 1).clone()
         metas = {native: AttentionMetadata.build(tables.tolist(), [args.context - 1] * args.batch, [1] * args.batch,
-                                                 block, torch.device("cpu"), native_decode=native)
+                                                 block, torch.device("cpu"), native_kernel=native)
                  for native in (True, False)}
         outs = {n: batched_attention(q, k_new, v_new, k_cache, v_cache, m, dim ** -0.5) for n, m in metas.items()}
         times = {n: median_ms(lambda m=m: batched_attention(q, k_new, v_new, k_cache, v_cache, m, dim ** -0.5))

@@ -37,7 +37,7 @@ def test_decode_matches_reference_and_reads_nothing_past_each_length(dtype, tol,
             vc[:, table[t // block], t % block] = torch.randn(kv_heads, dim, generator=g).to(dtype)
     q = torch.randn(len(lengths), heads, dim, generator=g).to(dtype)
     meta = AttentionMetadata.build(tables, [n - 1 for n in lengths], [1] * len(lengths), block,
-                                   torch.device("cpu"), in_place_decode=layout == "slots", native_decode=True)
+                                   torch.device("cpu"), in_place_decode=layout == "slots", native_kernel=True)
     # This step's token is already in the cache: write it again, unchanged.
     flat = kc.view(kv_heads, -1, dim)
     k_new, v_new = flat[:, meta.slot_mapping].transpose(0, 1), vc.view(kv_heads, -1, dim)[:, meta.slot_mapping].transpose(0, 1)

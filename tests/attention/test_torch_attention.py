@@ -38,7 +38,7 @@ def make_batch(seed: int, dtype: torch.dtype, native: bool = False):
     k = torch.randn(total, KV_HEADS, DIM, generator=g).to(dtype)
     v = torch.randn(total, KV_HEADS, DIM, generator=g).to(dtype)
     meta = AttentionMetadata.build(tables, [c for c, _ in seqs], [q for _, q in seqs], BLOCK, torch.device("cpu"),
-                                   native_decode=native)
+                                   native_kernel=native)
     return q, k, v, k_cache, v_cache, meta
 
 
@@ -46,9 +46,10 @@ def make_batch(seed: int, dtype: torch.dtype, native: bool = False):
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_batched_matches_reference(seed, dtype, tol, native):
-    """Decodes through torch ops (gathered blocks) or the native kernel (in place), prefills through SDPA."""
+    """Decodes through torch ops (gathered blocks) and prefills through SDPA, or every row through the
+    native kernel (in place)."""
     q, k, v, kc, vc, meta = make_batch(seed, dtype, native)
-    assert (meta.decode_context_lens is not None) == native
+    assert (meta.native_context_lens is not None) == native
     kc2, vc2 = kc.clone(), vc.clone()
     ref = reference_attention(q, k, v, kc, vc, meta, DIM ** -0.5)
     fast = batched_attention(q, k, v, kc2, vc2, meta, DIM ** -0.5)
@@ -99,7 +100,7 @@ def test_contiguous_slots_decode_matches_reference_without_reading_past_lengths(
     q = torch.randn(len(lengths), HEADS, DIM, generator=g)
     meta = AttentionMetadata.build([[s] for s in slots], [n - 1 for n in lengths], [1] * len(lengths), max_len,
                                    torch.device("cpu"), in_place_decode=True, chunk_tokens=chunk,
-                                   native_decode=False)
+                                   native_kernel=False)
     assert (None if meta.decode_runs is None else len(meta.decode_runs)) == num_runs
     k_new = kc.view(KV_HEADS, -1, DIM)[:, meta.slot_mapping].transpose(0, 1).clone()
     v_new = vc.view(KV_HEADS, -1, DIM)[:, meta.slot_mapping].transpose(0, 1).clone()

@@ -59,7 +59,9 @@ def run_and_capture(model: LlamaForCausalLM, tokens: list[int], positions: torch
     mgr = PagedKVCacheManager(spec, num_blocks=32, block_size=4, enable_prefix_caching=False)
     caches = [mgr.layer_cache(i) for i in range(c.num_hidden_layers)]
     acts: list[list[torch.Tensor]] = [[] for _ in model.layers]
-    hooks = [layer.input_layernorm.register_forward_hook(lambda _m, _i, out, i=i: acts[i].append(out.clone()))
+    # The norm returns (h, norm(h)) when it also adds the residual (every layer after the first).
+    hooks = [layer.input_layernorm.register_forward_hook(
+        lambda _m, _i, out, i=i: acts[i].append((out[1] if isinstance(out, tuple) else out).clone()))
              for i, layer in enumerate(model.layers)]
     seq, slots = _Seq(tokens), []
     try:

@@ -1,4 +1,6 @@
-"""Native CPU kernels (C++, built on first use with torch's extension builder).
+"""Native CPU kernels (C++, built on first use with torch's extension builder): decode attention
+(csrc/cpu_decode.cpp) and the decoder layer's fused small ops (csrc/cpu_fused.cpp, used through
+`kvmem.models.fused`).
 
 Decode attention is the one place where plain torch costs more than it should on the CPU: bmm
 needs each (head, sequence) key matrix packed, so paged blocks are gathered and even a virtual slot
@@ -7,7 +9,8 @@ csrc/cpu_decode.cpp reads keys and values where they lie, through the block tabl
 sequence's length.
 
 Built once per machine into torch's extension cache (~/.cache/torch_extensions, or
-TORCH_EXTENSIONS_DIR) with -march=native, so the cache key includes this CPU's model and flags.
+TORCH_EXTENSIONS_DIR) with -march=native, so the cache key includes this CPU's model and flags, and
+a hash of the sources.
 Without a C++ compiler or ninja, or with KVMEM_CPU_KERNELS=0, `decode_attention_kernel()` returns
 None and attention falls back to the torch paths.
 """
@@ -23,7 +26,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("cpu_decode.cpp", "cpu_fused.cpp")]
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -41,6 +45,14 @@ def _cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def _source_tag() -> str:
+    """A hash of every file in csrc/: torch's builder notices a changed .cpp but not a changed header."""
+    digest = hashlib.sha1()
+    for path in sorted(_CSRC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def enabled() -> bool:
     return os.environ.get("KVMEM_CPU_KERNELS", "1") != "0"
 
@@ -52,22 +64,28 @@ def has_vector_kernel() -> bool:
 
 def decode_attention_kernel():
     """The compiled `decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)`, or None."""
+    module = load()
+    return None if module is None else module.decode_attention
+
+
+def load():
+    """The compiled extension module (built on first call), or None where it can't be built or is off."""
     global _module, _tried
     if not enabled():
         return None
     if _tried:
-        return None if _module is None else _module.decode_attention
+        return _module
     with _lock:
         if not _tried:
             try:
-                from torch.utils.cpp_extension import load
+                from torch.utils.cpp_extension import load as build_extension
 
-                _module = load(name=f"kvmem_cpu_decode_{_cpu_tag()}", sources=[str(_SOURCE)],
+                _module = build_extension(name=f"kvmem_cpu_kernels_{_cpu_tag()}_{_source_tag()}", sources=[str(p) for p in _SOURCES],
                                extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
                                verbose=False)
             except Exception as e:  # no compiler, no ninja, an exotic platform: the torch paths still work
-                logger.warning("kvmem: native CPU decode attention unavailable (%s); using torch ops",
+                logger.warning("kvmem: native CPU kernels unavailable (%s); using torch ops",
                                str(e).splitlines()[0] if str(e) else type(e).__name__)
                 _module = None
             _tried = True
-    return None if _module is None else _module.decode_attention
+    return _module

@@ -72,9 +72,12 @@ class AttentionMetadata:
     # Contiguous slots in a ragged batch: decodes gather whole chunks of this many tokens, as paged
     # gathers blocks (`decode_block_tables` then count chunks of a cache viewed in chunk units).
     decode_gather_tokens: int | None = None
-    # The native CPU kernel reads every decode in place through `decode_block_tables` (one slot per
-    # row for contiguous slots) up to these lengths; runs, gather tables and masks are then unused.
-    decode_context_lens: torch.Tensor | None = None
+    # The native CPU kernel computes every row (decodes and prefill chunks alike) reading keys in
+    # place through its sequence's table, row i up to native_context_lens[i] keys (its position + 1:
+    # the causal mask). Tables are [num_tokens, width], one slot per row for contiguous slots. When
+    # set, the decode and prefill fields above are not used by `batched_attention`.
+    native_block_tables: torch.Tensor | None = None
+    native_context_lens: torch.Tensor | None = None
     # Scratch tensors that every layer of this step reuses (see `buffer`).
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -90,7 +93,7 @@ class AttentionMetadata:
     def build(cls, block_tables: list[list[int]], num_computed: list[int], query_lens: list[int],
               block_size: int, device: torch.device, in_place_decode: bool = False,
               chunk_tokens: int | None = None, readable_lens: list[int] | None = None,
-              native_decode: bool | None = None) -> "AttentionMetadata":
+              native_kernel: bool | None = None) -> "AttentionMetadata":
         """`block_tables[i]`, `num_computed[i]` (tokens already cached before this step) and
         `query_lens[i]` describe sequence i; decodes (query_len 1) must come first.
         `in_place_decode`: every table is one contiguous slot that attention must not read past
@@ -99,8 +102,8 @@ class AttentionMetadata:
         `readable_lens[i]`: how many tokens from the start of sequence i's slot are backed (at least
         its context; by default its context rounded up to `chunk_tokens`). Decodes in consecutive
         slots whose lengths differ share a run when every one of them can be read to the longest.
-        `native_decode`: decodes go to the C++ kernel (`cpu_kernels`), which reads any table in place;
-        None: whenever it is available on a CPU device.
+        `native_kernel`: every row goes to the C++ kernel (`cpu_kernels`), which reads any table in
+        place; None: whenever it is available on a CPU device.
 
         Built with one tensor construction per field rather than per sequence: this runs every step."""
         num_decodes = 0
@@ -112,16 +115,24 @@ class AttentionMetadata:
                                      for table, c, q in zip(block_tables, num_computed, query_lens)
                                      for p in range(c, c + q)], dtype=torch.long, device=device)
 
-        decode_block_tables = decode_mask = decode_runs = decode_lens = None
+        if native_kernel is None:
+            native_kernel = device.type == "cpu" and cpu_kernels.decode_attention_kernel() is not None
+        if native_kernel:
+            # Each sequence's blocks up to its context, padded with its own first block.
+            needed = [-(-n // bs) for n in context_lens]
+            width = max(needed)
+            tables = torch.tensor([t[:k] + [t[0]] * (width - k) for t, k in zip(block_tables, needed)],
+                                  dtype=torch.long, device=device)
+            if any(q != 1 for q in query_lens):
+                tables = tables.repeat_interleave(torch.tensor(query_lens, device=device), dim=0)
+            lens = torch.tensor([p + 1 for c, q in zip(num_computed, query_lens) for p in range(c, c + q)],
+                                dtype=torch.long, device=device)
+            return cls(slot_mapping, num_decodes, None, None, [], block_tables, context_lens, query_lens,
+                       block_size, native_block_tables=tables, native_context_lens=lens)
+
+        decode_block_tables = decode_mask = decode_runs = None
         gather_tokens = None
-        if native_decode is None:
-            native_decode = device.type == "cpu" and cpu_kernels.decode_attention_kernel() is not None
-        if num_decodes and native_decode:
-            width = max(len(t) for t in block_tables[:num_decodes])
-            decode_block_tables = torch.tensor([t + [t[0]] * (width - len(t)) for t in block_tables[:num_decodes]],
-                                               dtype=torch.long, device=device)
-            decode_lens = torch.tensor(context_lens[:num_decodes], dtype=torch.long, device=device)
-        elif num_decodes and in_place_decode:
+        if num_decodes and in_place_decode:
             if readable_lens is None:
                 grain = chunk_tokens or 1
                 readable_lens = [-(-n // grain) * grain for n in context_lens]
@@ -168,7 +179,7 @@ class AttentionMetadata:
             prefills.append(PrefillSpan(start, q, ctx, table))
             start += q
         return cls(slot_mapping, num_decodes, decode_block_tables, decode_mask, prefills,
-                   block_tables, context_lens, query_lens, block_size, decode_runs, gather_tokens, decode_lens)
+                   block_tables, context_lens, query_lens, block_size, decode_runs, gather_tokens)
 
     @staticmethod
     def _gather_tables(tables: list[list[int]], context_lens: list[int], block_size: int,

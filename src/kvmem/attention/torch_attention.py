@@ -1,8 +1,10 @@
 """Attention over a block-addressed KV cache, in plain torch.
 
 Two backends with one signature, `(q, k, v, k_cache, v_cache, meta, scale) -> out`:
-- `batched_attention`: the fast path. All decodes in one SDPA call over keys gathered into a padded
-  `[batch, max_len]` batch; each prefill one SDPA call.
+- `batched_attention`: the fast path. On the CPU, every row (decode or prefill) in one call of the
+  native kernel, reading keys where they lie. Otherwise all decodes in one batched call over keys
+  gathered into a padded `[batch, max_len]` batch (or read in place from contiguous slots), and each
+  prefill one SDPA call.
 - `reference_attention`: a per-sequence loop that gathers keys block by block and computes softmax
   explicitly in float32. Slow and obvious; the fast path is tested against it.
 
@@ -58,13 +60,13 @@ def _causal_mask(query_len: int, context_len: int, device: torch.device) -> torc
 def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if meta.native_context_lens is not None:  # the native CPU kernel: every row, in place, any layout
+        return cpu_kernels.decode_attention_kernel()(q, k_cache, v_cache, meta.native_block_tables,
+                                                     meta.native_context_lens, scale)
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
-    if nd and meta.decode_context_lens is not None:  # the native CPU kernel, in place for every layout
-        out[:nd] = cpu_kernels.decode_attention_kernel()(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                                         meta.decode_context_lens, scale)
-    elif nd and meta.decode_runs is not None:
+    if nd and meta.decode_runs is not None:
         out[:nd] = _decode_attention_in_place(q[:nd], k_cache, v_cache, meta, scale)
     elif nd and meta.decode_gather_tokens:  # contiguous slots in a ragged batch: gather chunks
         kv_heads, dim = k_cache.shape[0], k_cache.shape[-1]

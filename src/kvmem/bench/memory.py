@@ -523,7 +523,7 @@ def attention_case(cfg: AttentionConfig, context: int, ragged: bool) -> Attentio
             # The torch paths, whose speed depends on the layout (the native kernel reads both in place).
             metas[m.name] = AttentionMetadata.build(tables, [n - 1 for n in lens], [1] * len(lens), m.block_size,
                                                     torch.device("cpu"), in_place_decode=m.contiguous_slots,
-                                                    chunk_tokens=m.chunk_tokens, native_decode=False)
+                                                    chunk_tokens=m.chunk_tokens, native_kernel=False)
             build_ms[m.name] = (time.perf_counter() - t0) * 1e3
         if virtual.kernel_resident_bytes() < sum(lens) * virtual.spec.bytes_per_token:
             raise RuntimeError("virtual: the kernel reports fewer resident bytes than the KV written")

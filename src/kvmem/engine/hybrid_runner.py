@@ -270,7 +270,7 @@ class HybridModelRunner(ModelRunner):
             self._stage(step, k)
         x = model.embed_tokens(input_ids)
         rope = model.rope.tables(positions)
-        layer_done = None
+        layer_done, residual = None, None
         for j in range(num_layers):
             if self.weights is not None:
                 layer = self.weights.wait(j)
@@ -281,10 +281,11 @@ class HybridModelRunner(ModelRunner):
                 layer = model.layers[j]
                 step.projection = self.projections[j]
             step.layer, step.layer_module = j, layer
-            x = layer(x, rope, self.caches[j], step, self._attention,
-                      capture=(lambda a: setattr(step, "activations", a)) if host_groups else None)
+            x, residual = layer(x, rope, self.caches[j], step, self._attention,
+                                capture=(lambda a: setattr(step, "activations", a)) if host_groups else None,
+                                residual=residual)
             layer_done = self.worker.mark()
-        return model.lm_head(model.norm(x[logits_rows]))
+        return model.lm_head(model.norm(x[logits_rows], residual[logits_rows])[1])
 
     def _stage(self, step: _Step, k: int) -> None:
         j, g = step.jobs[k]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvmem.attention.metadata import AttentionMetadata
+from kvmem.models import fused
 from kvmem.models.config import ModelConfig, RopeScaling
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -54,11 +55,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, cast back, then scale: the order HF uses (it matters in bf16).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given the running `residual`, (h, norm(h)) for h = residual + x, the residual
+        add fused into the norm (vLLM's convention). `residual` may be updated in place."""
+        if residual is None:
+            return fused.rms_norm(x, self.weight, self.eps)
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -102,10 +104,7 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions][:, None, :], self.signed_sin[positions][:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate every head of x ([T, heads, head_dim]) by its token's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((x2, x1), dim=-1) * signed_sin
+apply_rope = fused.apply_rope_reference  # out of place: the hybrid cache's K recompute uses it
 
 
 class Attention(nn.Module):
@@ -123,9 +122,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeTables, cache: LayerCache, meta: AttentionMetadata,
                 attention: AttentionFn) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        # q and k sit side by side in each row: rotate them as one [T, heads + kv_heads, dim] tensor.
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
-                                                                   self.head_dim), *rope)
+        # q and k sit side by side in each row: rotate them as one [T, heads + kv_heads, dim] tensor,
+        # in place in the projection's output.
+        qk = fused.apply_rope_(qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                                          self.head_dim), *rope)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         out = attention(q, k, v, cache[0], cache[1], meta, self.scale)
@@ -140,8 +140,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -153,14 +152,22 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, cache: LayerCache, meta: AttentionMetadata,
-                attention: AttentionFn, capture: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """`capture`, if given, receives the normed input of the q,k,v projection: the activation from
+                attention: AttentionFn, capture: Callable[[torch.Tensor], None] | None = None,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (mlp output, residual): the layer's output is their sum, which the next norm adds
+        as it normalises. `residual` None: x is the first layer's input (the embeddings, which the
+        layer then owns and updates in place).
+
+        `capture`, if given, receives the normed input of the q,k,v projection: the activation from
         which the hybrid cache recomputes K,V (`kvmem.hybrid.recompute`)."""
-        a = self.input_layernorm(x)
+        if residual is None:
+            residual, a = x, self.input_layernorm(x)
+        else:
+            residual, a = self.input_layernorm(x, residual)
         if capture is not None:
             capture(a)
-        h = x + self.self_attn(a, rope, cache, meta, attention)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        residual, b = self.post_attention_layernorm(self.self_attn(a, rope, cache, meta, attention), residual)
+        return self.mlp(b), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -210,9 +217,11 @@ class LlamaForCausalLM(nn.Module):
         `logits_indices` of the flat batch."""
         x = self.embed_tokens(input_ids)
         rope = self.rope.tables(positions)
+        residual = None
         for layer, cache in zip(self.layers, caches):
-            x = layer(x, rope, cache, meta, attention)
-        x = self.norm(x[logits_indices])  # only rows that sample need the final norm and lm_head
+            x, residual = layer(x, rope, cache, meta, attention, residual=residual)
+        # Only rows that sample need the final norm and the lm_head.
+        _, x = self.norm(x[logits_indices], residual[logits_indices])
         return self.lm_head(x)
 
     # --- weights ------------------------------------------------------------------------

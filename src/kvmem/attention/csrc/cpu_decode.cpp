@@ -14,6 +14,12 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KVMEM_HAVE_AVX512 1
+#else
+#define KVMEM_HAVE_AVX512 0
+#endif
+
 namespace {
 
 inline float to_float(float x) { return x; }
@@ -135,7 +141,7 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
 }
 
 
-#if defined(__AVX512F__)
+#if KVMEM_HAVE_AVX512
 // ---------------------------------------------------------------------------------------------
 // AVX-512 path for head dimensions 64 and 128, float32 and (with AVX512-BF16) bfloat16 caches.
 //
@@ -148,7 +154,7 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
 // lane: a shift gives the even element, a mask the odd one) and accumulated for a tile of query
 // heads at once, so each value row is loaded once per tile.
 // ---------------------------------------------------------------------------------------------
-#include <immintrin.h>
+#include "vec_avx512.h"
 
 // out[i] = sum of the 16 lanes of v[i], for i in 0..15.
 inline __m512 sum_lanes_16(__m512 (&v)[16]) {
@@ -213,25 +219,6 @@ struct RowOps<c10::BFloat16, DIM> {
 };
 #define KVMEM_AVX512_BF16 1
 #endif
-
-// e^x for x <= 0 (scores minus their maximum), to within ~2 ulp: x = n ln2 + r, |r| <= ln2/2, a
-// degree-6 polynomial for e^r (Cephes' expf coefficients), and 2^n applied by vscalefps, which also
-// takes e^x to 0 where it underflows. glibc's scalar expf was a quarter of the kernel's time.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 // In place over s[0, padded): s[t] = e^(s[t] - max) for t < len, 0 beyond; returns their sum.
 inline float softmax_numerators(float* s, int64_t len, int64_t padded) {
@@ -350,7 +337,7 @@ void decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t
     }
   });
 }
-#endif  // __AVX512F__
+#endif  // KVMEM_HAVE_AVX512
 
 // The AVX-512 kernel where it applies (returns false otherwise).
 template <typename T>
@@ -358,7 +345,7 @@ bool try_decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int
                        int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size, int64_t table_width,
                        int64_t q_seq_stride, int64_t q_head_stride, int64_t cache_head_stride,
                        int64_t cache_block_stride, int64_t cache_token_stride, float scale) {
-#if defined(__AVX512F__)
+#if KVMEM_HAVE_AVX512
   constexpr bool supported = std::is_same_v<T, float>
 #if defined(KVMEM_AVX512_BF16)
                              || std::is_same_v<T, c10::BFloat16>
@@ -409,12 +396,15 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+void register_fused(pybind11::module& m);  // cpu_fused.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_fused(m);
   m.def("decode_attention", &decode_attention, "decode attention over a block-addressed KV cache (CPU)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("scale"), py::arg("use_vector_kernel") = true);
   m.def("has_vector_kernel", [] {
-#if defined(__AVX512F__)
+#if KVMEM_HAVE_AVX512
     return true;
 #else
     return false;
