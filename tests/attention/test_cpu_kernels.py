@@ -81,3 +81,23 @@ def test_vector_kernel_matches_the_portable_loops(dtype, dim, group):
     portable = kernel(q, kc, vc, tables, lens, dim ** -0.5, use_vector_kernel=False)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(vector.float(), portable.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_equals_index_copy_and_rejects_a_bad_slot(dtype):
+    """The native K,V write against two index_copy_ on flattened views (what the torch path does),
+    with k and v as strided views into a fused projection, as the model passes them."""
+    g = torch.Generator().manual_seed(0)
+    kv_heads, blocks, block, dim, T = 3, 10, 4, 16, 7
+    kc, vc = torch.randn(kv_heads, blocks, block, dim, generator=g).to(dtype), torch.randn(kv_heads, blocks, block, dim, generator=g).to(dtype)
+    proj = torch.randn(T, 5 * kv_heads * dim, generator=g).to(dtype)
+    k = proj[:, kv_heads * dim: 2 * kv_heads * dim].view(T, kv_heads, dim)
+    v = proj[:, 4 * kv_heads * dim:].view(T, kv_heads, dim)
+    slots = torch.tensor([39, 0, 5, 17, 18, 2, 33])
+    expected_k, expected_v = kc.clone(), vc.clone()
+    expected_k.view(kv_heads, -1, dim).index_copy_(1, slots, k.transpose(0, 1))
+    expected_v.view(kv_heads, -1, dim).index_copy_(1, slots, v.transpose(0, 1))
+    cpu_kernels.load().write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc, expected_k) and torch.equal(vc, expected_v)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_kernels.load().write_kv(k, v, kc, vc, slots + 1)

@@ -24,6 +24,9 @@ from kvmem.attention.metadata import AttentionMetadata, gathered_key_len
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
+    if k_cache.device.type == "cpu" and (native := cpu_kernels.load()) is not None:
+        native.write_kv(k, v, k_cache, v_cache, slot_mapping)  # one pass instead of two index_copy_
+        return
     num_kv_heads, _, _, dim = k_cache.shape
     k_cache.view(num_kv_heads, -1, dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
     v_cache.view(num_kv_heads, -1, dim).index_copy_(1, slot_mapping, v.transpose(0, 1))

@@ -26,6 +26,17 @@ LayerCache = tuple[torch.Tensor, torch.Tensor]
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin) of this step's positions
 
 
+def _mkldnn_op(name: str):
+    """The op's one overload, looked up once (resolving `torch.ops.mkldnn.<name>` on every call costs
+    more than a small GEMM's dispatch); None in builds without oneDNN."""
+    packet = getattr(torch.ops.mkldnn, name, None) if torch.backends.mkldnn.is_available() else None
+    return getattr(packet, "default", None)
+
+
+_linear_pointwise = _mkldnn_op("_linear_pointwise")
+_reorder_linear_weight = _mkldnn_op("_reorder_linear_weight")
+
+
 class OneDNNLinear(nn.Module):
     """A frozen nn.Linear whose weight oneDNN has reordered once into its blocked layout for GEMMs
     (the layout torch.compile's CPU freezing uses). Input and output stay ordinary dense tensors."""
@@ -36,17 +47,17 @@ class OneDNNLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint),
+        self.register_buffer("weight", _reorder_linear_weight(weight, self.batch_hint),
                              persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     @staticmethod
     def available(dtype: torch.dtype) -> bool:
-        return (dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+        return (dtype in (torch.float32, torch.bfloat16) and _linear_pointwise is not None
+                and _reorder_linear_weight is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [None], "")
+        return _linear_pointwise(x, self.weight, self.bias, "none", [None], "")
 
 
 class RMSNorm(nn.Module):

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -220,17 +221,22 @@ struct RowOps<c10::BFloat16, DIM> {
 #define KVMEM_AVX512_BF16 1
 #endif
 
+// The first n of 16 lanes (none for n <= 0).
+inline __mmask16 live_lanes(int64_t n) {
+  return n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // In place over s[0, padded): s[t] = e^(s[t] - max) for t < len, 0 beyond; returns their sum.
 inline float softmax_numerators(float* s, int64_t len, int64_t padded) {
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t t = 0; t < padded; t += 16) {
-    const __mmask16 live = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
+    const __mmask16 live = live_lanes(len - t);
     m = _mm512_mask_max_ps(m, live, m, _mm512_loadu_ps(s + t));
   }
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
   __m512 total = _mm512_setzero_ps();
   for (int64_t t = 0; t < padded; t += 16) {
-    const __mmask16 live = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
+    const __mmask16 live = live_lanes(len - t);
     const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), top)));
     _mm512_storeu_ps(s + t, e);
     total = _mm512_add_ps(total, e);
@@ -280,6 +286,72 @@ void accumulate_values(const T* v_cache, const int64_t* rows, int64_t len, const
       }
 }
 
+#if defined(KVMEM_AVX512_BF16)
+// Probabilities times bfloat16 values, two tokens per instruction: vdpbf16ps multiplies a pair of
+// (value, probability) and adds both products into one float32 lane. The rows of tokens t and t+1
+// are interleaved element by element (vpunpck{l,h}wd) and their probabilities are one 32-bit
+// broadcast of the bfloat16 pair. `probs` is bfloat16, in token order, zero past len (so an odd
+// last token pairs with itself at probability 0); like flash attention's bf16 P.V, the
+// probabilities are rounded to bfloat16, and the caller normalizes by the sum of the rounded ones.
+template <int DIM, int GT>
+void accumulate_value_pairs(const c10::BFloat16* v_cache, const int64_t* rows, int64_t len, const uint16_t* probs,
+                            int64_t probs_stride, float* acc) {
+  constexpr int P = DIM / 32;  // 64-byte pieces per row
+  __m512 sum[GT][P][2];
+#pragma GCC unroll 8
+  for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 8
+    for (int c = 0; c < P; ++c) sum[g][c][0] = sum[g][c][1] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; t += 2) {
+    const c10::BFloat16* r0 = v_cache + rows[t];
+    const c10::BFloat16* r1 = v_cache + rows[t + 1 < len ? t + 1 : t];
+    __m512i lo[P], hi[P];
+#pragma GCC unroll 8
+    for (int c = 0; c < P; ++c) {
+      const __m512i a = _mm512_loadu_si512(r0 + 32 * c), b = _mm512_loadu_si512(r1 + 32 * c);
+      lo[c] = _mm512_unpacklo_epi16(a, b);
+      hi[c] = _mm512_unpackhi_epi16(a, b);
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < GT; ++g) {
+      uint32_t pair;
+      std::memcpy(&pair, probs + g * probs_stride + t, 4);
+      const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 8
+      for (int c = 0; c < P; ++c) {
+        sum[g][c][0] = _mm512_dpbf16_ps(sum[g][c][0], (__m512bh)lo[c], p);
+        sum[g][c][1] = _mm512_dpbf16_ps(sum[g][c][1], (__m512bh)hi[c], p);
+      }
+    }
+  }
+  // Lane L of the low (w = 0) or high (w = 1) sum of piece c is element 32c + 8(L/4) + 4w + L%4.
+  alignas(64) float lanes[16];
+#pragma GCC unroll 8
+  for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 8
+    for (int c = 0; c < P; ++c)
+#pragma GCC unroll 2
+      for (int w = 0; w < 2; ++w) {
+        _mm512_store_ps(lanes, sum[g][c][w]);
+        for (int L = 0; L < 16; ++L) acc[g * DIM + 32 * c + 8 * (L / 4) + 4 * w + L % 4] = lanes[L];
+      }
+}
+
+// Scores s[0, padded) (padded a multiple of 32, zero past the live ones) to bfloat16 in order;
+// returns the sum of the rounded values.
+inline float round_probabilities(const float* s, uint16_t* out, int64_t padded) {
+  __m512 total = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t t = 0; t < padded; t += 32) {
+    const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + t + 16), _mm512_loadu_ps(s + t));
+    _mm512_storeu_si512(out + t, b);
+    total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)));
+    total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_and_si512(b, high)));
+  }
+  return _mm512_reduce_add_ps(total);
+}
+#endif
+
 template <typename T, int DIM>
 void decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens, T* out,
                    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t block_size, int64_t table_width,
@@ -293,9 +365,10 @@ void decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> rows;  // element offset of each token's row, for this item's KV head
     std::vector<float> scores, acc(group * DIM), totals(group);
+    std::vector<uint16_t> probs16;  // bfloat16 probabilities (the bfloat16 value path)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads, kvh = item % num_kv_heads;
-      const int64_t len = lens[seq], padded = (len + 15) / 16 * 16;
+      const int64_t len = lens[seq], padded = (len + 31) / 32 * 32;
       const int64_t* table = tables + seq * table_width;
       rows.resize(padded);
       for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
@@ -319,7 +392,26 @@ void decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t
         }
         totals[g] = softmax_numerators(sg, len, padded);  // the division by the sum is applied to the output
       }
-      for (int64_t g0 = 0; g0 < group; g0 += kMaxTile) {
+      bool accumulated = false;
+#if defined(KVMEM_AVX512_BF16)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        probs16.resize(group * padded);
+        for (int64_t g = 0; g < group; ++g)
+          totals[g] = round_probabilities(scores.data() + g * padded, probs16.data() + g * padded, padded);
+        for (int64_t g0 = 0; g0 < group; g0 += kMaxTile) {
+          const uint16_t* p = probs16.data() + g0 * padded;
+          float* a = acc.data() + g0 * DIM;
+          switch (std::min<int64_t>(kMaxTile, group - g0)) {
+            case 1: accumulate_value_pairs<DIM, 1>(v_cache, rows.data(), len, p, padded, a); break;
+            case 2: accumulate_value_pairs<DIM, 2>(v_cache, rows.data(), len, p, padded, a); break;
+            case 3: accumulate_value_pairs<DIM, 3>(v_cache, rows.data(), len, p, padded, a); break;
+            default: accumulate_value_pairs<DIM, kMaxTile>(v_cache, rows.data(), len, p, padded, a); break;
+          }
+        }
+        accumulated = true;
+      }
+#endif
+      for (int64_t g0 = 0; g0 < group && !accumulated; g0 += kMaxTile) {
         const float* p = scores.data() + g0 * padded;
         float* a = acc.data() + g0 * DIM;
         switch (std::min<int64_t>(kMaxTile, group - g0)) {

@@ -239,7 +239,38 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
   return out;
 }
 
+// This step's K and V into the caches: k, v [T, kv_heads, dim] (dim contiguous, any other strides),
+// caches [kv_heads, blocks, block_size, dim] (dim contiguous), token t to flat slot slots[t] =
+// block * block_size + offset. The same as two index_copy_ calls on flattened views, in one pass.
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.stride(2) == 1 && v.stride(2) == 1, "write_kv: k, v [T, kv_heads, dim]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides() &&
+              k_cache.stride(3) == 1 && k_cache.size(0) == k.size(1) && k_cache.size(3) == k.size(2),
+              "write_kv: caches [kv_heads, blocks, block_size, dim] matching k");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type(), "write_kv: one dtype");
+  auto slot = slots.to(torch::kInt64).contiguous();
+  TORCH_CHECK(slot.dim() == 1 && slot.size(0) == k.size(0), "write_kv: one slot per token");
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2), bs = k_cache.size(2), capacity = k_cache.size(1) * bs;
+  const int64_t* ps = slot.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(ps[t] >= 0 && ps[t] < capacity, "write_kv: slot ", ps[t], " out of range");
+  const int64_t bytes = D * k.element_size();
+  char *kc = static_cast<char*>(k_cache.data_ptr()), *vc = static_cast<char*>(v_cache.data_ptr());
+  const char *kp = static_cast<const char*>(k.data_ptr()), *vp = static_cast<const char*>(v.data_ptr());
+  const int64_t es = k.element_size();
+  at::parallel_for(0, T, grain(H * D), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = ps[t] / bs, offset = ps[t] % bs;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t dst = (h * k_cache.stride(0) + block * k_cache.stride(1) + offset * k_cache.stride(2)) * es;
+        std::memcpy(kc + dst, kp + (t * k.stride(0) + h * k.stride(1)) * es, bytes);
+        std::memcpy(vc + dst, vp + (t * v.stride(0) + h * v.stride(1)) * es, bytes);
+      }
+    }
+  });
+}
+
 void register_fused(pybind11::module& m) {
+  m.def("write_kv", &write_kv, "this step's K,V into the block-addressed caches");
   m.def("rms_norm", &rms_norm, "RMSNorm (HF's rounding order)");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; RMSNorm(residual)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate,up projection");
