@@ -37,11 +37,14 @@ def test_add_rms_norm_adds_into_the_residual(dtype, tol):
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("vector", [True, False], ids=["vector", "portable"])
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_silu_mul(dtype, tol):
-    gate_up = randn(5, 2 * 1536, dtype=dtype) * 4  # large gates too: silu's tails
+def test_silu_mul(dtype, tol, vector):
+    gate_up = randn(5, 2 * 1539, dtype=dtype) * 4  # large gates too (silu's tails), a ragged tail of lanes
+    gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(native.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=tol, rtol=tol)
+    torch.testing.assert_close(native.silu_mul(gate_up, vector=vector), torch.nn.functional.silu(gate) * up,
+                               atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -60,12 +63,13 @@ def test_rope_in_place_inside_the_qkv_projection(dtype):
     assert torch.equal(qkv[:, (heads + kv_heads) * dim:], v_before)
 
 
+@pytest.mark.parametrize("vector", [True, False], ids=["vector", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_argmax_rows_first_index_on_ties_and_nan(dtype):
-    logits = randn(4, 1000, dtype=dtype)
+def test_argmax_rows_first_index_on_ties_and_nan(dtype, vector):
+    logits = randn(4, 1001, dtype=dtype)
     logits[1, 10] = logits[1, 900] = 50  # a tie: the first wins
     logits[2, 333] = float("nan")  # torch counts NaN as the largest
     logits[3] = float("-inf")
-    logits[3, 999] = 0
-    assert native.argmax_rows(logits).tolist() == logits.float().argmax(-1).tolist() == [
-        int(logits[0].float().argmax()), 10, 333, 999]
+    logits[3, 1000] = 0
+    assert native.argmax_rows(logits, vector=vector).tolist() == logits.float().argmax(-1).tolist() == [
+        int(logits[0].float().argmax()), 10, 333, 1000]

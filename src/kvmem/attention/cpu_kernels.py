@@ -71,18 +71,19 @@ def decode_attention_kernel():
 def load():
     """The compiled extension module (built on first call), or None where it can't be built or is off."""
     global _module, _tried
-    if not enabled():
-        return None
-    if _tried:
+    if _tried:  # every layer asks, every step: no environment lookup on this path
         return _module
     with _lock:
+        if not _tried and not enabled():  # decided once per process, like the build
+            _module, _tried = None, True
         if not _tried:
             try:
                 from torch.utils.cpp_extension import load as build_extension
 
-                _module = build_extension(name=f"kvmem_cpu_kernels_{_cpu_tag()}_{_source_tag()}", sources=[str(p) for p in _SOURCES],
-                               extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
-                               verbose=False)
+                _module = build_extension(
+                    name=f"kvmem_cpu_kernels_{_cpu_tag()}_{_source_tag()}", sources=[str(p) for p in _SOURCES],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
+                    verbose=False)
             except Exception as e:  # no compiler, no ninja, an exotic platform: the torch paths still work
                 logger.warning("kvmem: native CPU kernels unavailable (%s); using torch ops",
                                str(e).splitlines()[0] if str(e) else type(e).__name__)

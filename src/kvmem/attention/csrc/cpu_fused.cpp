@@ -70,9 +70,10 @@ _Pragma("omp simd")
 }
 
 template <typename T>
-inline void silu_mul_row(const T* g, const T* u, T* o, int64_t n) {
+inline void silu_mul_row(const T* g, const T* u, T* o, int64_t n, bool vector) {
 #if KVMEM_HAVE_AVX512
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+   if (vector) {
     // silu(x) = x * sigmoid(x), sigmoid from e = exp(-|x|) (never overflows): 1/(1+e) or e/(1+e).
     const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t i = 0; i < n; i += 16) {
@@ -85,6 +86,7 @@ inline void silu_mul_row(const T* g, const T* u, T* o, int64_t n) {
       store16<T>(o + i, _mm512_mul_ps(silu, load16<T>(u + i, live)), live);
     }
     return;
+   }
   }
 #endif
   for (int64_t i = 0; i < n; ++i) {
@@ -95,9 +97,10 @@ inline void silu_mul_row(const T* g, const T* u, T* o, int64_t n) {
 
 // The index of a row's largest value, first on ties; NaN counts as the largest (torch.argmax).
 template <typename T>
-inline int64_t argmax_row(const T* row, int64_t n) {
+inline int64_t argmax_row(const T* row, int64_t n, bool vector) {
 #if KVMEM_HAVE_AVX512
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+   if (vector) {
     __m512 top = _mm512_set1_ps(-INFINITY);
     __mmask16 any_nan = 0;
     for (int64_t i = 0; i < n; i += 16) {
@@ -115,6 +118,7 @@ inline int64_t argmax_row(const T* row, int64_t n) {
       if (hit) return i + __builtin_ctz(hit);
     }
     return 0;
+   }
   }
 #endif
   float top = -INFINITY;
@@ -170,7 +174,8 @@ _Pragma("omp simd")
 
 // SwiGLU: gate_up [rows, 2i] (gate first) -> silu(gate) * up [rows, i], silu rounded to the dtype
 // before the product, as `F.silu(gate) * up` rounds.
-torch::Tensor silu_mul(torch::Tensor gate_up) {
+// vector=false: the portable loop even where AVX-512 is built in (the tests compare the two).
+torch::Tensor silu_mul(torch::Tensor gate_up, bool vector) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
               "silu_mul: gate_up [rows, 2 * i], last dimension contiguous");
   const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2, ld = gate_up.stride(0);
@@ -182,7 +187,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t *g = pg + r * ld, *u = g + n;
         scalar_t* o = po + r * n;
-        silu_mul_row(g, u, o, n);
+        silu_mul_row(g, u, o, n, vector);
       }
     });
   });
@@ -223,7 +228,7 @@ _Pragma("omp simd")
 // Row-wise argmax (first index on ties, as torch.argmax), reading bfloat16 as float32 in place:
 // torch's bfloat16 argmax is a scalar loop on this CPU, and widening the whole tensor first costs a
 // pass and an allocation.
-torch::Tensor argmax_rows(torch::Tensor logits) {
+torch::Tensor argmax_rows(torch::Tensor logits, bool vector) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "argmax_rows: logits [rows, vocab], vocab contiguous");
   const int64_t rows = logits.size(0), n = logits.size(1), ld = logits.stride(0);
   auto out = torch::empty({rows}, logits.options().dtype(torch::kInt64));
@@ -232,7 +237,7 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
     int64_t* po = out.data_ptr<int64_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        po[r] = argmax_row(pl + r * ld, n);
+        po[r] = argmax_row(pl + r * ld, n, vector);
       }
     });
   });
@@ -273,7 +278,8 @@ void register_fused(pybind11::module& m) {
   m.def("write_kv", &write_kv, "this step's K,V into the block-addressed caches");
   m.def("rms_norm", &rms_norm, "RMSNorm (HF's rounding order)");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; RMSNorm(residual)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate,up projection");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate,up projection", py::arg("gate_up"),
+        py::arg("vector") = true);
   m.def("rope_", &rope_, "rotary embedding in place");
-  m.def("argmax_rows", &argmax_rows, "row-wise argmax");
+  m.def("argmax_rows", &argmax_rows, "row-wise argmax", py::arg("logits"), py::arg("vector") = true);
 }
