@@ -2,12 +2,14 @@
 # `kvmem bench serve` against kvmem's server and vLLM's CPU server, one server at a time, same
 # machine, model weights, KV budget, workload and request rates. Results: benchmarks/results/serving/.
 #   usage: benchmarks/serving_vs_vllm.sh            (ROUNDS=2 RATES="1 4" NUM_PROMPTS=64 by default)
+#   batch-1 latency: MAX_CONCURRENCY=1 RATES=inf NUM_PROMPTS=16 benchmarks/serving_vs_vllm.sh
 # Needs the vLLM venv and the exported model of benchmarks/peers/README.md (/work/peers/...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-2}"
 RATES="${RATES:-1 4}"
 NUM_PROMPTS="${NUM_PROMPTS:-64}"
+MAX_CONCURRENCY="${MAX_CONCURRENCY:-}"  # empty: no limit
 DTYPE="${DTYPE:-bfloat16}"
 OUT=benchmarks/results/serving
 mkdir -p "$OUT"
@@ -32,7 +34,8 @@ stop_server() {  # pid
 bench() {  # label port rate round
   .venv/bin/kvmem bench serve --base-url "http://127.0.0.1:$2" --model SmolLM2-135M-Instruct \
     --num-prompts "$NUM_PROMPTS" --request-rate "$3" --input-len 128 --output-len 128 --seed 0 \
-    --label "$1" --json "$OUT/${1}_rate${3}_r${4}.json"
+    ${MAX_CONCURRENCY:+--max-concurrency "$MAX_CONCURRENCY"} \
+    --label "$1" --json "$OUT/${1}_rate${3}${MAX_CONCURRENCY:+_c$MAX_CONCURRENCY}_r${4}.json"
 }
 
 for round in $(seq 1 "$ROUNDS"); do

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
-KV_CACHE=${KV_CACHE:-virtual}
+KV_CACHE=${KV_CACHE:-paged}
 WORKLOADS=${WORKLOADS:-"random sharegpt prefix"}
 DTYPES=${DTYPES:-"bfloat16 float32"}
 PEERS=${PEERS:-vllm,transformers}
