@@ -3,11 +3,14 @@
     .venv/bin/python benchmarks/profile_decode.py [--dtype bfloat16] [--kv-cache paged]
 
 Prefills the throughput workload's prompts, times 10 decode steps, then prints torch.profiler's
-table for 3 more, grouped by operator and input shape (the source of docs/benchmarks.md's
-"where the time goes").
+table for 3 more, grouped by operator and input shape, and a cProfile of 20 more: the native
+kernels (attention, fused small ops) are pybind calls that torch.profiler does not list, and
+cProfile also shows the Python around the ops (the source of docs/performance.md's tables).
 """
 
 import argparse
+import cProfile
+import pstats
 import time
 
 from torch.profiler import ProfilerActivity, profile
@@ -45,6 +48,19 @@ def main() -> None:
             engine.step()
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15,
                                                              max_name_column_width=30, max_shapes_column_width=70))
+    steps = 20
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    print(f"cProfile, {steps} steps: ms per step by function (self time), largest first")
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]  # (file, line, name) -> (.., .., tottime, ..)
+    for (file, line, name), (_, _, tottime, _, _) in rows:
+        where = name if file == "~" else f"{file.rsplit('/', 1)[-1]}:{line}({name})"
+        print(f"  {tottime / steps * 1e3:7.2f}  {where}")
+    print(f"  {sum(v[2] for v in stats.stats.values()) / steps * 1e3:7.2f}  total")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-// Decode attention on the CPU, straight from the KV cache: one query token per sequence, keys and
-// values read in place through a block table (paged: many blocks; virtual/static: one block that is
-// the sequence's whole slot). Nothing is gathered or copied, and no key past a sequence's length is
-// touched, so a virtual slot's unmapped tail is never read.
+// Attention on the CPU, straight from the KV cache, one query row at a time: each row has its own
+// block table (paged: many blocks; virtual/static: one block that is the sequence's whole slot) and
+// its own length. A decode row is a sequence's new token; the rows of a prompt chunk are queries
+// whose lengths are their positions + 1, which is the causal mask, and their cached prefix is read
+// where it lies. Nothing is gathered or copied, and no key past a row's length is touched, so a
+// virtual slot's unmapped tail is never read.
 //
-// Work item = (sequence, KV head): the query heads of a GQA group share every key row they read.
+// Work item = (row, KV head): the query heads of a GQA group share every key row they read.
 // Scores and softmax in float32; values accumulated in float32; one cast at the end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

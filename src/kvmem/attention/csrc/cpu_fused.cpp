@@ -22,7 +22,8 @@
 
 namespace {
 
-// (`_Pragma`, not #pragma: the loops sit inside AT_DISPATCH's macro argument.)
+// Loops that sit inside AT_DISPATCH's macro argument use _Pragma: a #pragma can't appear in a macro
+// argument.
 
 // float <-> element type on raw bits for bfloat16, so that the loops vectorize.
 template <typename T>
@@ -69,24 +70,52 @@ _Pragma("omp simd")
   for (int64_t i = 0; i < n; ++i) store(out, i, load(w, i) * round_to<T>(load(x, i) * inv));
 }
 
+#if KVMEM_HAVE_AVX512
+// silu(x) * u, 16 lanes at a time: silu(x) = x * sigmoid(x), with sigmoid from e = exp(-|x|) (never
+// overflows): 1/(1+e) for x >= 0, e/(1+e) below.
+template <typename T>
+inline void silu_mul_avx512(const T* g, const T* u, T* o, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 x = load16<T>(g + i, live);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
+    const __m512 silu = round16<T>(_mm512_mul_ps(x, sigmoid));
+    store16<T>(o + i, _mm512_mul_ps(silu, load16<T>(u + i, live)), live);
+  }
+}
+
+// The first index of the row's largest value; of its first NaN if it has one (torch.argmax's rule).
+template <typename T>
+inline int64_t argmax_avx512(const T* row, int64_t n) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  __mmask16 any_nan = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = load16<T>(row + i, live);
+    any_nan |= _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q);
+    top = _mm512_mask_max_ps(top, live, top, v);
+  }
+  const float best = _mm512_reduce_max_ps(top);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = load16<T>(row + i, live);
+    const __mmask16 hit = any_nan ? _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q)
+                                  : _mm512_mask_cmp_ps_mask(live, v, _mm512_set1_ps(best), _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  return 0;
+}
+#endif
+
+// `vector` false: the portable loop even where the AVX-512 one is built (the tests compare them).
 template <typename T>
 inline void silu_mul_row(const T* g, const T* u, T* o, int64_t n, bool vector) {
 #if KVMEM_HAVE_AVX512
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
-   if (vector) {
-    // silu(x) = x * sigmoid(x), sigmoid from e = exp(-|x|) (never overflows): 1/(1+e) or e/(1+e).
-    const __m512 one = _mm512_set1_ps(1.f);
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 live = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-      const __m512 x = load16<T>(g + i, live);
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
-      const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-      const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
-      const __m512 silu = round16<T>(_mm512_mul_ps(x, sigmoid));
-      store16<T>(o + i, _mm512_mul_ps(silu, load16<T>(u + i, live)), live);
-    }
-    return;
-   }
+    if (vector) return silu_mul_avx512(g, u, o, n);
   }
 #endif
   for (int64_t i = 0; i < n; ++i) {
@@ -95,30 +124,11 @@ inline void silu_mul_row(const T* g, const T* u, T* o, int64_t n, bool vector) {
   }
 }
 
-// The index of a row's largest value, first on ties; NaN counts as the largest (torch.argmax).
 template <typename T>
 inline int64_t argmax_row(const T* row, int64_t n, bool vector) {
 #if KVMEM_HAVE_AVX512
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
-   if (vector) {
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    __mmask16 any_nan = 0;
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 live = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-      const __m512 v = load16<T>(row + i, live);
-      any_nan |= _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q);
-      top = _mm512_mask_max_ps(top, live, top, v);
-    }
-    const float best = _mm512_reduce_max_ps(top);
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 live = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-      const __m512 v = load16<T>(row + i, live);
-      const __mmask16 hit = any_nan ? _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q)
-                                    : _mm512_mask_cmp_ps_mask(live, v, _mm512_set1_ps(best), _CMP_EQ_OQ);
-      if (hit) return i + __builtin_ctz(hit);
-    }
-    return 0;
-   }
+    if (vector) return argmax_avx512(row, n);
   }
 #endif
   float top = -INFINITY;
