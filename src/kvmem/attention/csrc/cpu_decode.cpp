@@ -17,11 +17,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define KVMEM_HAVE_AVX512 1
-#else
-#define KVMEM_HAVE_AVX512 0
-#endif
+#include "vec_avx512.h"
+
 
 namespace {
 
@@ -157,7 +154,6 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int64_t* table
 // lane: a shift gives the even element, a mask the odd one) and accumulated for a tile of query
 // heads at once, so each value row is loaded once per tile.
 // ---------------------------------------------------------------------------------------------
-#include "vec_avx512.h"
 
 // out[i] = sum of the 16 lanes of v[i], for i in 0..15.
 inline __m512 sum_lanes_16(__m512 (&v)[16]) {

@@ -13,12 +13,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define KVMEM_HAVE_AVX512 1
 #include "vec_avx512.h"
-#else
-#define KVMEM_HAVE_AVX512 0
-#endif
 
 namespace {
 

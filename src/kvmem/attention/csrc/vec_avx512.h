@@ -1,5 +1,13 @@
-// AVX-512 helpers shared by the CPU kernels; include only under KVMEM_HAVE_AVX512 (F, BW and VL).
+// AVX-512 helpers shared by the CPU kernels. KVMEM_HAVE_AVX512 says whether this build has them
+// (AVX-512 F, BW and VL, from -march=native); without it the kernels use their portable loops.
 #pragma once
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KVMEM_HAVE_AVX512 1
+#else
+#define KVMEM_HAVE_AVX512 0
+#endif
+
+#if KVMEM_HAVE_AVX512
 #include <immintrin.h>
 
 #include <c10/util/BFloat16.h>
@@ -59,3 +67,4 @@ inline __m512 round16(__m512 v) {
     return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 }
+#endif  // KVMEM_HAVE_AVX512
