@@ -285,3 +285,16 @@ def test_virtual_kv_cache_behind_the_server(tiny_model_dir, reference):
         assert 0 < m["kvmem:kv_cache_physical_bytes"] < m["kvmem:kv_cache_reserved_bytes"]
     finally:
         server.stop()
+
+
+def test_an_event_stays_one_line_whatever_text_the_model_made():
+    """U+0085, U+2028 and U+2029 are valid raw in JSON, but httpx's line splitting (the openai
+    client's) breaks on them: a token containing one would cut its event in two."""
+    from httpx._decoders import LineDecoder
+
+    from kvmem.server.api_server import sse_data
+
+    event = {"choices": [{"text": "a\u2028b\x85c\u2029d é 日本 🙂", "index": 0}]}
+    lines = LineDecoder().decode(sse_data(event)) + LineDecoder().flush()
+    data = [line for line in lines if line]
+    assert len(data) == 1 and json.loads(data[0].removeprefix("data: ")) == event

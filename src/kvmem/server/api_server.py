@@ -327,11 +327,21 @@ async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tu
 
 
 # --- streaming ------------------------------------------------------------------------------------
+# Characters that JSON may carry raw but that httpx (and so the openai client) treats as line breaks
+# when it splits an event stream into lines: a generated token containing one would cut its event.
+_LINE_BREAKS_IN_JSON = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_data(event: dict) -> str:
+    """One Server-Sent Event: compact UTF-8 JSON on a single line, whatever text the model made."""
+    return f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':')).translate(_LINE_BREAKS_IN_JSON)}\n\n"
+
+
 def sse_response(events: AsyncIterator[dict]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
+                yield sse_data(event)
         except (InvalidRequest, EngineStoppedError) as e:
             status = getattr(e, "status_code", 503)
             error = {"message": str(e), "type": "invalid_request_error" if status < 500 else "server_error",
