@@ -7,28 +7,16 @@ lm_head (576->49152); median microseconds of 30 calls after a warm-up, per dtype
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from decode_attention_cpu import median_ms  # this directory: the same median of 30 timed calls
 from kvmem.models.llama import OneDNNLinear
 
 LAYER = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
 LM_HEAD = (576, 49152)
-
-
-def median_us(fn, repeats: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -47,8 +35,8 @@ def main() -> None:
                 linear = nn.Linear(*shapes, bias=False).to(dtype)
                 packed = OneDNNLinear(linear)
                 x = torch.randn(rows, shapes[0]).to(dtype)
-                plain_us = median_us(lambda: F.linear(x, linear.weight))
-                packed_us = median_us(lambda: packed(x))
+                plain_us = median_ms(lambda: F.linear(x, linear.weight)) * 1e3
+                packed_us = median_ms(lambda: packed(x)) * 1e3
                 if shapes == LM_HEAD:
                     head = {"plain": plain_us, "packed": packed_us}
                 else:

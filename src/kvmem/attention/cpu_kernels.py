@@ -1,5 +1,5 @@
-"""Native CPU kernels (C++, built on first use with torch's extension builder): decode attention
-(csrc/cpu_decode.cpp) and the decoder layer's fused small ops (csrc/cpu_fused.cpp, used through
+"""Native CPU kernels (C++, built on first use with torch's extension builder): attention over the
+KV cache for decode and prompt rows (csrc/cpu_decode.cpp) and the decoder layer's fused small ops (csrc/cpu_fused.cpp, used through
 `kvmem.models.fused`).
 
 Decode attention is the one place where plain torch costs more than it should on the CPU: bmm
@@ -59,7 +59,8 @@ def enabled() -> bool:
 
 def has_vector_kernel() -> bool:
     """Whether the built kernel has its AVX-512 path (head dims 64 and 128) on this CPU."""
-    return decode_attention_kernel() is not None and _module.has_vector_kernel()
+    module = load()
+    return module is not None and module.has_vector_kernel()
 
 
 def decode_attention_kernel():

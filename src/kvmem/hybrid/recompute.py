@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvmem.models.llama import Attention, RotaryEmbedding, apply_rope
+from kvmem.models.fused import apply_rope_reference
+from kvmem.models.llama import Attention, RotaryEmbedding
 
 
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -58,7 +59,7 @@ def rotate_keys(k: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding)
     if positions.numel() and int(positions.max()) >= rope.cos.shape[0]:
         raise ValueError(f"position {int(positions.max())} is past the model's RoPE table ({rope.cos.shape[0]} "
                          f"positions); build the model with a larger max_positions")
-    return apply_rope(k, *rope.tables(positions))
+    return apply_rope_reference(k, *rope.tables(positions))
 
 
 def recompute_kv(activations: torch.Tensor, projection: KVProjection | Attention, positions: torch.Tensor,

@@ -114,9 +114,6 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions][:, None, :], self.signed_sin[positions][:, None, :]
 
 
-apply_rope = fused.apply_rope_reference  # out of place: the hybrid cache's K recompute uses it
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
