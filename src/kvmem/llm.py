@@ -110,6 +110,17 @@ class LLM:
     def stats(self) -> MemoryStats:
         return self.engine.stats()
 
+    def close(self) -> None:
+        """Give back everything the engine holds beyond Python objects: its threads are joined and
+        its mappings released. Idempotent; `with LLM(...) as llm:` calls it on leaving the block."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def release_free_memory(self) -> int:
         """Give back idle KV memory (cached prefixes; for `virtual`, every idle mapped page, which
         really returns to the OS); returns the bytes released."""

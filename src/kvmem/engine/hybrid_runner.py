@@ -196,6 +196,7 @@ class HybridModelRunner(ModelRunner):
 
     def close(self) -> None:
         self.worker.close()
+        super().close()
 
     # --- the step -------------------------------------------------------------------------
     def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:

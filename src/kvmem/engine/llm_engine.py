@@ -100,6 +100,7 @@ class LLMEngine:
         self.counters = EngineCounters()
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
         self._request_counter = itertools.count()
+        self.closed = False
 
     # --- construction -------------------------------------------------------------------
     def _kv_budget_bytes(self) -> int:
@@ -158,6 +159,7 @@ class LLMEngine:
 
     def add_request(self, prompt: PromptInput, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
+        self._check_open()
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -214,6 +216,7 @@ class LLMEngine:
     # --- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs of the requests that produced tokens or finished."""
+        self._check_open()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return self._fail_unschedulable()
@@ -349,3 +352,21 @@ class LLMEngine:
 
     def release_free_memory(self) -> int:
         return self.manager.release_free_memory()
+
+    # --- lifetime -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Abort what is in flight, then stop the runner's and the manager's threads and give back
+        their mappings (virtual's reservation, hybrid's copy worker, CUDA VMM handles). Idempotent;
+        the engine refuses new work afterwards. Without it those live until the garbage collector
+        finds the engine, which a notebook or a server building several engines never waits for."""
+        if self.closed:
+            return
+        self.closed = True
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+        self.runner.close()  # first: its views of the caches would keep the mappings alive
+        self.manager.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this engine is closed; build a new one")

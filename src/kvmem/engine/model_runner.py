@@ -47,6 +47,10 @@ class ModelRunner:
         self.attention = BACKENDS[attention_backend]
         self.caches = [manager.layer_cache(i) for i in range(model.config.num_hidden_layers)]
 
+    def close(self) -> None:
+        """Drop the views of the manager's caches, so that closing the manager can unmap them."""
+        self.caches = []
+
     def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
         """Compute the scheduled tokens (KV goes into the caches). Does not advance
         `num_computed_tokens`; the engine does, after sampling."""

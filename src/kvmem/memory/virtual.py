@@ -182,6 +182,7 @@ class _Mapper:
         self.critical_calls = 0
         self.background_calls = 0
         self._jobs: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
         self._worker_error: BaseException | None = None  # a failed job, raised by the next wait
         if background:
             self._jobs = queue.SimpleQueue()
@@ -191,8 +192,9 @@ class _Mapper:
             self._unmaps_by_slot = [0] * layout.num_slots
             # The worker holds only a weak reference: a dropped manager ends it (and frees the
             # reservation) instead of being kept alive by its own thread.
-            threading.Thread(target=_map_worker, args=(weakref.ref(self), self._jobs), name="kvmem-vmm-mapper",
-                             daemon=True).start()
+            self._thread = threading.Thread(target=_map_worker, args=(weakref.ref(self), self._jobs),
+                                            name="kvmem-vmm-mapper", daemon=True)
+            self._thread.start()
 
     def _populate(self, slot: int, first_chunk: int, num_chunks: int) -> float:
         start = time.perf_counter()
@@ -271,6 +273,9 @@ class _Mapper:
                 self._idle.wait_for(lambda: self._pending == 0)
             self._jobs.put(None)
             self._jobs = None
+        if self._thread is not None:  # a closed manager leaves no thread behind
+            self._thread.join()
+            self._thread = None
 
     def _run_job(self, job: tuple[bool, int, int, int]) -> None:
         unmap, slot, first, num = job
@@ -765,6 +770,9 @@ class VirtualKVCacheManager(KVCacheManager):
         """Stop the mapping worker and unmap the reservation (tensors still viewing it read zeros on
         CPU; on CUDA they must not be read at all: their pages are unmapped)."""
         self.mapper.close()
+        # Our own view first: with no live view left, the reservation is unmapped at once rather
+        # than only emptied (see CpuVirtualMemory.close). Idempotent: a second close finds nothing.
+        self.kv = None
         self.memory.close()
         if self.pool is not None:
             self.pool.close()
