@@ -22,6 +22,16 @@ def test_generate_prints_text_and_tokens_per_second(tiny_dir, capsys):
     assert "tokens/s" in err and "kv_cache=paged" in err
 
 
+def test_generate_says_what_it_does_while_it_starts(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "Hello", "--max-tokens", "2",
+                 "--dtype", "float32", "--kv-cache-memory", "4MiB"]) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("kvmem: ")]
+    assert said[0].startswith(f"kvmem: reading the model {tiny_dir}")
+    assert any("KV cache: paged, 4.0 MiB for" in line for line in said), said
+    assert any(line.startswith("kvmem: engine ready in") for line in said), said
+
+
 def test_bench_throughput_writes_the_documented_keys(tiny_dir, tmp_path, capsys):
     path = tmp_path / "result.json"
     rc = main(["bench", "throughput", "--model", str(tiny_dir), "--num-prompts", "4", "--input-len", "8",

@@ -1,10 +1,12 @@
-"""`kvmem serve | generate | chat | bench throughput | bench serve` — the command line."""
+"""`kvmem serve | generate | chat | build-kernels | bench ...` — the command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+from kvmem.progress import show_progress
 
 
 def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
@@ -87,13 +89,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvmem import LLM
 
     params = sampling_params(args)
-    llm = LLM(**engine_kwargs(args))
-    start = time.perf_counter()
-    if args.raw or not llm.get_tokenizer().chat_template:
-        out = llm.generate([args.prompt], params, use_tqdm=False)[0]
-    else:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
-    elapsed = time.perf_counter() - start
+    show_progress()
+    with LLM(**engine_kwargs(args)) as llm:
+        start = time.perf_counter()
+        if args.raw or not llm.get_tokenizer().chat_template:
+            out = llm.generate([args.prompt], params, use_tqdm=False)[0]
+        else:
+            out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
+        elapsed = time.perf_counter() - start
     for completion in out.outputs:
         print(completion.text)
     num_tokens = sum(len(c.token_ids) for c in out.outputs)
@@ -148,6 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kvmem.server.launcher import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        show_progress()
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     return serve(EngineConfig(**engine_kwargs(args)), host=args.host, port=args.port,
@@ -163,7 +168,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     if params.n != 1:
         raise ValueError("-n must be 1 for chat")
-    return run_chat(LLMEngine(EngineConfig(**engine_kwargs(args))), params, system=args.system)
+    show_progress()
+    engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
+    try:
+        return run_chat(engine, params, system=args.system)
+    finally:
+        engine.close()
+
+
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    from kvmem.attention import cpu_kernels
+
+    show_progress()
+    return 0 if cpu_kernels.build() is not None else 1
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -213,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat, max_tokens=None)
     chat.set_defaults(func=cmd_chat)
+
+    bk = sub.add_parser("build-kernels", help="build the native CPU kernels for this Python environment now "
+                                              "(`make setup` does; otherwise the first start does, once)")
+    bk.set_defaults(func=cmd_build_kernels)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tp = bench.add_parser("throughput", help="offline throughput on a seeded workload, optionally against peers")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kvmem.attention import cpu_kernels
 from kvmem.config import EngineConfig, available_memory_bytes, parse_memory_size
 from kvmem.config import DEFAULT_KV_CACHE_FRACTION_CPU, DEFAULT_KV_CACHE_FRACTION_CUDA
 from kvmem.engine.detokenizer import IncrementalDetokenizer
@@ -29,11 +30,23 @@ from kvmem.memory.static import StaticKVCacheManager
 from kvmem.models.llama import LlamaForCausalLM
 from kvmem.models.loader import ModelSource, load_model
 from kvmem.outputs import CompletionOutput, Logprob, RequestOutput
+from kvmem.progress import human_bytes, say
 from kvmem.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 PromptInput = str | dict[str, Any] | list[int]
+
+
+def describe_kv_cache(manager: KVCacheManager, max_model_len: int) -> str:
+    """One line a user reads at start: how many tokens the KV cache holds, in how much memory, and
+    how many full-length requests that is."""
+    stats = manager.stats()
+    budget = stats.bytes_capacity or stats.bytes_reserved
+    tokens = budget // manager.spec.bytes_per_token
+    return (f"KV cache: {manager.name}, {human_bytes(budget)} for {tokens:,} tokens "
+            f"({manager.spec.bytes_per_token:,} bytes each); max_model_len {max_model_len:,}, "
+            f"{tokens / max_model_len:.1f}x that in all")
 
 
 @dataclass
@@ -67,6 +80,7 @@ class LLMEngine:
         torch.manual_seed(config.seed)  # the RNG of requests that set no seed of their own
         self.device = torch.device(config.device)
         keep_freed_memory()  # no page faults on every step's temporaries (see host_allocator)
+        started = time.monotonic()
         source = source or load_model(config.model)
         self.model_config = source.config
         self.tokenizer = source.tokenizer
@@ -79,15 +93,20 @@ class LLMEngine:
         max_model_len = config.max_model_len or trained_len
         # hybrid with offload_weights: the layers stay in host memory and stream to the device per layer.
         offload = config.kv_cache == "hybrid" and config.offload_weights
+        say("%s the weights to %s (%d layers)", "dequantizing" if source.path.suffix == ".gguf" else "loading",
+            str(self.dtype).removeprefix("torch."), self.model_config.num_hidden_layers)
         self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
                                             torch.device("cpu") if offload else self.device)
         self.model.load_weights(source.weights())
         if self.device.type == "cpu":
             self.model.pack_linear_weights_for_cpu()
+            # Now rather than inside the first request: a first build takes a minute and says so.
+            cpu_kernels.load()
 
         self.manager = self._make_manager(max_model_len)
         # A sequence can never hold more than the KV budget: cap the context to it.
         self.max_model_len = min(max_model_len, self.manager.max_tokens_per_sequence)
+        say("%s", describe_kv_cache(self.manager, self.max_model_len))
         self.scheduler = Scheduler(self.manager, config.max_num_seqs, config.max_num_batched_tokens)
         if config.kv_cache == "hybrid":
             from kvmem.engine.hybrid_runner import HybridModelRunner
@@ -101,6 +120,7 @@ class LLMEngine:
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
         self._request_counter = itertools.count()
         self.closed = False
+        say("engine ready in %.1f s", time.monotonic() - started)
 
     # --- construction -------------------------------------------------------------------
     def _kv_budget_bytes(self) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kvmem.models.config import ModelConfig
+from kvmem.progress import human_bytes, say
 from kvmem.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_MODEL_FILE", "ModelSource", "default_model_path", "load_model"]
@@ -51,6 +52,11 @@ def default_model_path() -> Path:
     )
 
 
+def _describe_size(path: Path) -> str:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return human_bytes(sum(p.stat().st_size for p in files))
+
+
 def load_model(model: str | os.PathLike[str] | None = None) -> ModelSource:
     """Load a model directory or `.gguf` file (None: the default SmolLM2 GGUF).
 
@@ -62,6 +68,7 @@ def load_model(model: str | os.PathLike[str] | None = None) -> ModelSource:
         raise FileNotFoundError(
             f"{path}: no such file or directory (expected a Hugging Face model directory or a .gguf file)"
         )
+    say("reading the model %s (%s)", path, _describe_size(path))
     # The format loaders are imported on use: each pulls in its own file-format library.
     if path.is_dir():
         from kvmem.models.hf_loader import load_hf_dir
