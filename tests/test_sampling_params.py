@@ -1,6 +1,6 @@
 import pytest
 
-from kvmem.sampling_params import MAX_LOGPROBS, SamplingParams
+from kvmem.sampling_params import MAX_LOGPROBS, SAMPLING_EPS, SamplingParams
 
 
 def test_defaults_match_vllm():
@@ -22,6 +22,14 @@ def test_normalization():
     assert SamplingParams(stop=["a", "abc"]).max_stop_len == 3
     assert SamplingParams(max_tokens=None).max_tokens is None
     assert SamplingParams(repetition_penalty=1.2).has_penalties
+
+
+def test_a_temperature_below_the_epsilon_is_greedy():
+    # 1e-40 used to reach the sampler, overflow logits / temperature and sample the least likely token.
+    for t in (0.0, 1e-40, 1e-30, 5e-324, SAMPLING_EPS / 2):
+        assert SamplingParams(temperature=t).greedy, t
+    assert not SamplingParams(temperature=SAMPLING_EPS).greedy
+    assert not SamplingParams(temperature=0.01).greedy
 
 
 def test_greedy_with_n_is_allowed():

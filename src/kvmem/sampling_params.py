@@ -13,6 +13,11 @@ from typing import Any
 # vLLM's default `max_logprobs`: asking for more top tokens per step than this is refused.
 MAX_LOGPROBS = 20
 
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS). Dividing float32 logits by a tinier one
+# overflows to +-inf, and softmax of several infinities is NaN: temperature=1e-40 then sampled the
+# *least* likely token instead of the most likely one.
+SAMPLING_EPS = 1e-5
+
 
 def _is_int(value: Any) -> bool:
     # bool is a subclass of int, but `top_k=True` is a bug in the caller, not a 1.
@@ -46,7 +51,8 @@ def _check_bool(name: str, value: Any) -> None:
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    - `temperature == 0` is greedy decoding (see `greedy`). Greedy with `n > 1` is allowed, as in
+    - `temperature == 0` is greedy decoding (see `greedy`), and so is any temperature below
+      `SAMPLING_EPS`. Greedy with `n > 1` is allowed, as in
       vLLM, but every one of the n samples is then the same sequence.
     - `top_k` of 0 or -1 turns top-k off; `top_p == 1` and `min_p == 0` turn those off.
     - `max_tokens=None` means "as many as fit": the engine resolves it to `max_model_len - prompt`.
@@ -155,8 +161,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Argmax decoding. With n > 1 every sample is identical (allowed, as in vLLM)."""
-        return self.temperature == 0.0
+        """Argmax decoding: temperature 0, or one so small (< SAMPLING_EPS) that sampling at it is
+        argmax anyway, save for float overflow. With n > 1 every sample is identical (allowed, as
+        in vLLM)."""
+        return self.temperature < SAMPLING_EPS
 
     @property
     def has_penalties(self) -> bool:

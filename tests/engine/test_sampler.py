@@ -163,6 +163,24 @@ def test_draws_follow_softmax_of_logits_over_temperature():
         assert torch.allclose(counts, expected, atol=0.015), (temperature, counts, expected)
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-8])
+def test_a_tiny_temperature_picks_the_most_likely_token(temperature):
+    """Below SAMPLING_EPS a temperature is greedy: never logits / 1e-40, which overflows float32 to
+    +-inf and made softmax NaN, so the least likely token won."""
+    logits = torch.tensor([[3.0, 9.0, -5.0, 1.0]] * 4)
+    rows = [row(temperature=temperature), row(temperature=temperature, seed=1, generator=gen(1)),
+            row(temperature=temperature, logprobs=1), row(temperature=temperature, top_p=0.5, top_k=3)]
+    assert [t.token_id for t in sample(logits.clone(), rows, EOS)] == [1] * 4
+
+
+def test_sampling_probs_never_divide_by_a_tiny_temperature():
+    # A caller that bypasses `greedy` (params changed after validation) still gets finite numbers.
+    params = SamplingParams(temperature=1.0)
+    params.temperature = 1e-40
+    probs = sampling_probs(torch.tensor([[3.0, 9.0, -5.0, 1.0]]), [params])
+    assert torch.isfinite(probs).all() and int(probs.argmax()) == 1
+
+
 # --- top-k / top-p / min-p --------------------------------------------------------------------------
 
 def test_top_k_only_samples_the_top_k():

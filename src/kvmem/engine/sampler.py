@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kvmem.attention import cpu_kernels
-from kvmem.sampling_params import SamplingParams
+from kvmem.sampling_params import SAMPLING_EPS, SamplingParams
 
 
 @dataclass
@@ -247,7 +247,9 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     not modified."""
     device, dtype = logits.device, logits.dtype
     if any(p.temperature != 1.0 for p in params):
-        temperature = torch.tensor([p.temperature for p in params], dtype=dtype, device=device)
+        # Rows below SAMPLING_EPS are greedy and never get here; the clamp makes sure no caller
+        # (say, params mutated after validation) divides by a temperature that overflows float32.
+        temperature = torch.tensor([max(p.temperature, SAMPLING_EPS) for p in params], dtype=dtype, device=device)
         logits = logits / temperature.unsqueeze(1)
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
         logits = apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
