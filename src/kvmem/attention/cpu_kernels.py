@@ -1,5 +1,5 @@
-"""Native CPU kernels (C++, built on first use with torch's extension builder): attention over the
-KV cache for decode and prompt rows (csrc/cpu_decode.cpp) and the decoder layer's fused small ops (csrc/cpu_fused.cpp, used through
+"""Native CPU kernels (C++): attention over the KV cache for decode and prompt rows
+(csrc/cpu_decode.cpp) and the decoder layer's fused small ops (csrc/cpu_fused.cpp, used through
 `kvmem.models.fused`).
 
 Decode attention is the one place where plain torch costs more than it should on the CPU: bmm
@@ -8,9 +8,12 @@ read "in place" is copied by bfloat16 bmm (its oneDNN path packs strided batches
 csrc/cpu_decode.cpp reads keys and values where they lie, through the block table, never past a
 sequence's length.
 
-Built once per machine into torch's extension cache (~/.cache/torch_extensions, or
-TORCH_EXTENSIONS_DIR) with -march=native, so the cache key includes this CPU's model and flags, and
-a hash of the sources.
+Built at install (`make setup` runs `python -m kvmem.attention.cpu_kernels`; `build()` is the same)
+with -march=native, into a directory of this Python environment (`kernel_build.kernel_dir`:
+<venv>/share/kvmem/kernels, else a user cache dir keyed by the environment and torch;
+KVMEM_KERNEL_DIR overrides), named by this CPU's model and flags and a hash of csrc/. At run time
+the built module is imported directly; only where it is missing (csrc/ edited in a checkout) is it
+built then, under a lock that dies with its holder and a bounded wait (`kernel_build`).
 Without a C++ compiler or ninja, or with KVMEM_CPU_KERNELS=0, `decode_attention_kernel()` returns
 None and attention falls back to the torch paths.
 """
@@ -21,13 +24,18 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
+
+from kvmem.attention import kernel_build
 
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("cpu_decode.cpp", "cpu_fused.cpp")]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+_LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -69,8 +77,22 @@ def decode_attention_kernel():
     return None if module is None else module.decode_attention
 
 
+def _name() -> str:
+    return f"kvmem_cpu_kernels_{_cpu_tag()}_{_source_tag()}"
+
+
+def _load_or_build():
+    name = _name()
+    return kernel_build.load_or_build(name, _SOURCES, kernel_build.kernel_dir(name), _CFLAGS, _LDFLAGS)
+
+
+def _unavailable(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def load():
-    """The compiled extension module (built on first call), or None where it can't be built or is off."""
+    """The compiled extension module (built on first call if not at install), or None where it can't be
+    built or is off."""
     global _module, _tried
     if _tried:  # every layer asks, every step: no environment lookup on this path
         return _module
@@ -79,15 +101,38 @@ def load():
             _module, _tried = None, True
         if not _tried:
             try:
-                from torch.utils.cpp_extension import load as build_extension
-
-                _module = build_extension(
-                    name=f"kvmem_cpu_kernels_{_cpu_tag()}_{_source_tag()}", sources=[str(p) for p in _SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
-                    verbose=False)
+                _module = _load_or_build()
             except Exception as e:  # no compiler, no ninja, an exotic platform: the torch paths still work
-                logger.warning("kvmem: native CPU kernels unavailable (%s); using torch ops",
-                               str(e).splitlines()[0] if str(e) else type(e).__name__)
+                logger.warning("kvmem: native CPU kernels unavailable (%s); using torch ops", _unavailable(e))
                 _module = None
             _tried = True
     return _module
+
+
+def build(verbose: bool = True) -> Path | None:
+    """Build the kernels for this environment now (a no-op where built). Returns the built library's
+    path, or None where there is none: off, no compiler, or another build held the lock too long."""
+    name = _name()
+    path = kernel_build.library_path(name, kernel_build.kernel_dir(name))
+    reason = None
+    if not enabled():
+        reason = "KVMEM_CPU_KERNELS=0"
+    else:
+        try:
+            if _load_or_build() is None:
+                reason = "another process held the build lock too long"
+        except Exception as e:
+            reason = _unavailable(e)
+    if verbose:
+        if reason is None:
+            print(f"kvmem: native CPU kernels for this environment: {path}")
+        else:
+            print(f"kvmem: native CPU kernels not built ({reason}); kvmem will use torch ops", file=sys.stderr)
+    return None if reason else path
+
+
+if __name__ == "__main__":
+    # Run as `python -m`, this file is a second copy of the module: build through the package's own.
+    from kvmem.attention import cpu_kernels
+
+    cpu_kernels.build()
