@@ -4,6 +4,8 @@ bad requests fail without touching the engine, stop() ends what is in flight."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 
 import pytest
@@ -46,7 +48,8 @@ def test_outputs_stream_and_match_the_offline_engine(engine, tiny_dir):
         return [out async for out in engine.generate(text, ids, params, "r1")]
 
     outs = asyncio.run(run())
-    assert len(outs) == 10 and outs[-1].finished and not any(o.finished for o in outs[:-1])
+    # Up to one output per step: outputs the consumer had not taken yet are merged (see below).
+    assert 1 <= len(outs) <= 10 and outs[-1].finished and not any(o.finished for o in outs[:-1])
     assert "".join(o.outputs[0].text_delta for o in outs) == expected.outputs[0].text
     assert outs[-1].outputs[0].token_ids == expected.outputs[0].token_ids
     wait_idle(engine)
@@ -114,3 +117,92 @@ def test_stop_aborts_in_flight_requests_and_refuses_new_ones(tiny_dir):
 
     with pytest.raises(EngineStoppedError):
         asyncio.run(after())
+
+
+def test_outputs_a_slow_consumer_has_not_taken_are_merged(engine):
+    """A consumer that reads nothing until the request ended finds one output, not one per step
+    (each a snapshot of the whole state: a stalled client would hold memory quadratic in the
+    length), and its text delta is the whole text."""
+    _, ids = engine.check_prompt("Hello, world!")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)
+
+    async def run():
+        gen = engine.generate(None, ids, params, "slow")
+        first = await anext(gen)  # the request is in; now let it finish unread
+        deadline = time.monotonic() + 120
+        while engine.snapshot.num_requests or engine.snapshot.num_generation_tokens < 24:
+            assert time.monotonic() < deadline, engine.snapshot
+            await asyncio.sleep(0.01)
+        return first, [out async for out in gen]
+
+    first, rest = asyncio.run(run())
+    assert len(rest) == 1 and rest[0].finished
+    for a, b in zip(first.outputs, rest[0].outputs):
+        assert a.text_delta + b.text_delta == b.text and len(b.token_ids) == 12
+
+
+def test_step_elapsed_shows_a_step_in_progress(engine, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+    real_step = engine.engine.step
+
+    def stuck_step():
+        entered.set()
+        assert release.wait(120)
+        return real_step()
+
+    monkeypatch.setattr(engine.engine, "step", stuck_step)
+    assert engine.step_elapsed() is None
+    _, ids = engine.check_prompt("Hi")
+
+    async def run():
+        gen = engine.generate(None, ids, SamplingParams(max_tokens=2), "stuck")
+        task = asyncio.ensure_future(anext(gen))
+        assert await asyncio.to_thread(entered.wait, 120)
+        first = engine.step_elapsed()
+        await asyncio.sleep(0.05)
+        assert first is not None and engine.step_elapsed() >= first + 0.05
+        release.set()
+        await task
+        async for _ in gen:
+            pass
+
+    asyncio.run(run())
+    wait_idle(engine)
+    assert engine.step_elapsed() is None
+
+
+def test_stop_closes_the_engine_on_its_thread(tiny_dir):
+    engine = AsyncLLMEngine(lambda: LLMEngine(EngineConfig(model=str(tiny_dir), **ENGINE)))
+    engine.start()
+    closed_on: list[str] = []
+    real_close = engine.engine.close
+    engine.engine.close = lambda: (closed_on.append(threading.current_thread().name), real_close())
+    engine.stop()
+    assert closed_on == ["kvmem-engine"] and engine.engine.closed and not engine.is_running
+
+
+def test_stop_warns_when_the_engine_thread_does_not_end(tiny_dir, caplog):
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=str(tiny_dir), **ENGINE)))
+    engine.start()
+    entered, release = threading.Event(), threading.Event()
+    real_step = engine.engine.step
+
+    def stuck_step():
+        entered.set()
+        release.wait(120)
+        return real_step()
+
+    engine.engine.step = stuck_step
+    _, ids = engine.check_prompt("Hi")
+
+    async def run():
+        gen = engine.generate(None, ids, SamplingParams(max_tokens=2), "stuck")
+        task = asyncio.ensure_future(anext(gen))
+        assert await asyncio.to_thread(entered.wait, 120)
+        with caplog.at_level(logging.WARNING, logger="kvmem.engine.async_engine"):
+            await asyncio.to_thread(engine.stop, 0.1)
+        assert "did not end" in caplog.text
+        release.set()  # the step returns; the thread then ends (and its stream with an abort)
+        task.cancel()
+
+    asyncio.run(run())

@@ -13,9 +13,19 @@ loading the model) and the engine thread another, the two fight over the cores. 
 
 Threading rule: only the engine thread touches the `LLMEngine` (scheduler, manager, requests).
 Other threads talk to it through a command inbox (add, abort), and receive `RequestOutput`s, which
-the engine builds as snapshots, through their own asyncio queues. The tokenizer and the prompt
-checks are read-only and are used from the caller's thread, so bad input is refused before it
-reaches the engine.
+the engine builds as snapshots, through a per-request stream on their event loop. The tokenizer and
+the prompt checks are read-only and are used from the caller's thread (the server calls them from a
+worker thread, so a long tokenization never blocks its event loop), so bad input is refused before
+it reaches the engine.
+
+A consumer that falls behind (a slow client) never makes outputs pile up: every output carries the
+request's whole state (token ids, text, logprobs) plus the text new since the previous one, so an
+output not yet taken is merged into the next (as vLLM v1's output collector does). Without that, a
+client reading nothing of an n=128 stream made the queue hold one growing snapshot per step:
+memory quadratic in the output length.
+
+Liveness: `step_elapsed()` says how long the step in progress has been running, so a health check
+can tell an engine that makes progress from one stuck inside a step.
 """
 
 from __future__ import annotations
@@ -25,8 +35,9 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from kvmem.engine.llm_engine import LLMEngine
 from kvmem.memory.base import MemoryStats
@@ -58,10 +69,34 @@ class EngineSnapshot:
 
 @dataclass
 class _Stream:
-    """Where one request's outputs go: an asyncio queue, fed from the engine thread."""
+    """Where one request's outputs go, fed from the engine thread through `loop` and read on it:
+    outputs (an unread one merged into the next, see the module's doc) and at most one error."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    items: deque[RequestOutput | BaseException] = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def offer(self, item: RequestOutput | BaseException) -> None:
+        """On `loop`'s thread."""
+        if isinstance(item, RequestOutput) and self.items and isinstance(self.items[-1], RequestOutput):
+            self.items[-1] = _merge_outputs(self.items[-1], item)
+        else:
+            self.items.append(item)
+        self.ready.set()
+
+    async def take(self) -> RequestOutput | BaseException:
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.items.popleft()
+
+
+def _merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """`newer` as if `older` had never been delivered: its state is cumulative already, only the
+    text deltas add up."""
+    deltas = {c.index: c.text_delta for c in older.outputs}
+    return replace(newer, outputs=[replace(c, text_delta=deltas.get(c.index, "") + c.text_delta)
+                                   for c in newer.outputs])
 
 
 class AsyncLLMEngine:
@@ -74,6 +109,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._step_started: float | None = None  # time.monotonic() when the step in progress began
         if isinstance(engine, LLMEngine):
             self._adopt(engine)
 
@@ -100,18 +136,27 @@ class AsyncLLMEngine:
             raise failure[0]
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Abort whatever is in flight (its streams end with finish_reason "abort") and end the thread."""
+        """Abort whatever is in flight (its streams end with finish_reason "abort"), end the thread
+        and close the engine (on that thread); waits up to `timeout` seconds for it."""
         if self._thread is None:
             return
         self.abort_all()
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():  # a step that does not return; the thread is a daemon
+            logger.warning("the engine thread did not end within %.0f s (a step has been running for %.0f s); "
+                           "leaving it behind", timeout, self.step_elapsed() or 0.0)
         self._thread = None
 
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def step_elapsed(self) -> float | None:
+        """Seconds the step in progress has been running; None between steps (idle or not started)."""
+        started = self._step_started
+        return None if started is None else time.monotonic() - started
 
     # --- the asyncio side ---------------------------------------------------------------
     def check_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -127,13 +172,13 @@ class AsyncLLMEngine:
         its KV memory is given back at the engine's next iteration."""
         if self._stopping or not self.is_running:
             raise EngineStoppedError("the engine is not running")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         prompt = {"prompt": prompt_text, "prompt_token_ids": prompt_token_ids}
         self._submit(lambda: self._add(request_id, prompt, params, stream))
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.take()
                 if isinstance(item, BaseException):
                     finished = True  # the engine already dropped it
                     raise item
@@ -178,16 +223,24 @@ class AsyncLLMEngine:
                 self._wake.wait()
                 self._wake.clear()  # before draining: a command put after this wakes us again
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a bug or an out-of-memory: fail what is in flight, keep serving
                 logger.exception("engine step failed; aborting %d requests", len(self._streams))
                 self._fail_all(EngineStoppedError(f"engine step failed: {e}"))
                 continue
+            finally:
+                self._step_started = None
             self._deliver(outputs)
             self.snapshot = self._take_snapshot()
         self._fail_all(EngineStoppedError("the engine stopped"))
         self.snapshot = self._take_snapshot()
+        # Threads joined, mappings released, on the thread that owns the engine (see the threading rule).
+        try:
+            self.engine.close()
+        except Exception:
+            logger.exception("closing the engine failed")
 
     def _drain_inbox(self) -> None:
         while True:
@@ -216,11 +269,11 @@ class AsyncLLMEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         # One wake-up per event loop per step, not one per request.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, object]]] = {}
         for out in outputs:
             stream = self._streams.pop(out.request_id) if out.finished else self._streams.get(out.request_id)
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             _call_soon(loop, _put_all, items)
 
@@ -233,7 +286,7 @@ class AsyncLLMEngine:
 
     @staticmethod
     def _put(stream: _Stream, item: object) -> None:
-        _call_soon(stream.loop, _put_all, [(stream.queue, item)])
+        _call_soon(stream.loop, _put_all, [(stream, item)])
 
     def _take_snapshot(self) -> EngineSnapshot:
         e = self.engine
@@ -245,9 +298,9 @@ class AsyncLLMEngine:
             num_generation_tokens=e.counters.num_generation_tokens, num_steps=e.counters.num_steps)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+def _put_all(items: list[tuple[_Stream, object]]) -> None:
+    for stream, item in items:
+        stream.offer(item)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: object) -> None:
