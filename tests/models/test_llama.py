@@ -11,7 +11,7 @@ from kvmem.attention.torch_attention import BACKENDS
 from kvmem.memory.base import KVCacheSpec
 from kvmem.memory.paged import PagedKVCacheManager
 from kvmem.models.config import ModelConfig
-from kvmem.models.llama import LlamaForCausalLM, rope_inv_freq
+from kvmem.models.llama import LlamaForCausalLM, OneDNNLinear, rope_inv_freq
 from tests.oracle import hf_logits, make_tiny_model
 
 
@@ -106,3 +106,17 @@ def test_half_precision_logits_track_transformers_in_the_same_dtype(tiny, dtype)
     scale = expected.abs().max().item()
     torch.testing.assert_close(got, expected, atol=0.05 * scale, rtol=0.05)
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not OneDNNLinear.available(torch.bfloat16), reason="torch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_linear_gives_a_row_the_same_result_alone_and_in_any_batch(dtype):
+    # SmolLM2's down_proj shape, where oneDNN's lone-row kernel rounds differently from its GEMM.
+    torch.manual_seed(0)
+    linear = OneDNNLinear(torch.nn.Linear(1536, 576, bias=False).to(dtype))
+    x = torch.randn(300, 1536).to(dtype)
+    batched = linear(x)
+    alone = torch.cat([linear(x[r:r + 1]) for r in range(len(x))])
+    assert torch.equal(alone, batched)
+    for rows in (2, 7, 32, 129):
+        assert torch.equal(linear(x[5:5 + rows]), batched[5:5 + rows])

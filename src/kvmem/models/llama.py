@@ -56,6 +56,13 @@ class OneDNNLinear(nn.Module):
                 and _reorder_linear_weight is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] == 1:
+            # Batch invariance: oneDNN computes a lone row with another kernel than a GEMM of 2 or
+            # more rows, and the two round differently (bfloat16 down_proj, K = 1536: 88 of 1,100
+            # rows differ), so a greedy answer changed with the number of requests running beside
+            # it. From 2 rows on, a row's result does not depend on the others (checked for 2 to
+            # 4,096 rows on every SmolLM2 layer shape); two rows cost what one does (weight-bound).
+            return _linear_pointwise(x.expand(2, -1).contiguous(), self.weight, self.bias, "none", [None], "")[:1]
         return _linear_pointwise(x, self.weight, self.bias, "none", [None], "")
 
 
