@@ -17,6 +17,15 @@ from kvmem.sampling_params import MAX_LOGPROBS, SamplingParams
 
 # OpenAI's limit on samples per request; without one, `n` alone could ask for millions of sequences.
 MAX_N = 128
+# Every generated token is checked against every stop string (cost ~ their total length, per token,
+# per sample) and every stop token id: 10,000 stop strings made each step of an n=128 request take
+# a second more. OpenAI allows 4 stop strings; these bounds leave room for any real client.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 128
+MAX_STOP_TOKEN_IDS = 64
+# The roles a chat template may see. "tool" (and the older "function") carry tool results, which only
+# follow tool calls: refused like `tools` itself.
+CHAT_ROLES = ("system", "user", "assistant", "developer")
 
 
 class InvalidRequest(ValueError):
@@ -69,6 +78,14 @@ class _SamplingFields(_Body):
             raise InvalidRequest("logit_bias is not supported", "logit_bias")
         if self.n > MAX_N:
             raise InvalidRequest(f"n must be <= {MAX_N}, got {self.n}", "n")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}", "stop")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise InvalidRequest(f"each stop string may be at most {MAX_STOP_STRING_CHARS} characters long", "stop")
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, "
+                                 f"got {len(self.stop_token_ids)}", "stop_token_ids")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
 
@@ -157,8 +174,19 @@ class ChatCompletionRequest(_SamplingFields):
     def conversation(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]
 
+    def check_roles(self) -> None:
+        """OpenAI refuses an unknown role (400 naming messages[i].role); a template would render
+        it as if it were a real turn."""
+        for i, message in enumerate(self.messages):
+            if message.role not in CHAT_ROLES:
+                why = (" (tool results need tools, which are not supported)" if message.role in ("tool", "function")
+                       else "")
+                raise InvalidRequest(f"Invalid value: {message.role!r}{why}. Supported roles are: "
+                                     f"{', '.join(CHAT_ROLES)}.", f"messages[{i}].role", code="invalid_value")
+
     def sampling_params(self) -> SamplingParams:
         self._check_common()
+        self.check_roles()
         if self.tools:
             raise InvalidRequest("tools are not supported", "tools")
         if self.tool_choice not in (None, "none"):
