@@ -37,9 +37,16 @@ def run_throughput(workload: str = "random", num_prompts: int | None = None, inp
                    **llm_kwargs) -> ThroughputResult:
     """`wait_quiet_max`: wait up to this many seconds for other processes to leave the CPU before the
     timed run (on a shared 2-core machine one busy neighbour slows an OpenMP engine severalfold)."""
-    from kvmem import LLM, SamplingParams
+    from kvmem import LLM
 
-    llm = LLM(**llm_kwargs)
+    with LLM(**llm_kwargs) as llm:
+        return _run(llm, workload, num_prompts, input_len, output_len, seed, warmup, wait_quiet_max, llm_kwargs)
+
+
+def _run(llm, workload: str, num_prompts: int | None, input_len: int, output_len: int, seed: int, warmup: bool,
+         wait_quiet_max: float, llm_kwargs: dict) -> ThroughputResult:
+    from kvmem import SamplingParams
+
     engine = llm.engine
     w: Workload = make_workload(workload, engine.model_config.vocab_size, seed, num_prompts, input_len, output_len)
     if w.max_seq_len > engine.max_model_len:
