@@ -157,7 +157,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     return serve(EngineConfig(**engine_kwargs(args)), host=args.host, port=args.port,
                  served_model_name=args.served_model_name, api_key=args.api_key, grace_s=args.shutdown_grace,
-                 max_body_bytes=args.max_body_bytes, log_level=args.log_level)
+                 max_body_bytes=args.max_body_bytes, log_level=args.log_level,
+                 max_prompts_per_request=args.max_prompts_per_request, max_prompt_chars=args.max_prompt_chars,
+                 health_step_timeout=args.health_step_timeout, request_read_timeout=args.request_read_timeout,
+                 timeout_keep_alive=args.timeout_keep_alive)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -222,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-grace", type=float, default=5.0,
                      help="seconds in-flight requests get to finish after SIGINT/SIGTERM before being aborted")
     srv.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="larger request bodies get a 413")
+    srv.add_argument("--max-prompts-per-request", type=int, default=128,
+                     help="prompts one completions request may hold; n x prompts may be at most max(128, this)")
+    srv.add_argument("--max-prompt-chars", type=int, default=None, help="longer text prompts (or conversations) "
+                     "get a 400 before tokenizing (default: max_model_len x 64)")
+    srv.add_argument("--health-step-timeout", type=float, default=120.0,
+                     help="/health answers 503 while an engine step has been running longer than this (seconds)")
+    srv.add_argument("--request-read-timeout", type=float, default=30.0, help="seconds a client gets to send a "
+                     "request's headers, then its body (408), and to resume reading a response it stopped reading")
+    srv.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                     help="seconds an idle keep-alive connection stays open (uvicorn's option)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     srv.set_defaults(func=cmd_serve)
 

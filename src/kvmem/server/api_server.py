@@ -8,11 +8,26 @@ tokenizes, and adds one engine request per prompt (per prompt, not per sample: `
 the prompt's KV). Streams are Server-Sent Events ending in `data: [DONE]`. A client that goes away
 (mid-stream or while waiting for a non-streamed answer) aborts its requests, which gives their KV
 memory back at the engine's next iteration.
+
+Nothing a client sends may hold the event loop (every other client, /health included) or the
+engine for long, so each cost is bounded before it is paid:
+- the body: only a declared JSON body is read (415 otherwise: a browser page may POST text/plain to
+  a local server without a CORS preflight), within `max_body_bytes` (413) and
+  `request_read_timeout` seconds (408); a big body is parsed off the loop;
+- the prompts: at most `max_prompts_per_request` per request, n x prompts at most
+  max(MAX_N, that); a text prompt or conversation longer than `max_prompt_chars` (by default what
+  max_model_len tokens could hold at MAX_CHARS_PER_TOKEN) is refused before tokenizing, and
+  templates and tokenizers run on a worker thread;
+- logprobs: at most MAX_LOGPROB_ENTRIES (token x alternative) per request;
+- /health answers 503 when the engine thread died or a step has run for `health_step_timeout` s.
+Connection-level limits (stalled headers, clients that read nothing) live in `connection.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -27,17 +42,28 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kvmem import __version__
 from kvmem.engine.async_engine import AsyncLLMEngine, EngineStoppedError
 from kvmem.outputs import CompletionOutput, Logprob, RequestOutput
 from kvmem.sampling_params import SamplingParams
 from kvmem.server.metrics import ServerMetrics
-from kvmem.server.protocol import ChatCompletionRequest, CompletionRequest, InvalidRequest
+from kvmem.server.protocol import MAX_N, ChatCompletionRequest, CompletionRequest, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
 Body = TypeVar("Body", bound=BaseModel)
+
+# The most characters one token of any tokenizer we serve could plausibly stand for (BPE tokens are
+# a few characters; long runs of spaces or symbols reach a few dozen). A text longer than
+# max_model_len times this cannot fit the context, so it is refused before paying to tokenize it.
+MAX_CHARS_PER_TOKEN = 64
+# Logprob entries (generated token x returned alternative) one request may ask for: each is a
+# Python object kept until the request ends, so n=128 x 8,000 tokens x 21 would be gigabytes.
+MAX_LOGPROB_ENTRIES = 2**20
+# Bodies larger than this are parsed on a worker thread (parsing 8 MiB of JSON takes ~1 s).
+_PARSE_INLINE_BYTES = 64 * 2**10
 
 
 @dataclass
@@ -46,6 +72,29 @@ class ServerSettings:
     model_path: str = ""
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
     max_body_bytes: int = 8 * 2**20
+    # Prompts in one request; n x prompts may be at most max(MAX_N, this). One request's sequences
+    # then take at most half of the default max_num_seqs (256), so others are still scheduled.
+    max_prompts_per_request: int = 128
+    # A text prompt or conversation longer than this (characters) is refused before tokenizing;
+    # None: max_model_len * MAX_CHARS_PER_TOKEN.
+    max_prompt_chars: int | None = None
+    # /health answers 503 when the step in progress has run longer than this (seconds); generous,
+    # since a CPU step of a big batch can take seconds on a loaded machine.
+    health_step_timeout: float = 120.0
+    # Seconds a client gets to send a request's headers, then its body (408), and to start reading
+    # a response it stopped reading; see connection.py.
+    request_read_timeout: float = 30.0
+    timeout_keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's)
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_prompts_per_request", "max_prompt_chars", "health_step_timeout",
+                     "request_read_timeout", "timeout_keep_alive"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+    def prompt_char_limit(self, max_model_len: int) -> int:
+        return self.max_prompt_chars or max_model_len * MAX_CHARS_PER_TOKEN
 
 
 @dataclass
@@ -91,7 +140,10 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     # --- plain endpoints -------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if engine.is_running else 503)
+        problem = engine_problem(engine, settings.health_step_timeout)
+        if problem is not None:
+            return error_response(503, problem, code="engine_unhealthy")
+        return Response(status_code=200)
 
     @app.get("/version")
     async def version() -> dict:
@@ -110,16 +162,24 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     # --- completions -----------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await read_body(request, CompletionRequest, settings.max_body_bytes)
+        body = await read_body(request, CompletionRequest, settings)
         check_model(body.model, settings)
         params = body.sampling_params()
-        prompts = [check_prompt(engine, p, params, explicit_max_tokens=True) for p in body.prompts()]
+        raw_prompts = body.prompts()
+        check_prompt_count(len(raw_prompts), params.n, settings)
+        check_prompt_chars(raw_prompts, settings.prompt_char_limit(engine.max_model_len), engine.max_model_len)
+
+        def tokenize() -> tuple[list[_Prompt], list[str]]:
+            prompts = [check_prompt(engine, p, params, explicit_max_tokens=True) for p in raw_prompts]
+            return prompts, [prompt_text(engine, p) if body.echo else "" for p in prompts]
+
+        prompts, echo = await asyncio.to_thread(tokenize)  # off the loop: a long prompt takes seconds
+        check_logprob_budget(engine, params, prompts, "logprobs")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         header = {"id": request_id, "object": "text_completion", "created": int(time.time()),
                   "model": settings.served_model_name}
         streams = [track(metrics, engine.generate(p.text, p.token_ids, params, f"{request_id}-{i}"), params.n)
                    for i, p in enumerate(prompts)]
-        echo = [prompt_text(engine, p) if body.echo else "" for p in prompts]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return sse_response(stream_completion(header, streams, params, echo, include_usage))
@@ -135,20 +195,15 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     # --- chat completions ------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await read_body(request, ChatCompletionRequest, settings.max_body_bytes)
+        body = await read_body(request, ChatCompletionRequest, settings)
         check_model(body.model, settings)
         params = body.sampling_params()
-        try:
-            text = engine.tokenizer.apply_chat_template(body.conversation(), body.add_generation_prompt,
-                                                        **(body.chat_template_kwargs or {}))
-        except ValueError as e:
-            raise InvalidRequest(str(e), "messages") from e
-        except TypeError as e:  # chat_template_kwargs naming a parameter twice
-            raise InvalidRequest(str(e), "chat_template_kwargs") from e
-        # The template wrote any BOS itself.
-        prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
-        prompt = check_prompt(engine, {"prompt": text, "prompt_token_ids": prompt_ids}, params,
-                              explicit_max_tokens=body.max_tokens is not None or body.max_completion_tokens is not None)
+        char_limit = settings.prompt_char_limit(engine.max_model_len)
+        check_conversation_size(body, engine.max_model_len, char_limit)
+        explicit_max_tokens = body.max_tokens is not None or body.max_completion_tokens is not None
+        # Off the loop: rendering a template and tokenizing a long conversation take seconds.
+        prompt = await asyncio.to_thread(render_chat, engine, body, params, explicit_max_tokens, char_limit)
+        check_logprob_budget(engine, params, [prompt], "top_logprobs" if body.top_logprobs else "logprobs")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         header = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                   "model": settings.served_model_name}
@@ -172,12 +227,18 @@ class ApiKeyMiddleware:
 
     def __init__(self, app, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.key_digest = hashlib.sha256(api_key.encode()).digest()
+
+    def authorized(self, header: bytes) -> bool:
+        # The scheme is case-insensitive (RFC 9110). The key is compared in constant time, and as a
+        # hash so that not even its length leaks through timing (compare_digest's time depends on it).
+        scheme, _, token = header.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(hashlib.sha256(token.strip()).digest(),
+                                                                    self.key_digest)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            if auth != self.expected:
+            if not self.authorized(dict(scope["headers"]).get(b"authorization", b"")):
                 response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                           code="invalid_api_key")
                 await response(scope, receive, send)
@@ -186,36 +247,85 @@ class ApiKeyMiddleware:
 
 
 # --- request parsing and checks -------------------------------------------------------------------
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None, code: str | int | None = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
             413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error" if status >= 500
                                                                           else "invalid_request_error")
+    # After a 408 or 413 the rest of the body may still be on its way (slowly, or gigabytes of it):
+    # close the connection rather than read it to reach the next request.
+    headers = {"Connection": "close"} if status in (408, 413) else None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code or status}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
-async def read_body(request: Request, model: type[Body], max_bytes: int) -> Body:
-    """The JSON body, validated against `model`; refuses bodies over `max_bytes` with a 413 without
-    reading them whole."""
+def engine_problem(engine: AsyncLLMEngine, step_timeout: float) -> str | None:
+    """Why the engine cannot serve (for /health), or None when it makes progress."""
+    if not engine.is_running:
+        return "the engine is not running"
+    elapsed = engine.step_elapsed()
+    if elapsed is not None and elapsed > step_timeout:
+        return f"the engine's current step has been running for {elapsed:.0f} s (bound: {step_timeout:g} s)"
+    return None
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """application/json (any parameters, e.g. charset) or a structured-syntax type application/*+json."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_body(request: Request, model: type[Body], settings: ServerSettings) -> Body:
+    """The JSON body, validated against `model`. Refuses a body not declared JSON (415), over
+    `max_body_bytes` (413, without reading it whole) or slower than `request_read_timeout` (408)."""
+    if not is_json_media_type(request.headers.get("content-type")):
+        # Browsers send text/plain, form and multipart bodies cross-origin without a CORS preflight:
+        # accepting them would let any web page start generations on a local server.
+        raise InvalidRequest("the body must be JSON, sent with 'Content-Type: application/json'",
+                             status_code=415, code="unsupported_media_type")
+    max_bytes = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise InvalidRequest(f"request body is {declared} bytes, over the limit of {max_bytes}", status_code=413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise InvalidRequest(f"request body is over the limit of {max_bytes} bytes", status_code=413)
-        chunks.append(chunk)
     try:
-        return model.model_validate_json(b"".join(chunks))
+        async with asyncio.timeout(settings.request_read_timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise InvalidRequest(f"request body is over the limit of {max_bytes} bytes", status_code=413)
+                chunks.append(chunk)
+    except TimeoutError as e:
+        raise InvalidRequest(f"the request body did not arrive within {settings.request_read_timeout:g} s",
+                             status_code=408, code="request_timeout") from e
+    except ClientDisconnect as e:  # nobody to answer; not an internal error
+        raise InvalidRequest("client disconnected while sending the body", status_code=499) from e
+    raw = b"".join(chunks)
+    if len(raw) <= _PARSE_INLINE_BYTES:
+        return parse_body(model, raw)
+    return await asyncio.to_thread(parse_body, model, raw)
+
+
+def parse_body(model: type[Body], raw: bytes) -> Body:
+    try:
+        return model.model_validate_json(raw)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         if first["type"] == "json_invalid":
             raise InvalidRequest(f"the body is not valid JSON: {first['msg']}") from e
-        loc = [str(p) for p in first["loc"]]
-        # A union's error location names the member type tried ('str', 'list[int]'): drop those.
-        param = ".".join(p for p in loc if not any(ch in p for ch in "[]") and p not in ("str", "int"))
+        param = error_param(first["loc"])
         raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param or None) from e
+
+
+def error_param(loc: tuple) -> str:
+    """A validation error's location as OpenAI writes it: messages[0].role."""
+    param = ""
+    for p in loc:
+        if isinstance(p, int):
+            param += f"[{p}]"
+        # A union's error location names the member type tried ('str', 'list[int]'): drop those.
+        elif not any(ch in p for ch in "[]") and p not in ("str", "int", "float", "bool"):
+            param += f".{p}" if param else p
+    return param
 
 
 def check_model(name: str | None, settings: ServerSettings) -> None:
@@ -224,11 +334,66 @@ def check_model(name: str | None, settings: ServerSettings) -> None:
                              f"`{settings.served_model_name}`", "model", status_code=404, code="model_not_found")
 
 
+def check_prompt_count(num_prompts: int, n: int, settings: ServerSettings) -> None:
+    limit = settings.max_prompts_per_request
+    if num_prompts > limit:
+        raise InvalidRequest(f"a request may hold at most {limit} prompts, got {num_prompts}; "
+                             "send them in several requests", "prompt")
+    max_sequences = max(MAX_N, limit)
+    if n * num_prompts > max_sequences:
+        raise InvalidRequest(f"n x prompts must be at most {max_sequences}, got {n} x {num_prompts}", "n")
+
+
+def check_conversation_size(body: ChatCompletionRequest, max_model_len: int, char_limit: int) -> None:
+    """Cheap bounds before a template renders the messages: each renders to at least one token, and
+    their text is at most `char_limit` characters."""
+    if len(body.messages) >= max_model_len:
+        raise InvalidRequest(f"{len(body.messages)} messages cannot fit in this model's context of "
+                             f"{max_model_len} tokens", "messages")
+    chars = 0
+    for m in body.messages:
+        if isinstance(m.content, str):
+            chars += len(m.content)
+        elif m.content is not None:
+            chars += sum(len(part["text"]) for part in m.content if isinstance(part.get("text"), str))
+    if chars > char_limit:
+        raise InvalidRequest(f"the messages hold {chars} characters, more than the {char_limit} that could fit "
+                             "in this model's context", "messages")
+
+
+def render_chat(engine: AsyncLLMEngine, body: ChatCompletionRequest, params: SamplingParams,
+                explicit_max_tokens: bool, char_limit: int) -> _Prompt:
+    """The conversation through the chat template, tokenized and checked (on a worker thread)."""
+    try:
+        text = engine.tokenizer.apply_chat_template(body.conversation(), body.add_generation_prompt,
+                                                    **(body.chat_template_kwargs or {}))
+    except ValueError as e:
+        raise InvalidRequest(str(e), "messages") from e
+    except TypeError as e:  # chat_template_kwargs naming a parameter twice
+        raise InvalidRequest(str(e), "chat_template_kwargs") from e
+    if len(text) > char_limit:  # a template may add a lot to the messages (chat_template_kwargs)
+        raise InvalidRequest(f"the rendered conversation is {len(text)} characters, more than the {char_limit} "
+                             "that could fit in this model's context", "messages")
+    # The template wrote any BOS itself.
+    prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    return check_prompt(engine, {"prompt": text, "prompt_token_ids": prompt_ids}, params, explicit_max_tokens)
+
+
+def check_prompt_chars(prompts: list[str | list[int]], char_limit: int, max_model_len: int) -> None:
+    """Every text prompt's length, before any is tokenized."""
+    for p in prompts:
+        if isinstance(p, str) and len(p) > char_limit:
+            raise InvalidRequest(f"a prompt is {len(p)} characters, more than the {char_limit} that could fit in "
+                                 f"this model's context of {max_model_len} tokens", "prompt")
+
+
 def check_prompt(engine: AsyncLLMEngine, prompt: Any, params: SamplingParams, explicit_max_tokens: bool) -> _Prompt:
+    """Tokenize (a text prompt) and check one prompt; slow for long text, so called off the loop."""
+    param = "prompt" if not isinstance(prompt, dict) else "messages"
     try:
         text, token_ids = engine.check_prompt(prompt)
     except ValueError as e:
-        raise InvalidRequest(str(e), "prompt" if not isinstance(prompt, dict) else "messages") from e
+        raise InvalidRequest(str(e), param) from e
     if explicit_max_tokens and params.max_tokens is not None \
             and len(token_ids) + params.max_tokens > engine.max_model_len:
         raise InvalidRequest(f"This model's maximum context length is {engine.max_model_len} tokens. However, you "
@@ -240,6 +405,19 @@ def check_prompt(engine: AsyncLLMEngine, prompt: Any, params: SamplingParams, ex
 
 def prompt_text(engine: AsyncLLMEngine, prompt: _Prompt) -> str:
     return prompt.text if prompt.text is not None else engine.tokenizer.decode(prompt.token_ids)
+
+
+def check_logprob_budget(engine: AsyncLLMEngine, params: SamplingParams, prompts: list[_Prompt], param: str) -> None:
+    if params.logprobs is None:
+        return
+    entries = 0
+    for p in prompts:
+        room = engine.max_model_len - len(p.token_ids)
+        entries += params.n * min(params.max_tokens or room, room) * (params.logprobs + 1)
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise InvalidRequest(f"this request could return {entries} logprobs (n x max_tokens x (alternatives + 1), "
+                             f"over its prompts); at most {MAX_LOGPROB_ENTRIES}: lower n, max_tokens or the "
+                             "number of alternatives", param)
 
 
 # --- running requests -----------------------------------------------------------------------------

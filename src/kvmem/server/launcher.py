@@ -9,6 +9,7 @@ a "killed by signal" exit status; `_GracefulServer` does not. A second Ctrl-C fo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from types import FrameType
@@ -19,6 +20,7 @@ from kvmem.config import EngineConfig
 from kvmem.engine.async_engine import AsyncLLMEngine
 from kvmem.engine.llm_engine import LLMEngine
 from kvmem.server.api_server import ServerSettings, build_app
+from kvmem.server.connection import uvicorn_config
 
 logger = logging.getLogger(__name__)
 
@@ -43,19 +45,21 @@ class _GracefulServer(uvicorn.Server):
 
 
 def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
-          served_model_name: str | None = None, api_key: str | None = None, grace_s: float = 5.0,
-          max_body_bytes: int = 8 * 2**20, log_level: str = "info") -> int:
+          served_model_name: str | None = None, grace_s: float = 5.0, log_level: str = "info",
+          **limits: object) -> int:
+    """`limits`: the other `ServerSettings` fields (api_key, max_body_bytes, max_prompts_per_request,
+    max_prompt_chars, health_step_timeout, request_read_timeout, timeout_keep_alive)."""
+    settings = ServerSettings(served_model_name=served_model_name or "", **limits)  # bad limits: fail before loading
     # The engine is built on its own thread (see async_engine: one OpenMP team, not two).
     async_engine = AsyncLLMEngine(lambda: LLMEngine(engine_config))
     async_engine.start()
     engine = async_engine.engine
     name = served_model_name or engine.model_config.name
-    settings = ServerSettings(served_model_name=name, model_path=str(engine_config.model or name), api_key=api_key,
-                              max_body_bytes=max_body_bytes)
+    settings = dataclasses.replace(settings, served_model_name=name, model_path=str(engine_config.model or name))
     app = build_app(async_engine, settings)
     logger.info("serving %s (kv_cache=%s, dtype=%s, max_model_len=%d) on http://%s:%d/v1", name,
                 engine.manager.name, str(engine.dtype).removeprefix("torch."), engine.max_model_len, host, port)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+    config = uvicorn_config(app, settings, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(grace_s) + 2, access_log=log_level == "debug")
     server = _GracefulServer(config, async_engine, grace_s)
     server.run()
