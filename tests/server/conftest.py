@@ -41,7 +41,7 @@ class RunningServer:
 
     def metrics(self) -> dict[str, float]:
         """The /metrics samples, keyed by name (labels dropped; one server, one label set)."""
-        text = httpx.get(f"{self.base_url}/metrics").text
+        text = httpx.get(f"{self.base_url}/metrics", timeout=120).text
         values: dict[str, float] = {}
         for line in text.splitlines():
             m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)

@@ -28,8 +28,8 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.integers(
 json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                             st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                            max_leaves=10)
-messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "", 3]),
-                                           "content": st.one_of(st.text(max_size=20), json_values)}),
+roles = st.sampled_from(["user", "system", "assistant", "developer", "wizard", "tool", "", 3])
+messages = st.lists(st.fixed_dictionaries({"role": roles, "content": st.one_of(st.text(max_size=20), json_values)}),
                     max_size=3)
 STATUSES: Counter[int] = Counter()  # what the fuzz produced, so the test after it can see it was not vacuous
 prompts = st.one_of(st.text(max_size=30), st.lists(st.integers(-5, 400), max_size=8),
@@ -70,7 +70,7 @@ def fuzz_server(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def http(fuzz_server):
-    with httpx.Client(base_url=fuzz_server.base_url, timeout=30) as client:
+    with httpx.Client(base_url=fuzz_server.base_url, timeout=120) as client:
         yield client
 
 
