@@ -290,23 +290,34 @@ def test_a_connection_that_stalls_mid_headers_is_closed(server):
     assert_still_serving(server)
 
 
+def dribble_until_closed(sock: socket.socket, data: bytes) -> None:
+    """Send `data` a byte at a time (a byte each 0.2 s or faster) until the server closes."""
+    sock.settimeout(0.2)
+    deadline = time.monotonic() + 20 * READ_TIMEOUT
+    for byte in data:
+        assert time.monotonic() < deadline, "the connection was never closed"
+        try:
+            sock.sendall(bytes([byte]))
+            if sock.recv(4096) == b"":
+                return  # closed by the server
+        except (TimeoutError, socket.timeout):
+            continue  # nothing to read: the server is still reading
+        except (BrokenPipeError, ConnectionResetError):
+            return
+    pytest.fail("sent everything without being closed")
+
+
 def test_headers_dribbled_a_byte_at_a_time_are_still_bounded(server):
     with socket.create_connection(address(server)) as sock:
-        sock.settimeout(0.2)
-        deadline = time.monotonic() + 20 * READ_TIMEOUT
-        request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10_000
-        for byte in request:
-            assert time.monotonic() < deadline, "the connection was never closed"
-            try:
-                sock.sendall(bytes([byte]))
-                if sock.recv(1) == b"":
-                    break  # closed by the server
-            except (TimeoutError, socket.timeout):
-                continue  # nothing to read yet: the server still waits for the headers
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        else:
-            pytest.fail("sent everything without being closed")
+        dribble_until_closed(sock, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10_000)
+
+
+def test_a_body_nobody_reads_dribbled_after_the_response_is_bounded(server):
+    with socket.create_connection(address(server)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n")
+        sock.settimeout(PATIENCE)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # answered without reading the body
+        dribble_until_closed(sock, b"b" * 10_000)
 
 
 def test_a_body_that_stalls_is_408_and_the_connection_closed(server):

@@ -9,6 +9,8 @@ forever. `TimedH11Protocol` bounds each of these by `read_timeout` seconds:
   arrive, and cancelled once the request's headers are complete; if it fires first, the connection
   is closed (no response: HTTP has none for a request that was never received);
 - body: bounded by the request handlers (`api_server.read_body`, a 408), which know when they read;
+  a body nobody reads (the response went out first: a 415, a GET with a body) is under the same
+  timer as headers, else a client dribbling it would keep the connection forever;
 - writes: when the transport's buffer is full (the client reads nothing) a timer is armed, and
   cancelled when the client drains it; if it fires, the connection is dropped, which uvicorn
   reports to the app as a disconnect, so a stream in flight is aborted and its KV memory freed.
@@ -32,22 +34,27 @@ from kvmem.server.api_server import ServerSettings
 class TimedH11Protocol(H11Protocol):
     read_timeout: float = 30.0  # set per server by `timed_h11_protocol`
 
-    _header_timer: asyncio.TimerHandle | None = None
+    _read_timer: asyncio.TimerHandle | None = None
     _write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_header_timer()
+        self._arm_read_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self.conn.their_state is h11.IDLE:  # the first bytes of a request (or more of its headers)
-            self._arm_header_timer()
+        if self._reading_unbounded():  # the first bytes of a request (or more of its headers)
+            self._arm_read_timer()
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the headers are in: the handler bounds the body
-            self._cancel("_header_timer")
+        if not self._reading_unbounded():  # the headers are in: the handler bounds the body
+            self._cancel("_read_timer")
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._reading_unbounded():  # a body still arriving that nobody will read
+            self._arm_read_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel("_header_timer")
+        self._cancel("_read_timer")
         self._cancel("_write_timer")
         super().connection_lost(exc)
 
@@ -61,11 +68,18 @@ class TimedH11Protocol(H11Protocol):
         super().resume_writing()
 
     # --- timers ---------------------------------------------------------------------------------
-    def _arm_header_timer(self) -> None:
-        # Armed once per request, not re-armed per chunk: a client dribbling a byte a second must
-        # still finish its headers within the bound.
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.read_timeout, self._on_header_timeout)
+    def _reading_unbounded(self) -> bool:
+        """Whether the client is sending what no request handler is waiting for (with its own bound):
+        a request's headers, or the rest of a body after the response went out."""
+        their_state = self.conn.their_state
+        return their_state is h11.IDLE or (their_state is h11.SEND_BODY and self.cycle is not None
+                                           and self.cycle.response_complete)
+
+    def _arm_read_timer(self) -> None:
+        # Armed once, not re-armed per chunk: a client dribbling a byte a second must still be done
+        # within the bound.
+        if self._read_timer is None:
+            self._read_timer = self.loop.call_later(self.read_timeout, self._on_read_timeout)
 
     def _cancel(self, name: str) -> None:
         timer = getattr(self, name)
@@ -73,11 +87,10 @@ class TimedH11Protocol(H11Protocol):
             timer.cancel()
             setattr(self, name, None)
 
-    def _on_header_timeout(self) -> None:
-        self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.logger.info("closing a connection that sent no complete request headers within %.0f s",
-                             self.read_timeout)
+    def _on_read_timeout(self) -> None:
+        self._read_timer = None
+        if self._reading_unbounded() and not self.transport.is_closing():
+            self.logger.info("closing a connection that sent no complete request within %.0f s", self.read_timeout)
             self.transport.close()
 
     def _on_write_stalled(self) -> None:
