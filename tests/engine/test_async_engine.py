@@ -206,3 +206,28 @@ def test_stop_warns_when_the_engine_thread_does_not_end(tiny_dir, caplog):
         task.cancel()
 
     asyncio.run(run())
+
+
+def test_a_failure_outside_the_step_ends_every_stream_instead_of_hanging(tiny_dir):
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=str(tiny_dir), **ENGINE)))
+    engine.start()
+    _, ids = engine.check_prompt("Hi")
+
+    class Bug(BaseException):
+        pass
+
+    def broken_deliver(outputs):
+        raise Bug("a bug in the engine thread's loop")
+
+    engine._deliver = broken_deliver
+
+    async def run():
+        with pytest.raises(EngineStoppedError):
+            async for _ in engine.generate(None, ids, SamplingParams(max_tokens=5), "r"):
+                pass
+
+    asyncio.run(asyncio.wait_for(run(), 120))
+    engine._thread.join(120)
+    assert not engine.is_running
+    asyncio.run(asyncio.wait_for(run(), 120))  # later requests are refused too, not left waiting
+    engine.stop()

@@ -108,6 +108,7 @@ class AsyncLLMEngine:
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stopping = False
+        self._abandoned = False  # the engine thread died: see _abandon
         self._thread: threading.Thread | None = None
         self._step_started: float | None = None  # time.monotonic() when the step in progress began
         if isinstance(engine, LLMEngine):
@@ -211,7 +212,27 @@ class AsyncLLMEngine:
                 ready.set()
                 return
         ready.set()
-        self._run()
+        try:
+            self._run()
+        except BaseException:  # a bug outside the step (which has its own handler): the thread ends
+            logger.exception("the engine thread failed; failing %d requests", len(self._streams))
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """After the loop died: nobody may wait forever on a stream. Without touching the engine
+        (it may be what failed), end every stream, and answer the commands still in the inbox
+        (`_add` refuses once `_stopping` is set, `_abort` does nothing once `_abandoned` is)."""
+        self._stopping = self._abandoned = True
+        error = EngineStoppedError("the engine thread failed")
+        for stream in self._streams.values():
+            self._put(stream, error)
+        self._streams.clear()
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            command()
 
     def _run(self) -> None:
         while True:
@@ -262,6 +283,8 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
 
     def _abort(self, request_id: str) -> None:
+        if self._abandoned:
+            return
         output = self.engine.abort_request(request_id)
         stream = self._streams.pop(request_id, None)
         if output is not None and stream is not None:
