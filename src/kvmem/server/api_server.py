@@ -32,7 +32,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -60,8 +60,9 @@ Body = TypeVar("Body", bound=BaseModel)
 # max_model_len times this cannot fit the context, so it is refused before paying to tokenize it.
 MAX_CHARS_PER_TOKEN = 64
 # Logprob entries (generated token x returned alternative) one request may ask for: each is a
-# Python object kept until the request ends, so n=128 x 8,000 tokens x 21 would be gigabytes.
-MAX_LOGPROB_ENTRIES = 2**20
+# Python object (~300 bytes) kept until the request ends, so n=128 x 8,000 tokens x 21 would be
+# gigabytes. 2^18 (~80 MB) still allows n=1 with 20 alternatives for 12,000 tokens.
+MAX_LOGPROB_ENTRIES = 2**18
 # Bodies larger than this are parsed on a worker thread (parsing 8 MiB of JSON takes ~1 s).
 _PARSE_INLINE_BYTES = 64 * 2**10
 
@@ -184,13 +185,17 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return sse_response(stream_completion(header, streams, params, echo, include_usage))
         finals = await until_disconnected(request, gather_finals(streams))
-        choices = []
-        for i, out in enumerate(finals):
-            for c in out.outputs:
-                choices.append({"index": i * params.n + c.index, "text": echo[i] + c.text,
-                                "logprobs": completion_logprobs(c, params, 0, len(echo[i])),
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        return JSONResponse({**header, "choices": choices, "usage": usage(finals)})
+
+        def respond() -> JSONResponse:
+            choices = []
+            for i, out in enumerate(finals):
+                for c in out.outputs:
+                    choices.append({"index": i * params.n + c.index, "text": echo[i] + c.text,
+                                    "logprobs": completion_logprobs(c, params, 0, len(echo[i])),
+                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            return JSONResponse({**header, "choices": choices, "usage": usage(finals)})
+
+        return await off_loop_if(params.logprobs is not None, respond)
 
     # --- chat completions ------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -212,10 +217,14 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return sse_response(stream_chat(header, stream, params, include_usage))
         (final,) = await until_disconnected(request, gather_finals([stream]))
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c, params, 0), "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason} for c in final.outputs]
-        return JSONResponse({**header, "choices": choices, "usage": usage([final])})
+
+        def respond() -> JSONResponse:
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": chat_logprobs(c, params, 0), "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason} for c in final.outputs]
+            return JSONResponse({**header, "choices": choices, "usage": usage([final])})
+
+        return await off_loop_if(params.logprobs is not None, respond)
 
     return app
 
@@ -421,6 +430,15 @@ def check_logprob_budget(engine: AsyncLLMEngine, params: SamplingParams, prompts
 
 
 # --- running requests -----------------------------------------------------------------------------
+R = TypeVar("R")
+
+
+async def off_loop_if(slow: bool, build: Callable[[], R]) -> R:
+    """`build()`, on a worker thread when `slow`: a response with up to MAX_LOGPROB_ENTRIES logprobs
+    takes a noticeable time to build and serialize, which would stall every other client."""
+    return await asyncio.to_thread(build) if slow else build()
+
+
 async def track(metrics: ServerMetrics, stream: AsyncIterator[RequestOutput],
                 num_samples: int) -> AsyncIterator[RequestOutput]:
     """Pass outputs through, timing them for /metrics; closing this closes (aborts) the request."""
