@@ -42,7 +42,7 @@ class TimedH11Protocol(H11Protocol):
         self._arm_read_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._reading_unbounded():  # the first bytes of a request (or more of its headers)
+        if self._reading_unbounded():  # a request's headers (or a body nobody reads) arriving
             self._arm_read_timer()
         super().data_received(data)
         if not self._reading_unbounded():  # the headers are in: the handler bounds the body
