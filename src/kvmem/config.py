@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_STRATEGIES = ("paged", "static", "virtual", "hybrid")
+from kvmem.memory.registry import STRATEGY_NAMES as KV_CACHE_STRATEGIES  # noqa: E402  the one list
 ATTENTION_BACKENDS = ("torch", "reference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -99,6 +99,12 @@ class EngineConfig:
         elif self.device_memory is not None and self.kv_cache_memory is not None:
             raise ValueError("kv_cache='hybrid' takes device_memory (its device budget) or kv_cache_memory, not both")
 
+    @property
+    def kv_budget_setting(self) -> int | float | str | None:
+        """The setting that sizes the KV budget on the device: `device_memory` for hybrid (its device
+        tier and staging), `kv_cache_memory` otherwise (the two are never both set)."""
+        return self.device_memory if self.device_memory is not None else self.kv_cache_memory
+
     def torch_dtype(self, checkpoint_dtype: str) -> torch.dtype:
         """`auto`: the checkpoint's dtype on CUDA; on CPU bfloat16 where the CPU computes it natively
         (AVX512-BF16 or AMX), else float32 (emulated bf16 GEMMs are slower than float32 ones)."""
@@ -140,6 +146,14 @@ def parse_memory_size(value: int | float | str, name: str = "kv_cache_memory") -
             if size > 0:
                 return size
     raise ValueError(f"{name} must be bytes, a size like '2GiB' or a fraction in (0, 1], got {value!r}")
+
+
+def resolve_memory_bytes(value: int | float | str | None, device: torch.device, default: int | float,
+                         name: str = "kv_cache_memory") -> int:
+    """A memory setting in bytes: bytes or a size string as given, a fraction of the memory
+    `device` has available now; `default` (either kind) where `value` is None."""
+    size = parse_memory_size(value, name) if value is not None else default
+    return int(size * available_memory_bytes(device)) if isinstance(size, float) else size
 
 
 def available_memory_bytes(device: torch.device) -> int:

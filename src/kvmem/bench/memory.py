@@ -37,6 +37,7 @@ Parts (each in the JSON written by `--json`, and in the PNG written by `--plot`)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import os
@@ -56,11 +57,15 @@ from kvmem.bench.report_json import write_json
 from kvmem.engine.detokenizer import IncrementalDetokenizer
 from kvmem.engine.scheduler import Scheduler
 from kvmem.engine.sequence import Sequence, SequenceStatus
-from kvmem.memory.base import KVCacheManager, KVCacheSpec
+from kvmem.memory.base import KVCacheManager, KVCacheSpec, StrategyOptions
 from kvmem.memory.paged import PagedKVCacheManager
-from kvmem.memory.static import StaticKVCacheManager
+from kvmem.memory.registry import build_manager
+from kvmem.memory.virtual import VirtualOptions
 from kvmem.sampling_params import SamplingParams
 
+# The registry's strategies whose memory can be simulated without a model (hybrid's host tier
+# recomputes K,V from activations, which takes the model's weights).
+# Listed from the baseline up, the order of the report's tables and plots.
 STRATEGIES = ("static", "paged", "virtual")
 DEFAULT_JSON = "benchmarks/results/memory/memory.json"
 GiB = 2**30
@@ -266,28 +271,15 @@ def make_sequence(request_id: str, token_ids: list[int], output_len: int) -> Seq
                     detokenizer=IncrementalDetokenizer(_NoDetokenizer(), [], params))
 
 
-# --- managers, sized from one budget as LLMEngine._make_manager does ---------------------------
-def make_manager(strategy: str, sim: SimConfig, virtual_options=None) -> KVCacheManager:
-    spec = sim.spec()
-    # Never more than max_num_seqs full-length sequences could use (as the engine caps it).
-    budget = min(sim.budget_bytes, sim.max_num_seqs * sim.max_model_len * spec.bytes_per_token)
-    if strategy == "static":
-        num_slots = budget // (sim.max_model_len * spec.bytes_per_token)
-        if num_slots < 1:
-            raise ValueError(f"the budget ({budget} bytes) holds no static slot of max_model_len={sim.max_model_len} "
-                             f"tokens ({sim.max_model_len * spec.bytes_per_token} bytes)")
-        return StaticKVCacheManager(spec, num_slots, sim.max_model_len)
-    if strategy == "virtual":
-        from kvmem.memory.virtual import VirtualKVCacheManager, VirtualOptions
-
-        return VirtualKVCacheManager(spec, sim.max_num_seqs, sim.max_model_len, budget,
-                                     virtual_options or VirtualOptions(), sim.enable_prefix_caching)
-    if strategy == "paged":
-        num_blocks = budget // (sim.block_size * spec.bytes_per_token)
-        if num_blocks < 1:
-            raise ValueError(f"the budget ({budget} bytes) holds no KV block of {sim.block_size} tokens")
-        return PagedKVCacheManager(spec, num_blocks, sim.block_size, sim.enable_prefix_caching)
-    raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+# --- managers, sized from one budget through the registry, as the engine's are ------------------
+def make_manager(strategy: str, sim: SimConfig, virtual_options: VirtualOptions | None = None) -> KVCacheManager:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    common = {"block_size": sim.block_size, "enable_prefix_caching": sim.enable_prefix_caching,
+              "max_num_seqs": sim.max_num_seqs}
+    options = dataclasses.replace(virtual_options or VirtualOptions(), **common) if strategy == "virtual" \
+        else StrategyOptions(**common)
+    return build_manager(strategy, sim.spec(), sim.budget_bytes, sim.max_model_len, options)
 
 
 def close_manager(manager: KVCacheManager) -> None:
@@ -470,7 +462,7 @@ class AttentionCase:
 
 
 def _attention_managers(cfg: AttentionConfig, context_lens: list[int], max_ctx: int):
-    from kvmem.memory.virtual import VirtualKVCacheManager, VirtualLayout, VirtualOptions
+    from kvmem.memory.virtual import VirtualKVCacheManager, VirtualLayout
     from kvmem.memory.vmm_cpu import PAGE_SIZE
 
     # One layer: per-layer cost does not depend on how many other layers the cache holds.
@@ -578,8 +570,6 @@ def machine_info() -> dict:
 
 def run_memory_benchmark(cfg: MemoryBenchConfig, max_trace_points: int = 600) -> tuple[dict, dict[str, StepTrace]]:
     """Everything; returns (the JSON-ready report, the full per-step traces by label)."""
-    from kvmem.memory.virtual import VirtualOptions
-
     stream = make_stream(cfg.stream, cfg.sim.max_model_len)
     results: dict[str, StrategyResult] = {}
     traces: dict[str, StepTrace] = {}

@@ -16,17 +16,15 @@ from typing import Any
 import torch
 
 from kvmem.attention import cpu_kernels
-from kvmem.config import EngineConfig, available_memory_bytes, parse_memory_size
-from kvmem.config import DEFAULT_KV_CACHE_FRACTION_CPU, DEFAULT_KV_CACHE_FRACTION_CUDA
+from kvmem.config import DEFAULT_KV_CACHE_FRACTION_CPU, DEFAULT_KV_CACHE_FRACTION_CUDA, EngineConfig
+from kvmem.config import resolve_memory_bytes
 from kvmem.engine.detokenizer import IncrementalDetokenizer
 from kvmem.engine.host_allocator import keep_freed_memory
-from kvmem.engine.model_runner import ModelRunner
 from kvmem.engine.sampler import SampledToken, SamplingRow, sample
 from kvmem.engine.scheduler import Scheduler
 from kvmem.engine.sequence import Sequence, SequenceStatus
 from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
-from kvmem.memory.paged import PagedKVCacheManager
-from kvmem.memory.static import StaticKVCacheManager
+from kvmem.memory.registry import build_manager, strategy_class
 from kvmem.models.llama import LlamaForCausalLM
 from kvmem.models.loader import ModelSource, load_model
 from kvmem.outputs import CompletionOutput, Logprob, RequestOutput
@@ -91,77 +89,37 @@ class LLMEngine:
             raise ValueError(f"max_model_len ({config.max_model_len}) is longer than the model's context "
                              f"({trained_len} positions in its config)")
         max_model_len = config.max_model_len or trained_len
-        # hybrid with offload_weights: the layers stay in host memory and stream to the device per layer.
-        offload = config.kv_cache == "hybrid" and config.offload_weights
+        # offload_weights (hybrid only): the layers stay in host memory and stream to the device per layer.
         say("%s the weights to %s (%d layers)", "dequantizing" if source.path.suffix == ".gguf" else "loading",
             str(self.dtype).removeprefix("torch."), self.model_config.num_hidden_layers)
         self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
-                                            torch.device("cpu") if offload else self.device)
+                                            torch.device("cpu") if config.offload_weights else self.device)
         self.model.load_weights(source.weights())
         if self.device.type == "cpu":
             self.model.pack_linear_weights_for_cpu()
             # Now rather than inside the first request: a first build takes a minute and says so.
             cpu_kernels.load()
 
-        self.manager = self._make_manager(max_model_len)
+        # The KV budget is what is available once the weights are in memory.
+        c = self.model_config
+        spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+        strategy = strategy_class(config.kv_cache)
+        options = strategy.resolve_options(config, c, spec, max_model_len)
+        default = DEFAULT_KV_CACHE_FRACTION_CPU if self.device.type == "cpu" else DEFAULT_KV_CACHE_FRACTION_CUDA
+        budget = resolve_memory_bytes(config.kv_budget_setting, self.device, default,
+                                      "device_memory" if config.device_memory is not None else "kv_cache_memory")
+        self.manager = build_manager(config.kv_cache, spec, budget, max_model_len, options)
         # A sequence can never hold more than the KV budget: cap the context to it.
         self.max_model_len = min(max_model_len, self.manager.max_tokens_per_sequence)
         say("%s", describe_kv_cache(self.manager, self.max_model_len))
         self.scheduler = Scheduler(self.manager, config.max_num_seqs, config.max_num_batched_tokens)
-        if config.kv_cache == "hybrid":
-            from kvmem.engine.hybrid_runner import HybridModelRunner
-
-            self.runner = HybridModelRunner(self.model, self.manager, self.device, config.attention_backend,
-                                            offload_weights=offload)
-        else:
-            self.runner = ModelRunner(self.model, self.manager, self.device, config.attention_backend)
+        self.runner = self.manager.make_runner(self.model, self.device, config.attention_backend, options)
         self.requests: dict[str, Request] = {}
         self.counters = EngineCounters()
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
         self._request_counter = itertools.count()
         self.closed = False
         say("engine ready in %.1f s", time.monotonic() - started)
-
-    # --- construction -------------------------------------------------------------------
-    def _kv_budget_bytes(self) -> int:
-        requested = parse_memory_size(self.config.kv_cache_memory) if self.config.kv_cache_memory is not None \
-            else (DEFAULT_KV_CACHE_FRACTION_CPU if self.device.type == "cpu" else DEFAULT_KV_CACHE_FRACTION_CUDA)
-        if isinstance(requested, float):
-            return int(requested * available_memory_bytes(self.device))
-        return requested
-
-    def _make_manager(self, max_model_len: int) -> KVCacheManager:
-        c = self.model_config
-        spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
-        budget = self._kv_budget_bytes()
-        # Never reserve more than max_num_seqs full-length sequences could use.
-        budget = min(budget, self.config.max_num_seqs * max_model_len * spec.bytes_per_token)
-        if self.config.kv_cache == "static":
-            num_slots = budget // (max_model_len * spec.bytes_per_token)
-            if num_slots == 0:  # the budget holds less than one full-length sequence: shorten it
-                max_model_len = budget // spec.bytes_per_token
-                num_slots = 1
-            if max_model_len < 2:
-                raise ValueError(f"kv_cache_memory ({budget} bytes) holds no sequence "
-                                 f"({spec.bytes_per_token} bytes per token)")
-            return StaticKVCacheManager(spec, num_slots, max_model_len)
-        if self.config.kv_cache == "hybrid":
-            from kvmem.memory.hybrid import make_hybrid_manager
-
-            return make_hybrid_manager(self.config, c, spec, max_model_len, default_device_budget=budget)
-        if self.config.kv_cache == "virtual":
-            from kvmem.memory.virtual import VirtualKVCacheManager, VirtualOptions
-
-            options = VirtualOptions(self.config.background_mapping, self.config.deferred_reclamation,
-                                     self.config.eager_mapping, self.config.mapping_lookahead)
-            # One slot per sequence that may run at once; the budget bounds physical pages, not slots.
-            return VirtualKVCacheManager(spec, self.config.max_num_seqs, max_model_len, budget, options,
-                                         self.config.enable_prefix_caching)
-        num_blocks = budget // (self.config.block_size * spec.bytes_per_token)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory ({budget} bytes) holds no KV block of {self.config.block_size} "
-                             f"tokens ({self.config.block_size * spec.bytes_per_token} bytes)")
-        return PagedKVCacheManager(spec, num_blocks, self.config.block_size, self.config.enable_prefix_caching)
 
     # --- requests -----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:

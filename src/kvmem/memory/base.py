@@ -21,7 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from kvmem.config import EngineConfig
+    from kvmem.engine.model_runner import ModelRunner
     from kvmem.engine.sequence import Sequence
+    from kvmem.models.config import ModelConfig
+    from kvmem.models.llama import LlamaForCausalLM
 
 
 def cdiv(a: int, b: int) -> int:
@@ -87,8 +91,29 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
 
+@dataclass(frozen=True)
+class StrategyOptions:
+    """What a strategy is sized with besides its byte budget: resolved values, never the engine's
+    configuration (a strategy with more to say subclasses this: `VirtualOptions`, `HybridOptions`)."""
+
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256  # sequences that may run at once
+
+    @classmethod
+    def common_from_config(cls, config: EngineConfig) -> dict:
+        return {"block_size": config.block_size, "enable_prefix_caching": config.enable_prefix_caching,
+                "max_num_seqs": config.max_num_seqs}
+
+
 class KVCacheManager(ABC):
-    """Owns the KV memory of every resident sequence."""
+    """Owns the KV memory of every resident sequence.
+
+    Construction, the same for every strategy (`kvmem.memory.registry.build_manager` runs it):
+    `resolve_options(config, ...)` turns the user's settings into numbers (measuring what it must),
+    `from_budget(spec, budget_bytes, max_model_len, options)` sizes the manager from one byte
+    budget, and `make_runner(...)` names the model runner its layout needs.
+    """
 
     name: str
     spec: KVCacheSpec
@@ -102,6 +127,28 @@ class KVCacheManager(ABC):
     # With contiguous slots: the mapping granule in tokens (all of a slot below it is backed), so a
     # ragged decode batch may gather whole chunks instead of reading each slot on its own.
     chunk_tokens: int | None = None
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def resolve_options(cls, config: EngineConfig, model_config: ModelConfig, spec: KVCacheSpec,
+                        max_model_len: int) -> StrategyOptions:
+        """This strategy's options from the engine's configuration (before the model is built)."""
+        return StrategyOptions(**StrategyOptions.common_from_config(config))
+
+    @classmethod
+    @abstractmethod
+    def from_budget(cls, spec: KVCacheSpec, budget_bytes: int, max_model_len: int,
+                    options: StrategyOptions) -> KVCacheManager:
+        """A manager using at most `budget_bytes` of KV memory for sequences of up to `max_model_len`
+        tokens (fewer where the budget cannot hold one: see `max_tokens_per_sequence`). Raises
+        ValueError, naming the budget, where it holds nothing usable."""
+
+    def make_runner(self, model: LlamaForCausalLM, device: torch.device, attention_backend: str,
+                    options: StrategyOptions) -> ModelRunner:
+        """The model runner for this manager's layout; the default runs the model's own forward."""
+        from kvmem.engine.model_runner import ModelRunner
+
+        return ModelRunner(model, self, device, attention_backend)
 
     # --- admission and growth -------------------------------------------------------------
     def admit(self, seq: Sequence) -> int:

@@ -41,11 +41,13 @@ import torch
 
 from kvmem.hybrid.cost_model import ModelShape, RatioDecision, balanced_act_ratio, decode_attention_s, gemm_s
 from kvmem.hybrid.policy import HostTierPlan, is_act_block
-from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, cdiv
+from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, StrategyOptions, cdiv
 from kvmem.memory.paged import PagedKVCacheManager
 
 if TYPE_CHECKING:
     from kvmem.config import EngineConfig
+    from kvmem.engine.hybrid_runner import HybridModelRunner
+    from kvmem.models.llama import LlamaForCausalLM
     from kvmem.engine.sequence import Sequence
     from kvmem.models.config import ModelConfig
 
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 # Share of the device budget given to the two staging buffers (the simulator's default layout);
 # they always hold at least one max_model_len sequence each.
 STAGING_FRACTION = 0.5
+DEFAULT_HOST_FRACTION = 0.2  # host tier: this share of the RAM available, where host_memory is not set
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,23 @@ class HybridKVCacheManager(KVCacheManager):
                         for _ in range(2)]
         self.counters = HybridCounters()
         self.device_weight_buffer_bytes = 0  # set by the runner when weights stream
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def resolve_options(cls, config: EngineConfig, model_config: ModelConfig, spec: KVCacheSpec,
+                        max_model_len: int) -> HybridOptions:
+        return resolve_hybrid_options(config, model_config, spec, max_model_len)
+
+    @classmethod
+    def from_budget(cls, spec: KVCacheSpec, budget_bytes: int, max_model_len: int,
+                    options: HybridOptions) -> HybridKVCacheManager:
+        return hybrid_from_budget(spec, budget_bytes, max_model_len, options)
+
+    def make_runner(self, model: LlamaForCausalLM, device: torch.device, attention_backend: str,
+                    options: HybridOptions) -> HybridModelRunner:
+        from kvmem.engine.hybrid_runner import HybridModelRunner
+
+        return HybridModelRunner(model, self, device, attention_backend, offload_weights=options.offload_weights)
 
     # --- sizes --------------------------------------------------------------------------
     @property
@@ -456,29 +476,38 @@ def choose_act_ratio(config: EngineConfig, shape: ModelShape, host_budget: int, 
     return decision.act_ratio, reason
 
 
-def make_hybrid_manager(config: EngineConfig, model_config: ModelConfig, spec: KVCacheSpec, max_model_len: int,
-                        default_device_budget: int) -> HybridKVCacheManager:
-    from kvmem.config import available_memory_bytes, parse_memory_size
+@dataclass(frozen=True)
+class HybridOptions(StrategyOptions):
+    """hybrid's resolved sizes: the host tier's bytes and the share of its blocks that hold
+    activations (decided, and measured where needed, before the manager is built)."""
 
-    cap = config.max_num_seqs * max_model_len * spec.bytes_per_token  # never more than could be used
-    if config.device_memory is not None:
-        size = parse_memory_size(config.device_memory, "device_memory")
-        device_budget = int(size * available_memory_bytes(spec.device)) if isinstance(size, float) else size
-    else:
-        device_budget = default_device_budget
-    device_budget = min(device_budget, cap)
-    if config.host_memory is not None:
-        size = parse_memory_size(config.host_memory, "host_memory")
-    else:
-        size = 0.2
-    host_budget = int(size * available_memory_bytes(torch.device("cpu"))) if isinstance(size, float) else size
-    host_budget = min(host_budget, cap)
+    host_budget_bytes: int = 0
+    act_ratio: float = 0.0
+    act_ratio_reason: str = ""
+    shape: ModelShape | None = None
+    offload_weights: bool = False
 
+
+def resolve_hybrid_options(config: EngineConfig, model_config: ModelConfig, spec: KVCacheSpec,
+                           max_model_len: int) -> HybridOptions:
+    from kvmem.config import resolve_memory_bytes
+    from kvmem.memory.registry import usable_budget
+
+    host_budget = resolve_memory_bytes(config.host_memory, torch.device("cpu"), DEFAULT_HOST_FRACTION, "host_memory")
+    host_budget = usable_budget(host_budget, spec.bytes_per_token, max_model_len, config.max_num_seqs)
     elem = torch.empty((), dtype=spec.dtype).element_size()
     shape = ModelShape.from_model_config(model_config, dtype_bytes=elem)
-    bs, hidden = config.block_size, model_config.hidden_size
     ratio, reason = choose_act_ratio(config, shape, host_budget, spec.device, spec.dtype)
-    plan = HostTierPlan.for_budget(host_budget, ratio, bs, shape)
+    return HybridOptions(**StrategyOptions.common_from_config(config), host_budget_bytes=host_budget,
+                         act_ratio=ratio, act_ratio_reason=reason, shape=shape,
+                         offload_weights=config.offload_weights)
+
+
+def hybrid_from_budget(spec: KVCacheSpec, device_budget: int, max_model_len: int,
+                       options: HybridOptions) -> HybridKVCacheManager:
+    """The device tier, the two staging buffers and the host tier, sized from resolved numbers."""
+    shape, bs, host_budget = options.shape, options.block_size, options.host_budget_bytes
+    plan = HostTierPlan.for_budget(host_budget, options.act_ratio, bs, shape)
     if plan.num_blocks == 0:
         raise ValueError(f"host_memory ({host_budget} bytes) holds no host-tier block: one block of {bs} tokens "
                          f"takes {plan.kv_block_bytes} bytes as K,V and {plan.act_block_bytes} as activations; "
@@ -494,9 +523,9 @@ def make_hybrid_manager(config: EngineConfig, model_config: ModelConfig, spec: K
                          f"max_model_len={max_model_len} sequence ({staging_bytes} bytes: one layer's K,V and "
                          f"activations each) plus one KV block ({block_bytes} bytes); raise device_memory or "
                          f"lower max_model_len")
-    manager = HybridKVCacheManager(spec, hidden, num_device_blocks, bs, plan, staging_blocks,
-                                   config.enable_prefix_caching, reason)
+    manager = HybridKVCacheManager(spec, shape.hidden_size, num_device_blocks, bs, plan, staging_blocks,
+                                   options.enable_prefix_caching, options.act_ratio_reason)
     logger.info("hybrid: device tier %d blocks (%d tokens) + staging %d bytes; host tier %d KV + %d ACT blocks "
                 "(%d bytes of %d), act_ratio %.3f", num_device_blocks, num_device_blocks * bs, staging_bytes,
-                plan.num_kv_blocks, plan.num_act_blocks, plan.bytes_used, host_budget, ratio)
+                plan.num_kv_blocks, plan.num_act_blocks, plan.bytes_used, host_budget, options.act_ratio)
     return manager

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, cdiv
+from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, StrategyOptions, cdiv
 from kvmem.memory.block_pool import BlockHash, BlockPool, KVBlock, hash_block
 
 if TYPE_CHECKING:
@@ -37,6 +37,15 @@ class PagedKVCacheManager(KVCacheManager):
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0
         self.prefix_hits = 0
+
+    @classmethod
+    def from_budget(cls, spec: KVCacheSpec, budget_bytes: int, max_model_len: int,
+                    options: StrategyOptions) -> PagedKVCacheManager:
+        num_blocks = budget_bytes // (options.block_size * spec.bytes_per_token)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory ({budget_bytes} bytes) holds no KV block of {options.block_size} "
+                             f"tokens ({options.block_size * spec.bytes_per_token} bytes)")
+        return cls(spec, num_blocks, options.block_size, options.enable_prefix_caching)
 
     @property
     def block_bytes(self) -> int:

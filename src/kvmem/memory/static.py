@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory
+from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, StrategyOptions
 
 if TYPE_CHECKING:
     from kvmem.engine.sequence import Sequence
@@ -32,6 +32,18 @@ class StaticKVCacheManager(KVCacheManager):
         self.slots: dict[int, int] = {}  # seq_id -> slot
         self.sequences: dict[int, Sequence] = {}
         self.pending_copies: list[tuple[int, int]] = []
+
+    @classmethod
+    def from_budget(cls, spec: KVCacheSpec, budget_bytes: int, max_model_len: int,
+                    options: StrategyOptions) -> StaticKVCacheManager:
+        num_slots = budget_bytes // (max_model_len * spec.bytes_per_token)
+        if num_slots == 0:  # the budget holds less than one full-length sequence: shorten it
+            max_model_len = budget_bytes // spec.bytes_per_token
+            num_slots = 1
+        if max_model_len < 2:
+            raise ValueError(f"kv_cache_memory ({budget_bytes} bytes) holds no sequence "
+                             f"({spec.bytes_per_token} bytes per token)")
+        return cls(spec, num_slots, max_model_len)
 
     @property
     def max_tokens_per_sequence(self) -> int:

@@ -63,6 +63,7 @@ exercised only against a fake driver (tests/memory/test_vmm_cuda.py), not yet on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
@@ -75,11 +76,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, cdiv
+from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, StrategyOptions, cdiv
 from kvmem.memory.block_pool import BlockHash, hash_block
 
 if TYPE_CHECKING:
+    from kvmem.config import EngineConfig
     from kvmem.engine.sequence import Sequence
+    from kvmem.models.config import ModelConfig
 
 
 def _max_map_count() -> int:
@@ -91,8 +94,9 @@ def _max_map_count() -> int:
 
 
 @dataclass(frozen=True)
-class VirtualOptions:
-    """vAttention's optimizations, each of which can be turned off to measure what it buys."""
+class VirtualOptions(StrategyOptions):
+    """vAttention's optimizations, each of which can be turned off to measure what it buys (and the
+    options every strategy takes: `max_num_seqs` is the number of slots)."""
 
     background_mapping: bool = True
     deferred_reclamation: bool = True
@@ -410,6 +414,23 @@ class VirtualKVCacheManager(KVCacheManager):
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0
         self.prefix_hits = 0
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def resolve_options(cls, config: EngineConfig, model_config: ModelConfig, spec: KVCacheSpec,
+                        max_model_len: int) -> VirtualOptions:
+        return VirtualOptions(**VirtualOptions.common_from_config(config),
+                              background_mapping=config.background_mapping,
+                              deferred_reclamation=config.deferred_reclamation, eager_mapping=config.eager_mapping,
+                              lookahead_tokens=config.mapping_lookahead)
+
+    @classmethod
+    def from_budget(cls, spec: KVCacheSpec, budget_bytes: int, max_model_len: int,
+                    options: StrategyOptions) -> VirtualKVCacheManager:
+        # One slot per sequence that may run at once; the budget bounds physical pages, not slots.
+        if not isinstance(options, VirtualOptions):  # the common options alone: vAttention's defaults
+            options = VirtualOptions(**dataclasses.asdict(options))
+        return cls(spec, options.max_num_seqs, max_model_len, budget_bytes, options, options.enable_prefix_caching)
 
     # --- addressing ---------------------------------------------------------------------
     @property
