@@ -82,7 +82,7 @@ def run_chat(engine: LLMEngine, params: SamplingParams, system: str | None = Non
         out.write(text)
         out.flush()
 
-    write(f"kvmem chat with {engine.model_config.name} (kv_cache={engine.manager.name}). "
+    write(f"kvmem chat with {engine.model_config.name} (kv_cache={engine.kv_cache_strategy}). "
           "Ctrl-C stops an answer; Ctrl-D, Ctrl-C or /exit leaves; /reset forgets.\n")
     while True:
         try:

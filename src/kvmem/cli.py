@@ -15,7 +15,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                        help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    from kvmem.config import KV_CACHE_STRATEGIES
+    from kvmem.config import ATTENTION_BACKENDS, KV_CACHE_STRATEGIES
 
     p.add_argument("--kv-cache", default="paged", choices=KV_CACHE_STRATEGIES, help="KV-cache strategy")
     p.add_argument("--kv-cache-memory", default=None, help="bytes, a size like 2GiB, or a fraction of free memory")
@@ -26,6 +26,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--attention-backend", default="torch", choices=ATTENTION_BACKENDS,
+                   help="torch: native CPU kernel / batched torch ops; reference: plain per-sequence math; "
+                        "triton: the Triton kernel for every row (CUDA)")
     v = p.add_argument_group("virtual KV cache (vAttention) optimizations, for measuring each")
     v.add_argument("--no-background-mapping", action="store_true", help="map pages on the step's path")
     v.add_argument("--no-deferred-reclamation", action="store_true", help="unmap a slot's pages when it ends")
@@ -55,6 +58,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, device=args.device, num_threads=args.threads,
+                attention_backend=args.attention_backend,
                 background_mapping=not args.no_background_mapping,
                 deferred_reclamation=not args.no_deferred_reclamation, eager_mapping=not args.no_eager_mapping,
                 mapping_lookahead=args.mapping_lookahead,
@@ -101,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(completion.text)
     num_tokens = sum(len(c.token_ids) for c in out.outputs)
     print(f"\n[{num_tokens} tokens in {elapsed:.2f} s: {num_tokens / elapsed:.1f} tokens/s; "
-          f"prompt {len(out.prompt_token_ids)} tokens; kv_cache={llm.engine.manager.name}, "
+          f"prompt {len(out.prompt_token_ids)} tokens; kv_cache={llm.engine.kv_cache_strategy}, "
           f"dtype={str(llm.engine.dtype).removeprefix('torch.')}]", file=sys.stderr)
     return 0
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from kvmem.memory.registry import STRATEGY_NAMES as KV_CACHE_STRATEGIES  # noqa: E402  the one list
-ATTENTION_BACKENDS = ("torch", "reference")
+ATTENTION_BACKENDS = ("torch", "reference", "triton")  # kvmem.attention.torch_attention.BACKENDS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -36,7 +36,10 @@ class EngineConfig:
     attention_backend: str = "torch"
     device: str | None = None  # "cpu" | "cuda"; None = cuda if available
     seed: int = 0
-    num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    num_threads: int | None = None  # torch intra-op threads (process-wide); None = torch's default
+    # glibc keeps freed memory in the process instead of giving it back to the kernel at each step
+    # (process-wide mallopt; see kvmem.engine.host_allocator). Off: the process's malloc is untouched.
+    tune_host_allocator: bool = True
     # kv_cache="virtual" only: vAttention's optimizations (see kvmem.memory.virtual.VirtualOptions)
     background_mapping: bool = True
     deferred_reclamation: bool = True
@@ -62,7 +65,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("background_mapping", "deferred_reclamation", "eager_mapping", "enable_prefix_caching"):
+        for name in ("background_mapping", "deferred_reclamation", "eager_mapping", "enable_prefix_caching",
+                     "tune_host_allocator"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.mapping_lookahead, int) or isinstance(self.mapping_lookahead, bool) \

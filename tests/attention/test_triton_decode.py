@@ -79,3 +79,22 @@ def test_bad_head_counts_are_refused():
     with pytest.raises(ValueError, match="heads"):
         triton_decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE),
                                 torch.ones(1, dtype=torch.int32, device=DEVICE), 1.0)
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "virtual"])
+def test_engine_on_the_triton_backend_gives_transformers_greedy_tokens(tmp_path, kv_cache):
+    # Every row, prompt chunks included, goes through the kernel: chunked prefill on top of a cached
+    # prefix (max_num_batched_tokens=8) and decodes of sequences of several lengths in one batch.
+    from transformers import AutoModelForCausalLM
+
+    from kvmem import LLM, SamplingParams
+    from tests.oracle import hf_greedy, make_tiny_model
+
+    tiny = make_tiny_model(tmp_path / "llama", "llama3-gqa")
+    hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    prompts = [[5, 17, 42, 99, 3, 250, 8, 11, 12, 13, 14], [7, 8, 9], [5, 17, 42, 99, 3, 250, 8, 100]]
+    with LLM(str(tiny), dtype="float32", kv_cache=kv_cache, kv_cache_memory="4MiB", block_size=4,
+             max_num_batched_tokens=8, attention_backend="triton", device=str(DEVICE)) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, min_tokens=6, max_tokens=6), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]

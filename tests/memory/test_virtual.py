@@ -3,6 +3,7 @@ kernel's own count of resident pages (mincore), not only the manager's."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import pytest
@@ -29,10 +30,14 @@ class _NoDetok:
         return ""
 
 
+_seq_ids = itertools.count()
+
+
 def make_seq(token_ids: list[int]) -> Sequence:
     params = SamplingParams(max_tokens=1000)
     return Sequence(request_id="r", index=0, token_ids=list(token_ids), num_prompt_tokens=len(token_ids),
-                    params=params, max_tokens=1000, detokenizer=IncrementalDetokenizer(_NoDetok(), [], params))
+                    params=params, max_tokens=1000, detokenizer=IncrementalDetokenizer(_NoDetok(), [], params),
+                    seq_id=next(_seq_ids))
 
 
 def make_manager(num_slots=4, max_len=256, budget_chunks=8, **options) -> VirtualKVCacheManager:

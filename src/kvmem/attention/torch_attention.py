@@ -178,4 +178,28 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     return out
 
 
-BACKENDS = {"torch": batched_attention, "reference": reference_attention}
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The `triton` backend, meant for CUDA: every row, decode or prompt, through the Triton kernel
+    (`triton_decode`), which reads K,V in place through the row's table up to its causal length
+    (the per-row tables the native CPU kernel reads too), never past it."""
+    from kvmem.attention.triton_decode import triton_decode_attention
+
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return triton_decode_attention(q, k_cache, v_cache, meta.native_block_tables, meta.native_context_lens, scale)
+
+
+BACKENDS = {"torch": batched_attention, "reference": reference_attention, "triton": triton_attention}
+# Backends that read every row through per-row tables (AttentionMetadata's native_* fields) on any
+# device; the others get them only where the native CPU kernel runs.
+ROW_TABLE_BACKENDS = frozenset({"triton"})
+
+
+def check_backend(name: str) -> None:
+    """Raise a ValueError naming what is missing for backend `name` (before any model is built)."""
+    if name == "triton":
+        try:
+            import kvmem.attention.triton_decode  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"attention_backend='triton' needs the triton package ({e}); "
+                             "it comes with CUDA builds of torch") from e

@@ -263,11 +263,11 @@ class _NoDetokenizer:
         return ""
 
 
-def make_sequence(request_id: str, token_ids: list[int], output_len: int) -> Sequence:
+def make_sequence(seq_id: int, token_ids: list[int], output_len: int) -> Sequence:
     """A sequence as the engine builds one, with a detokenizer over a tokenizer that decodes nothing."""
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-    return Sequence(request_id=request_id, index=0, token_ids=list(token_ids), num_prompt_tokens=len(token_ids),
-                    params=params, max_tokens=output_len,
+    return Sequence(request_id=str(seq_id), index=0, token_ids=list(token_ids), num_prompt_tokens=len(token_ids),
+                    params=params, max_tokens=output_len, seq_id=seq_id,
                     detokenizer=IncrementalDetokenizer(_NoDetokenizer(), [], params))
 
 
@@ -343,7 +343,7 @@ def _simulate(manager, strategy, stream, sim, label, progress, kernel_check_ever
     while finished < len(stream):
         while pending and stream[pending[0]].arrival_step <= step:
             i = pending.popleft()
-            seq = make_sequence(str(i), stream[i].prompt_token_ids, stream[i].output_len)
+            seq = make_sequence(i, stream[i].prompt_token_ids, stream[i].output_len)
             output_len[seq.seq_id] = stream[i].output_len
             scheduler.add(seq)
         t0 = time.perf_counter()
@@ -493,7 +493,7 @@ def attention_case(cfg: AttentionConfig, context: int, ragged: bool) -> Attentio
         lens = [context] * cfg.batch
     paged, virtual = _attention_managers(cfg, lens, context)
     try:
-        seqs = [make_sequence(f"a{i}", [100 + (i + j) % 1000 for j in range(n)], 1) for i, n in enumerate(lens)]
+        seqs = [make_sequence(i, [100 + (i + j) % 1000 for j in range(n)], 1) for i, n in enumerate(lens)]
         kv_hist = [(torch.randn(n - 1, cfg.num_kv_heads, cfg.head_dim, generator=gen).to(dtype),
                     torch.randn(n - 1, cfg.num_kv_heads, cfg.head_dim, generator=gen).to(dtype)) for n in lens]
         q = torch.randn(cfg.batch, cfg.num_heads, cfg.head_dim, generator=gen).to(dtype)

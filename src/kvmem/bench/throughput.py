@@ -63,11 +63,11 @@ def _run(llm, workload: str, num_prompts: int | None, input_len: int, output_len
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     if num_out != w.num_output_tokens:
         raise RuntimeError(f"ignore_eos run produced {num_out} tokens, expected {w.num_output_tokens}")
-    stats = engine.manager.stats()
-    settings = dict(llm_kwargs, dtype=str(engine.dtype).removeprefix("torch."), kv_cache=engine.manager.name,
+    stats = engine.stats()
+    settings = dict(llm_kwargs, dtype=str(engine.dtype).removeprefix("torch."), kv_cache=engine.kv_cache_strategy,
                     max_model_len=engine.max_model_len, torch=torch.__version__, threads=torch.get_num_threads(),
                     machine=platform.machine(), processor=platform.processor() or platform.machine(),
-                    seed=seed, num_preemptions=engine.scheduler.counters.num_preemptions,
+                    seed=seed, num_preemptions=engine.load().num_preemptions,
                     prefix_cache_hit_tokens=stats.prefix_cache_hits, workload_description=w.describe(),
                     cpu_contention=contention, wait_quiet=quiet)
     n = len(w.prompts)

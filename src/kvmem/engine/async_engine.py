@@ -118,6 +118,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.kv_cache_strategy = engine.kv_cache_strategy
         self.snapshot = self._take_snapshot()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -313,10 +314,10 @@ class AsyncLLMEngine:
 
     def _take_snapshot(self) -> EngineSnapshot:
         e = self.engine
+        load = e.load()
         return EngineSnapshot(
-            time=time.time(), memory=e.stats(), num_requests=len(e.requests),
-            num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
-            num_preemptions=e.scheduler.counters.num_preemptions,
+            time=time.time(), memory=e.stats(), num_requests=load.num_requests, num_running=load.num_running,
+            num_waiting=load.num_waiting, num_preemptions=load.num_preemptions,
             num_prompt_tokens=e.counters.num_prompt_tokens,
             num_generation_tokens=e.counters.num_generation_tokens, num_steps=e.counters.num_steps)
 

@@ -226,7 +226,7 @@ class HybridModelRunner(ModelRunner):
             g.meta = AttentionMetadata.build(
                 block_tables=tables, num_computed=[s.seq.num_computed_tokens for s in g.scheduled],
                 query_lens=[s.num_new_tokens for s in g.scheduled], block_size=self.manager.block_size,
-                device=self.device)
+                device=self.device, native_kernel=self.row_tables)
         logits = self._run_layers(groups, torch.tensor(input_ids, dtype=torch.long, device=self.device),
                                   torch.tensor(positions, dtype=torch.long, device=self.device),
                                   torch.tensor(logits_rows, dtype=torch.long, device=self.device))

@@ -26,7 +26,8 @@ from kvmem.engine.sequence import Sequence, SequenceStatus
 from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
 from kvmem.memory.registry import build_manager, strategy_class
 from kvmem.models.llama import LlamaForCausalLM
-from kvmem.models.loader import ModelSource, load_model
+from kvmem.models.loader import load_model
+from kvmem.models.source import ModelSource
 from kvmem.outputs import CompletionOutput, Logprob, RequestOutput
 from kvmem.progress import human_bytes, say
 from kvmem.sampling_params import SamplingParams
@@ -63,6 +64,16 @@ class Request:
         return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """How busy the engine is now (what /metrics, a router and a benchmark read)."""
+
+    num_requests: int
+    num_running: int  # sequences scheduled to run
+    num_waiting: int  # sequences queued (new or preempted)
+    num_preemptions: int  # since the engine started
+
+
 @dataclass
 class EngineCounters:
     num_prompt_tokens: int = 0
@@ -73,11 +84,14 @@ class EngineCounters:
 class LLMEngine:
     def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
         self.config = config
+        # Process-wide settings, only where an option asks: torch's thread count, glibc's malloc.
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        torch.manual_seed(config.seed)  # the RNG of requests that set no seed of their own
         self.device = torch.device(config.device)
-        keep_freed_memory()  # no page faults on every step's temporaries (see host_allocator)
+        if config.tune_host_allocator:
+            keep_freed_memory()  # no page faults on every step's temporaries (see host_allocator)
+        # The RNG of requests that set no seed of their own: the engine's, not torch's global one.
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         started = time.monotonic()
         source = source or load_model(config.model)
         self.model_config = source.config
@@ -118,6 +132,7 @@ class LLMEngine:
         self.counters = EngineCounters()
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
         self._request_counter = itertools.count()
+        self._seq_ids = itertools.count()
         self.closed = False
         say("engine ready in %.1f s", time.monotonic() - started)
 
@@ -175,7 +190,7 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, token_ids[:num_prompt_tokens], params)
         return Sequence(request_id=request_id, index=index, token_ids=list(token_ids),
                         num_prompt_tokens=num_prompt_tokens, params=params, max_tokens=max_tokens,
-                        detokenizer=detok, generator=generator,
+                        detokenizer=detok, generator=generator, seq_id=next(self._seq_ids),
                         logprobs=[] if params.logprobs is not None else None)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -218,7 +233,7 @@ class LLMEngine:
             return []
         with torch.inference_mode():  # the logits are inference tensors, which the sampler may mask in place
             logits = result.logits if len(logits_rows) == len(result.sampled_seqs) else result.logits[logits_rows]
-            sampled = sample(logits, rows, self.eos_token_ids)
+            sampled = sample(logits, rows, self.eos_token_ids, self.generator)
 
         touched: dict[str, Request] = {}
         now = time.monotonic()
@@ -323,6 +338,15 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
                              finished=request.finished or request.error is not None,
                              num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=metrics)
+
+    # --- what callers read ---------------------------------------------------------------
+    @property
+    def kv_cache_strategy(self) -> str:
+        return self.manager.name
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(len(self.requests), len(self.scheduler.running), len(self.scheduler.waiting),
+                          self.scheduler.counters.num_preemptions)
 
     # --- memory -------------------------------------------------------------------------
     def stats(self) -> MemoryStats:

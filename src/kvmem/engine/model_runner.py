@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvmem.attention.metadata import AttentionMetadata
-from kvmem.attention.torch_attention import BACKENDS
+from kvmem.attention.torch_attention import BACKENDS, ROW_TABLE_BACKENDS, check_backend
 from kvmem.engine.scheduler import ScheduledSequence
 from kvmem.engine.sequence import Sequence
 from kvmem.memory.base import KVCacheManager
@@ -44,7 +44,10 @@ class ModelRunner:
         self.model = model
         self.manager = manager
         self.device = device
+        check_backend(attention_backend)
         self.attention = BACKENDS[attention_backend]
+        # None: per-row tables where the native CPU kernel runs (AttentionMetadata.build decides).
+        self.row_tables = True if attention_backend in ROW_TABLE_BACKENDS else None
         self.caches = [manager.layer_cache(i) for i in range(model.config.num_hidden_layers)]
 
     def close(self) -> None:
@@ -78,6 +81,7 @@ class ModelRunner:
             in_place_decode=contiguous,
             chunk_tokens=self.manager.chunk_tokens,
             readable_lens=[self.manager.readable_tokens(s.seq) for s in decodes] if contiguous else None,
+            native_kernel=self.row_tables,
         )
         logits = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),

@@ -51,9 +51,11 @@ class SampledToken:
     rank: int | None = None
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: Sequence[int]) -> list[SampledToken]:
+def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: Sequence[int],
+           generator: torch.Generator | None = None) -> list[SampledToken]:
     """Pick one token per row. `logits` is [len(rows), vocab] straight from the model, in the model's
-    dtype; the caller hands it over (it may be modified in place).
+    dtype; the caller hands it over (it may be modified in place). Rows without a generator of their
+    own draw from `generator` (the engine's; None: torch's global one).
 
     Greedy rows need no arithmetic: -inf masking and argmax give the same token in any dtype (widening
     bf16 to float32 is exact and order-preserving). Everything else (penalties, temperature,
@@ -89,13 +91,14 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: Sequenc
 
     random_idx = [] if all_greedy else [i for i, row in enumerate(rows) if not row.params.greedy]
     if len(random_idx) == len(rows):
-        token_ids = _sample_random(logits, rows)
+        token_ids = _sample_random(logits, rows, generator)
     else:
         # Greedy rows take the argmax of the processed logits; random rows are overwritten.
         token_ids = _argmax(logits)
         if random_idx:
             index = torch.tensor(random_idx, device=logits.device)
-            token_ids[index] = _sample_random(logits.index_select(0, index), [rows[i] for i in random_idx])
+            token_ids[index] = _sample_random(logits.index_select(0, index), [rows[i] for i in random_idx],
+                                            generator)
 
     token_list = token_ids.tolist()
     if not wants_logprobs:
@@ -262,7 +265,7 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return probs
 
 
-def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def _sample_random(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None) -> torch.Tensor:
     """One draw per row; `logits` is not modified."""
     probs = sampling_probs(logits, [r.params for r in rows])
     # Exponential race: argmax(p / q) with q = -log(u) ~ Exp(1) i.i.d. is distributed as p.
@@ -271,10 +274,11 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     u = torch.empty_like(probs)
     seeded = [i for i, r in enumerate(rows) if r.generator is not None]
     if not seeded:
-        u.uniform_()
+        u.uniform_(generator=generator)
     elif len(seeded) < len(rows):
         unseeded = torch.tensor([i for i, r in enumerate(rows) if r.generator is None], device=probs.device)
-        u[unseeded] = torch.rand(len(unseeded), probs.shape[1], dtype=probs.dtype, device=probs.device)
+        u[unseeded] = torch.rand(len(unseeded), probs.shape[1], dtype=probs.dtype, device=probs.device,
+                                 generator=generator)
     for i in seeded:
         # Each seeded row draws exactly `vocab` numbers from its own generator per step.
         u[i].uniform_(generator=rows[i].generator)

@@ -72,10 +72,6 @@ class Scheduler:
             self.waiting.remove(seq)
         self.manager.free(seq)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens

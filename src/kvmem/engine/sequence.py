@@ -9,7 +9,6 @@ samples a new token.
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -21,9 +20,6 @@ from kvmem.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from kvmem.engine.detokenizer import IncrementalDetokenizer
     from kvmem.outputs import Logprob
-
-_seq_ids = itertools.count()
-
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -41,7 +37,7 @@ class Sequence:
     max_tokens: int  # resolved: never runs past max_model_len
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
-    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    seq_id: int = field(kw_only=True)  # unique within one engine (its scheduler and manager key on it)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     status: SequenceStatus = SequenceStatus.WAITING

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from kvmem.config import EngineConfig
     from kvmem.engine.model_runner import ModelRunner
-    from kvmem.engine.sequence import Sequence
     from kvmem.models.config import ModelConfig
     from kvmem.models.llama import LlamaForCausalLM
 
@@ -31,6 +30,20 @@ if TYPE_CHECKING:
 def cdiv(a: int, b: int) -> int:
     """Ceiling division: how many blocks (chunks) of b tokens hold a tokens."""
     return -(-a // b)
+
+
+class SequenceView(Protocol):
+    """What a manager knows of a sequence: the engine's `Sequence` is one, and tests and benchmarks
+    pass their own. A manager reads these and never keeps anything else of the sequence."""
+
+    seq_id: int  # unique among the sequences a manager holds
+    token_ids: list[int]  # prompt, then output
+    num_prompt_tokens: int
+    num_computed_tokens: int  # tokens whose KV is written; a manager may reset it (a fork that recomputes)
+    max_tokens: int  # output tokens it may still grow to (eager mapping sizes by it)
+
+    @property
+    def num_tokens(self) -> int: ...
 
 
 class NoFreeMemory(RuntimeError):
@@ -151,29 +164,29 @@ class KVCacheManager(ABC):
         return ModelRunner(model, self, device, attention_backend)
 
     # --- admission and growth -------------------------------------------------------------
-    def admit(self, seq: Sequence) -> int:
+    def admit(self, seq: SequenceView) -> int:
         """Called once when a waiting sequence is first scheduled (again). Returns how many of its
         leading tokens are already in the cache (prefix hit); they become computed. Default: none."""
         return 0
 
     @abstractmethod
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def can_allocate(self, seq: SequenceView, num_new_tokens: int) -> bool:
         """Whether `allocate(seq, num_new_tokens)` would succeed now."""
 
     @abstractmethod
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: SequenceView, num_new_tokens: int) -> None:
         """Make room for tokens [seq.num_computed_tokens, + num_new_tokens). Never over-commits:
         raises NoFreeMemory instead."""
 
     @abstractmethod
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: SequenceView) -> None:
         """Release everything `seq` holds (finished, aborted or preempted)."""
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
+    def fork(self, parent: SequenceView, child: SequenceView) -> None:
         """Let `child` share every block `parent` holds (n > 1 sampling)."""
         raise NotImplementedError(f"{self.name} does not support forking sequences (n > 1)")
 
-    def on_tokens_computed(self, seq: Sequence) -> None:
+    def on_tokens_computed(self, seq: SequenceView) -> None:
         """Called after a step wrote KV for `seq`; lets a prefix cache register full blocks."""
 
     # --- what the model runner reads ------------------------------------------------------
@@ -182,10 +195,10 @@ class KVCacheManager(ABC):
         """(K, V) caches of one layer, each `[kv_heads, num_blocks, block_size, head_dim]`."""
 
     @abstractmethod
-    def block_table(self, seq: Sequence) -> list[int]:
+    def block_table(self, seq: SequenceView) -> list[int]:
         """Block ids holding `seq`'s tokens, in order."""
 
-    def readable_tokens(self, seq: Sequence) -> int:
+    def readable_tokens(self, seq: SequenceView) -> int:
         """How many tokens from the start of `seq`'s table are backed by memory, written or not
         (attention may read that far and mask the rest). Default: all of its blocks."""
         return len(self.block_table(seq)) * self.block_size

@@ -41,14 +41,15 @@ import torch
 
 from kvmem.hybrid.cost_model import ModelShape, RatioDecision, balanced_act_ratio, decode_attention_s, gemm_s
 from kvmem.hybrid.policy import HostTierPlan, is_act_block
-from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, StrategyOptions, cdiv
+from kvmem.memory.base import (
+    KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, SequenceView, StrategyOptions, cdiv,
+)
 from kvmem.memory.paged import PagedKVCacheManager
 
 if TYPE_CHECKING:
     from kvmem.config import EngineConfig
     from kvmem.engine.hybrid_runner import HybridModelRunner
     from kvmem.models.llama import LlamaForCausalLM
-    from kvmem.engine.sequence import Sequence
     from kvmem.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class HybridKVCacheManager(KVCacheManager):
         self.free_kv = list(range(plan.num_kv_blocks - 1, -1, -1))  # pop() hands out block 0 first
         self.free_act = list(range(plan.num_act_blocks - 1, -1, -1))
         self.host_tables: dict[int, list[HostBlock]] = {}
-        self.host_seqs: dict[int, Sequence] = {}
+        self.host_seqs: dict[int, SequenceView] = {}
         self.on_device: set[int] = set()  # sequences placed in the device tier
         self.staging = [StagingBuffer(torch.zeros((2, heads, staging_blocks, block_size, dim), dtype=spec.dtype,
                                                   device=spec.device),
@@ -196,19 +197,19 @@ class HybridKVCacheManager(KVCacheManager):
         return min(self.staging_tokens, max(self.device_tier.max_tokens_per_sequence, self.plan.capacity_tokens))
 
     # --- residency ----------------------------------------------------------------------
-    def is_host_resident(self, seq: Sequence) -> bool:
+    def is_host_resident(self, seq: SequenceView) -> bool:
         return seq.seq_id in self.host_tables
 
-    def host_table(self, seq: Sequence) -> list[HostBlock]:
+    def host_table(self, seq: SequenceView) -> list[HostBlock]:
         return self.host_tables[seq.seq_id]
 
-    def admit(self, seq: Sequence) -> int:
+    def admit(self, seq: SequenceView) -> int:
         return self.device_tier.admit(seq)  # prefix hits come from the device tier
 
     def _num_free_host(self) -> int:
         return len(self.free_kv) + len(self.free_act)
 
-    def _fits_device(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def _fits_device(self, seq: SequenceView, num_new_tokens: int) -> bool:
         if seq.seq_id in self.on_device:
             return self.device_tier.can_allocate(seq, num_new_tokens)
         # First allocation: the device only if the rest of the prompt fits there, so a prompt is not
@@ -220,18 +221,18 @@ class HybridKVCacheManager(KVCacheManager):
             rest = max(rest, seq.num_prompt_tokens + seq.max_tokens - seq.num_computed_tokens)
         return self.device_tier.can_allocate(seq, rest)
 
-    def _can_move_to_host(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def _can_move_to_host(self, seq: SequenceView, num_new_tokens: int) -> bool:
         moved = len(self.device_tier.block_table(seq))  # become host KV blocks
         total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
         return moved <= len(self.free_kv) and max(total, moved) <= self._num_free_host()
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def can_allocate(self, seq: SequenceView, num_new_tokens: int) -> bool:
         if self.is_host_resident(seq):
             need = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size) - len(self.host_table(seq))
             return need <= self._num_free_host()
         return self._fits_device(seq, num_new_tokens) or self._can_move_to_host(seq, num_new_tokens)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: SequenceView, num_new_tokens: int) -> None:
         if not self.can_allocate(seq, num_new_tokens):
             raise NoFreeMemory(f"no room for {num_new_tokens} tokens of sequence {seq.seq_id} in either tier")
         if not self.is_host_resident(seq):
@@ -242,7 +243,7 @@ class HybridKVCacheManager(KVCacheManager):
             self._move_to_host(seq)
         self._grow_host(seq, num_new_tokens)
 
-    def _move_to_host(self, seq: Sequence) -> None:
+    def _move_to_host(self, seq: SequenceView) -> None:
         """The device has no room: the sequence's device blocks (if any) become host KV blocks."""
         device_ids = self.device_tier.block_table(seq)
         host_ids = [self.free_kv.pop() for _ in device_ids]
@@ -258,13 +259,13 @@ class HybridKVCacheManager(KVCacheManager):
         self.counters.num_host_admitted += 1
         self.counters.max_host_resident = max(self.counters.max_host_resident, len(self.host_tables))
 
-    def _grow_host(self, seq: Sequence, num_new_tokens: int) -> None:
+    def _grow_host(self, seq: SequenceView, num_new_tokens: int) -> None:
         table = self.host_tables[seq.seq_id]
         for i in range(len(table), cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)):
             act = bool(self.free_act) and (is_act_block(i, self.act_ratio) or not self.free_kv)
             table.append(HostBlock(self.free_act.pop(), True) if act else HostBlock(self.free_kv.pop(), False))
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: SequenceView) -> None:
         table = self.host_tables.pop(seq.seq_id, None)
         if table is None:
             self.device_tier.free(seq)
@@ -274,14 +275,14 @@ class HybridKVCacheManager(KVCacheManager):
             (self.free_act if block.is_act else self.free_kv).append(block.block_id)
         del self.host_seqs[seq.seq_id]
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
+    def fork(self, parent: SequenceView, child: SequenceView) -> None:
         if self.is_host_resident(parent):
             child.num_computed_tokens = 0  # no sharing in the host tier: the child prefills its own copy
             return
         self.device_tier.fork(parent, child)
         self.on_device.add(child.seq_id)
 
-    def on_tokens_computed(self, seq: Sequence) -> None:
+    def on_tokens_computed(self, seq: SequenceView) -> None:
         if not self.is_host_resident(seq):
             self.device_tier.on_tokens_computed(seq)
 
@@ -289,11 +290,11 @@ class HybridKVCacheManager(KVCacheManager):
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.device_tier.layer_cache(layer_idx)
 
-    def block_table(self, seq: Sequence) -> list[int]:
+    def block_table(self, seq: SequenceView) -> list[int]:
         """Device-tier blocks; a host-resident sequence gets staging blocks per step instead."""
         return self.device_tier.block_table(seq)
 
-    def plan_minibatch(self, items: list[tuple[Sequence, int, int]]) -> MinibatchTransfers:
+    def plan_minibatch(self, items: list[tuple[SequenceView, int, int]]) -> MinibatchTransfers:
         """Staging block tables and transfer indices for host-resident sequences run together.
 
         `items`: (sequence, tokens computed before this step, tokens computed in it), decodes first.

@@ -8,15 +8,12 @@ later sequence with the same prefix takes the block instead of recomputing it. F
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, StrategyOptions, cdiv
+from kvmem.memory.base import (
+    KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, SequenceView, StrategyOptions, cdiv,
+)
 from kvmem.memory.block_pool import BlockHash, BlockPool, KVBlock, hash_block
-
-if TYPE_CHECKING:
-    from kvmem.engine.sequence import Sequence
 
 
 class PagedKVCacheManager(KVCacheManager):
@@ -32,7 +29,7 @@ class PagedKVCacheManager(KVCacheManager):
         shape = (spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
         self.kv = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
         self.tables: dict[int, list[KVBlock]] = {}
-        self.sequences: dict[int, Sequence] = {}  # holders of the tables, for live-token accounting
+        self.sequences: dict[int, SequenceView] = {}  # holders of the tables, for live-token accounting
         self.hashes: dict[int, list[BlockHash]] = {}  # hashes of each sequence's full, computed blocks
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0
@@ -58,11 +55,11 @@ class PagedKVCacheManager(KVCacheManager):
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
 
-    def block_table(self, seq: Sequence) -> list[int]:
+    def block_table(self, seq: SequenceView) -> list[int]:
         return [b.block_id for b in self.tables.get(seq.seq_id, ())]
 
     # --- prefix cache -------------------------------------------------------------------
-    def admit(self, seq: Sequence) -> int:
+    def admit(self, seq: SequenceView) -> int:
         assert seq.seq_id not in self.tables, "admit() on a sequence that already holds blocks"
         table: list[KVBlock] = []
         hashes: list[BlockHash] = []
@@ -87,7 +84,7 @@ class PagedKVCacheManager(KVCacheManager):
         self.sequences[seq.seq_id] = seq
         return len(table) * self.block_size
 
-    def on_tokens_computed(self, seq: Sequence) -> None:
+    def on_tokens_computed(self, seq: SequenceView) -> None:
         if not self.enable_prefix_caching:
             return
         table, hashes = self.tables[seq.seq_id], self.hashes[seq.seq_id]
@@ -99,20 +96,20 @@ class PagedKVCacheManager(KVCacheManager):
             hashes.append(h)
 
     # --- growth -------------------------------------------------------------------------
-    def _needs_copy_on_write(self, seq: Sequence, table: list[KVBlock]) -> bool:
+    def _needs_copy_on_write(self, seq: SequenceView, table: list[KVBlock]) -> bool:
         """The next write lands in a partial last block that another sequence also holds."""
         return bool(table) and seq.num_computed_tokens % self.block_size != 0 \
             and seq.num_computed_tokens < len(table) * self.block_size and table[-1].ref_count > 1
 
-    def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+    def _blocks_needed(self, seq: SequenceView, num_new_tokens: int) -> int:
         table = self.tables.get(seq.seq_id, [])
         need = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size) - len(table)
         return max(need, 0) + self._needs_copy_on_write(seq, table)
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def can_allocate(self, seq: SequenceView, num_new_tokens: int) -> bool:
         return self._blocks_needed(seq, num_new_tokens) <= self.pool.num_free
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: SequenceView, num_new_tokens: int) -> None:
         if not self.can_allocate(seq, num_new_tokens):
             raise NoFreeMemory(f"no room for {num_new_tokens} tokens of sequence {seq.seq_id}")
         table = self.tables.setdefault(seq.seq_id, [])
@@ -127,7 +124,7 @@ class PagedKVCacheManager(KVCacheManager):
         while len(table) * self.block_size < seq.num_computed_tokens + num_new_tokens:
             table.append(self.pool.allocate())
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
+    def fork(self, parent: SequenceView, child: SequenceView) -> None:
         table = list(self.tables[parent.seq_id])
         for block in table:
             self.pool.touch(block)
@@ -135,7 +132,7 @@ class PagedKVCacheManager(KVCacheManager):
         self.hashes[child.seq_id] = list(self.hashes[parent.seq_id])
         self.sequences[child.seq_id] = child
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: SequenceView) -> None:
         # Last block first: when these blocks are cached, the tail of a prefix is evicted before
         # its head, which keeps shorter shared prefixes (system prompts) alive longest.
         for block in reversed(self.tables.pop(seq.seq_id, [])):

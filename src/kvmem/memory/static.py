@@ -8,14 +8,9 @@ There is no sharing: a forked sample recomputes its prompt in its own slot.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, StrategyOptions
-
-if TYPE_CHECKING:
-    from kvmem.engine.sequence import Sequence
+from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, SequenceView, StrategyOptions
 
 
 class StaticKVCacheManager(KVCacheManager):
@@ -30,7 +25,7 @@ class StaticKVCacheManager(KVCacheManager):
         self.kv = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.slots: dict[int, int] = {}  # seq_id -> slot
-        self.sequences: dict[int, Sequence] = {}
+        self.sequences: dict[int, SequenceView] = {}
         self.pending_copies: list[tuple[int, int]] = []
 
     @classmethod
@@ -52,25 +47,25 @@ class StaticKVCacheManager(KVCacheManager):
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
 
-    def block_table(self, seq: Sequence) -> list[int]:
+    def block_table(self, seq: SequenceView) -> list[int]:
         return [self.slots[seq.seq_id]]
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def can_allocate(self, seq: SequenceView, num_new_tokens: int) -> bool:
         if seq.num_computed_tokens + num_new_tokens > self.block_size:
             return False
         return seq.seq_id in self.slots or bool(self.free_slots)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: SequenceView, num_new_tokens: int) -> None:
         if not self.can_allocate(seq, num_new_tokens):
             raise NoFreeMemory(f"no free slot for sequence {seq.seq_id}")
         if seq.seq_id not in self.slots:
             self.slots[seq.seq_id] = self.free_slots.pop()
             self.sequences[seq.seq_id] = seq
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
+    def fork(self, parent: SequenceView, child: SequenceView) -> None:
         child.num_computed_tokens = 0  # no sharing: the child prefills its own slot
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: SequenceView) -> None:
         slot = self.slots.pop(seq.seq_id, None)
         if slot is not None:
             self.free_slots.append(slot)

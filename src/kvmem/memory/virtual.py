@@ -76,12 +76,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, StrategyOptions, cdiv
+from kvmem.memory.base import (
+    KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, SequenceView, StrategyOptions, cdiv,
+)
 from kvmem.memory.block_pool import BlockHash, hash_block
 
 if TYPE_CHECKING:
     from kvmem.config import EngineConfig
-    from kvmem.engine.sequence import Sequence
     from kvmem.models.config import ModelConfig
 
 
@@ -398,7 +399,7 @@ class VirtualKVCacheManager(KVCacheManager):
         # Free slots, least recently freed first: trimmed in that order under memory pressure.
         self.free_slots: OrderedDict[int, _Slot] = OrderedDict((s.index, s) for s in self.slots)
         self.owned: dict[int, _Slot] = {}  # seq_id -> slot
-        self.sequences: dict[int, Sequence] = {}
+        self.sequences: dict[int, SequenceView] = {}
         self.mapped_chunks = 0  # physical chunk sets: private ones of every slot + distinct shared ones
         # Sharing between running sequences (see the module docstring).
         self.pool = None  # vmm_cpu.SharedPagePool / vmm_cuda.CudaSharedPages, made on first use
@@ -440,10 +441,10 @@ class VirtualKVCacheManager(KVCacheManager):
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
 
-    def block_table(self, seq: Sequence) -> list[int]:
+    def block_table(self, seq: SequenceView) -> list[int]:
         return [self.owned[seq.seq_id].index]
 
-    def readable_tokens(self, seq: Sequence) -> int:
+    def readable_tokens(self, seq: SequenceView) -> int:
         """The slot's mapped chunks (on CPU a map still queued on the worker reads as zeros). On
         CUDA only the chunks allocate() waited for: look-ahead maps may still be queued, and an
         unmapped page faults."""
@@ -452,7 +453,7 @@ class VirtualKVCacheManager(KVCacheManager):
         return chunks * self.layout.page_tokens
 
     # --- admission ----------------------------------------------------------------------
-    def admit(self, seq: Sequence) -> int:
+    def admit(self, seq: SequenceView) -> int:
         """Take a free slot and return how many of `seq`'s leading tokens are already in it.
 
         The tokens come either from the slot's own leftovers (the free slot holding the longest
@@ -486,7 +487,7 @@ class VirtualKVCacheManager(KVCacheManager):
             self.prefix_hits += hit
         return hit
 
-    def _pick_slot(self, seq: Sequence) -> tuple[_Slot, int]:
+    def _pick_slot(self, seq: SequenceView) -> tuple[_Slot, int]:
         """The free slot holding the longest prefix of `seq` (and its length), else the best fit."""
         if self.enable_prefix_caching:
             best, best_hit = None, 0
@@ -504,7 +505,7 @@ class VirtualKVCacheManager(KVCacheManager):
                 return best, best_hit
         return self._best_fit(seq), 0
 
-    def _best_fit(self, seq: Sequence) -> _Slot:
+    def _best_fit(self, seq: SequenceView) -> _Slot:
         """The free slot with the fewest mapped chunks that still cover the sequence, else the one
         with the most (deferred reclamation: reuse mapped pages rather than map new ones)."""
         need = cdiv(seq.num_tokens, self.layout.page_tokens)
@@ -514,7 +515,7 @@ class VirtualKVCacheManager(KVCacheManager):
         return max(self.free_slots.values(), key=lambda s: s.mapped_chunks)
 
     # --- sharing between running sequences ------------------------------------------------
-    def _shareable_chunks(self, seq: Sequence) -> list[tuple[BlockHash, _SharedChunk | tuple[_Slot, int]]]:
+    def _shareable_chunks(self, seq: SequenceView) -> list[tuple[BlockHash, _SharedChunk | tuple[_Slot, int]]]:
         """For each leading full chunk of `seq`'s tokens (the last token excluded), its key and an
         existing shared chunk or a running slot's private chunk with the same tokens; stops at the
         first chunk found nowhere."""
@@ -612,7 +613,7 @@ class VirtualKVCacheManager(KVCacheManager):
         self.mapped_chunks -= private
         slot.mapped_chunks = position
 
-    def on_tokens_computed(self, seq: Sequence) -> None:
+    def on_tokens_computed(self, seq: SequenceView) -> None:
         """Register the sequence's newly completed full chunks, so that others can share them."""
         if not self.enable_prefix_caching:
             return
@@ -625,7 +626,7 @@ class VirtualKVCacheManager(KVCacheManager):
                 self.private_by_key.setdefault(key, (slot, i))
 
     # --- growth -------------------------------------------------------------------------
-    def _chunks_needed(self, seq: Sequence, num_new_tokens: int) -> tuple[_Slot | None, int]:
+    def _chunks_needed(self, seq: SequenceView, num_new_tokens: int) -> tuple[_Slot | None, int]:
         slot = self.owned.get(seq.seq_id)
         need = cdiv(seq.num_computed_tokens + num_new_tokens, self.layout.page_tokens)
         return slot, need - (slot.mapped_chunks if slot else 0)
@@ -644,7 +645,7 @@ class VirtualKVCacheManager(KVCacheManager):
         excess = sum(s.excess_chunks for s in self.owned.values() if s is not keep)
         return private + excess + sum(1 for chunk, holders in free_holds.values() if holders == chunk.refs)
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def can_allocate(self, seq: SequenceView, num_new_tokens: int) -> bool:
         slot, missing = self._chunks_needed(seq, num_new_tokens)
         if seq.num_computed_tokens + num_new_tokens > self.layout.max_len:
             return False
@@ -656,7 +657,7 @@ class VirtualKVCacheManager(KVCacheManager):
         # A sequence without a slot will take the best-fitting free one: its pages count as room.
         return missing <= room + self._reclaimable(keep=slot)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: SequenceView, num_new_tokens: int) -> None:
         if not self.can_allocate(seq, num_new_tokens):
             raise NoFreeMemory(f"no room for {num_new_tokens} tokens of sequence {seq.seq_id}")
         if seq.seq_id not in self.owned:
@@ -713,7 +714,7 @@ class VirtualKVCacheManager(KVCacheManager):
         self._cut(slot, 0)
         slot.cached_tokens = None
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: SequenceView) -> None:
         slot = self.owned.pop(seq.seq_id, None)
         self.sequences.pop(seq.seq_id, None)
         for key in self.chunk_keys.pop(seq.seq_id, []):
@@ -728,7 +729,7 @@ class VirtualKVCacheManager(KVCacheManager):
         if not self.options.deferred_reclamation:
             self._trim(slot)
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
+    def fork(self, parent: SequenceView, child: SequenceView) -> None:
         # The child waits for a slot of its own; at admission it shares the parent's full prompt
         # chunks (when prefix caching is on) and computes only the rest.
         child.num_computed_tokens = 0

@@ -23,7 +23,7 @@ from gguf.quants import dequantize
 
 from kvmem.models.config import ModelConfig, RopeScaling
 from kvmem.gguf_metadata import GGUFMetadata
-from kvmem.models.loader import ModelSource
+from kvmem.models.source import ModelSource
 from kvmem.tokenizer import Tokenizer
 
 __all__ = ["config_from_gguf", "dequantize_tensor", "hf_tensor_name", "load_gguf", "open_gguf"]

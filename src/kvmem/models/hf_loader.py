@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from kvmem.models.config import ModelConfig
-from kvmem.models.loader import ModelSource
+from kvmem.models.source import ModelSource
 from kvmem.tokenizer import Tokenizer
 
 __all__ = ["load_hf_config", "load_hf_dir"]

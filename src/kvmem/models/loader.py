@@ -10,31 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from kvmem.models.config import ModelConfig
+from kvmem.models.source import ModelSource
 from kvmem.progress import human_bytes, say
-from kvmem.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_MODEL_FILE", "ModelSource", "default_model_path", "load_model"]
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass
-class ModelSource:
-    """A loaded model description. `weights()` opens the checkpoint anew on each call and yields
-    `(hf_name, tensor)` pairs one at a time, so that peak memory stays near one tensor; GGUF tensors
-    come dequantized to float32, safetensors ones in the checkpoint's dtype (the model casts)."""
-
-    config: ModelConfig
-    tokenizer: Tokenizer
-    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
-    path: Path
 
 
 def default_model_path() -> Path:

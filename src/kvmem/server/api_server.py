@@ -116,7 +116,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
             engine.stop()
 
     app = FastAPI(title="kvmem", version=__version__, lifespan=lifespan)
-    strategy = engine.engine.manager.name
+    strategy = engine.kv_cache_strategy
     metrics = ServerMetrics(engine, settings.served_model_name, strategy)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     created = int(time.time())

@@ -58,7 +58,7 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
     settings = dataclasses.replace(settings, served_model_name=name, model_path=str(engine_config.model or name))
     app = build_app(async_engine, settings)
     logger.info("serving %s (kv_cache=%s, dtype=%s, max_model_len=%d) on http://%s:%d/v1", name,
-                engine.manager.name, str(engine.dtype).removeprefix("torch."), engine.max_model_len, host, port)
+                engine.kv_cache_strategy, str(engine.dtype).removeprefix("torch."), engine.max_model_len, host, port)
     config = uvicorn_config(app, settings, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(grace_s) + 2, access_log=log_level == "debug")
     server = _GracefulServer(config, async_engine, grace_s)
