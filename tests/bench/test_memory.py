@@ -10,18 +10,11 @@ import sys
 
 import pytest
 
-from kvmem.bench.memory import (
-    AttentionConfig,
-    MemoryBenchConfig,
-    SimConfig,
-    StreamConfig,
-    add_memory_args,
-    attention_case,
-    cmd_bench_memory,
-    make_stream,
-    run_memory_benchmark,
-    write_json,
-)
+from kvmem.bench.memory import MemoryBenchConfig, add_memory_args, cmd_bench_memory, run_memory_benchmark
+from kvmem.bench.memory_attention import AttentionConfig, attention_case
+from kvmem.bench.memory_sim import SimConfig
+from kvmem.bench.memory_stream import StreamConfig, make_stream
+from kvmem.bench.report_json import write_json
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the virtual strategy is Linux's mmap")
 
