@@ -40,6 +40,9 @@ class EngineConfig:
     # glibc keeps freed memory in the process instead of giving it back to the kernel at each step
     # (process-wide mallopt; see kvmem.engine.host_allocator). Off: the process's malloc is untouched.
     tune_host_allocator: bool = True
+    # Greedy output independent of the rest of the batch (CPU linears: a lone row computed as a
+    # GEMM row). Off: batch-1 decode a few % faster, and an answer may change with the load.
+    batch_invariant: bool = True
     # kv_cache="virtual" only: vAttention's optimizations (see kvmem.memory.virtual.VirtualOptions)
     background_mapping: bool = True
     deferred_reclamation: bool = True
@@ -66,7 +69,7 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("background_mapping", "deferred_reclamation", "eager_mapping", "enable_prefix_caching",
-                     "tune_host_allocator"):
+                     "tune_host_allocator", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.mapping_lookahead, int) or isinstance(self.mapping_lookahead, bool) \

@@ -110,7 +110,7 @@ class LLMEngine:
                                             torch.device("cpu") if config.offload_weights else self.device)
         self.model.load_weights(source.weights())
         if self.device.type == "cpu":
-            self.model.pack_linear_weights_for_cpu()
+            self.model.pack_linear_weights_for_cpu(batch_invariant=config.batch_invariant)
             # Now rather than inside the first request: a first build takes a minute and says so.
             cpu_kernels.load()
 
@@ -350,7 +350,10 @@ class LLMEngine:
 
     # --- memory -------------------------------------------------------------------------
     def stats(self) -> MemoryStats:
-        return self.manager.stats()
+        stats = self.manager.stats()
+        # A runner that moves memory itself (hybrid: staging copies, streamed weights) adds its counters.
+        stats.extra.update(getattr(self.runner, "stats_extra", dict)())
+        return stats
 
     def release_free_memory(self) -> int:
         return self.manager.release_free_memory()

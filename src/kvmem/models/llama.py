@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -43,12 +44,16 @@ class OneDNNLinear(nn.Module):
     # The row count oneDNN tunes the layout for; any count works. 64 is a decode step of 64 sequences.
     batch_hint = 64
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, batch_invariant: bool = True) -> None:
         super().__init__()
         weight = linear.weight.detach()
         self.register_buffer("weight", _reorder_linear_weight(weight, self.batch_hint),
                              persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+        # Whether a lone row must go through the GEMM (see forward): only where oneDNN's single-row
+        # kernel adds in another order than its GEMM for this shape, as measured here once.
+        self.pad_lone_row = batch_invariant and not _lone_row_matches_gemm(
+            self.weight, linear.in_features, linear.out_features, weight.dtype)
 
     @staticmethod
     def available(dtype: torch.dtype) -> bool:
@@ -56,14 +61,34 @@ class OneDNNLinear(nn.Module):
                 and _reorder_linear_weight is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] == 1:
-            # Batch invariance: oneDNN computes a lone row with another kernel than a GEMM of 2 or
-            # more rows, and the two round differently (bfloat16 down_proj, K = 1536: 88 of 1,100
-            # rows differ), so a greedy answer changed with the number of requests running beside
-            # it. From 2 rows on, a row's result does not depend on the others (checked for 2 to
-            # 4,096 rows on every SmolLM2 layer shape); two rows cost what one does (weight-bound).
-            return _linear_pointwise(x.expand(2, -1).contiguous(), self.weight, self.bias, "none", [None], "")[:1]
+        if self.pad_lone_row and x.dim() == 2 and x.shape[0] == 1:
+            # oneDNN may compute a lone row with another kernel than a GEMM of 2 or more rows, and
+            # the two round differently (SmolLM2's bfloat16 down_proj, K = 1536: 88 of 1,100 rows
+            # differ), so a greedy answer changed with the number of requests running beside it.
+            # From 2 rows on, a row's result does not depend on the others (checked for 2 to 4,096
+            # rows on every SmolLM2 layer shape), so a lone row goes in twice (a stride-0 view, no
+            # copy); the 2-row GEMM costs ~8 us more than the single-row kernel (docs/benchmarks.md).
+            return _linear_pointwise(x.expand(2, -1), self.weight, self.bias, "none", [None], "")[:1]
         return _linear_pointwise(x, self.weight, self.bias, "none", [None], "")
+
+
+_lone_row_checks: dict[tuple, bool] = {}
+
+
+def _lone_row_matches_gemm(packed_weight: torch.Tensor, in_features: int, out_features: int,
+                           dtype: torch.dtype, rows: int = 256) -> bool:
+    """Whether oneDNN gives a row computed alone exactly what it gives that row inside a GEMM, for
+    this shape and dtype with this process's threads. Either both add in one order, and every row is
+    bit-identical, or they do not, and a few percent of random rows differ (8 % for the shape above):
+    `rows` random rows tell the two apart. Measured once per shape (SmolLM2: ~0.3 s in all)."""
+    key = (in_features, out_features, dtype, torch.get_num_threads())
+    if key not in _lone_row_checks:
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+        batched = _linear_pointwise(x, packed_weight, None, "none", [None], "")
+        alone = torch.cat([_linear_pointwise(x[r:r + 1], packed_weight, None, "none", [None], "")
+                           for r in range(rows)])
+        _lone_row_checks[key] = torch.equal(alone, batched)
+    return _lone_row_checks[key]
 
 
 class RMSNorm(nn.Module):
@@ -184,6 +209,20 @@ class DecoderLayer(nn.Module):
         return self.mlp(b), residual
 
 
+class LayerHooks(Protocol):
+    """A runner's way into the forward pass, layer by layer (the hybrid runner: weights streamed from
+    host memory, activations kept for the host tier). Attention needs no hook: `attention` and its
+    `meta`, which the model only hands on, already belong to the runner."""
+
+    capture: Callable[[torch.Tensor], None] | None  # receives each layer's normed q,k,v input
+
+    def before_layer(self, j: int) -> DecoderLayer:
+        """The module holding layer j's weights, ready to run (streamed weights: once copied in)."""
+
+    def after_layer(self, j: int) -> None:
+        """Layer j has run (on a GPU: its work is queued)."""
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -209,31 +248,39 @@ class LlamaForCausalLM(nn.Module):
         model.rope = RotaryEmbedding(config, max_positions, dtype).to(device)  # buffers are not weights
         return model.eval()
 
-    def pack_linear_weights_for_cpu(self) -> None:
+    def pack_linear_weights_for_cpu(self, batch_invariant: bool = True) -> None:
         """Store every linear layer's weight in oneDNN's blocked layout (call after load_weights).
 
         On the development CPU (`benchmarks/linear_cpu.py`, SmolLM2's four layer GEMMs) a decode
         step of 64 rows ran 1.6x faster than `F.linear` in bfloat16 and 2.4x in float32, and batch 1
         2.7x in bfloat16. The math is unchanged; only the order of the additions differs. A tied
-        lm_head gets its own packed copy of the embedding matrix.
+        lm_head gets its own packed copy of the embedding matrix. `batch_invariant`: a lone row
+        gives what it gives inside a batch (see `OneDNNLinear.forward`).
         """
         if not OneDNNLinear.available(self.embed_tokens.weight.dtype):
             return
         for parent in list(self.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, OneDNNLinear(child))
+                    setattr(parent, name, OneDNNLinear(child, batch_invariant))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache],
-                meta: AttentionMetadata, attention: AttentionFn, logits_indices: torch.Tensor) -> torch.Tensor:
+                meta: AttentionMetadata, attention: AttentionFn, logits_indices: torch.Tensor,
+                hooks: LayerHooks | None = None) -> torch.Tensor:
         """Returns the logits (model dtype; the sampler widens what needs it) for the rows
-        `logits_indices` of the flat batch."""
+        `logits_indices` of the flat batch. `hooks`: see `LayerHooks`."""
         x = self.embed_tokens(input_ids)
         rope = self.rope.tables(positions)
         residual = None
-        for layer, cache in zip(self.layers, caches):
-            x, residual = layer(x, rope, cache, meta, attention, residual=residual)
+        if hooks is None:
+            for layer, cache in zip(self.layers, caches):
+                x, residual = layer(x, rope, cache, meta, attention, residual=residual)
+        else:
+            for j, cache in enumerate(caches):
+                layer = hooks.before_layer(j)
+                x, residual = layer(x, rope, cache, meta, attention, capture=hooks.capture, residual=residual)
+                hooks.after_layer(j)
         # Only rows that sample need the final norm and the lm_head.
         _, x = self.norm(x[logits_indices], residual[logits_indices])
         return self.lm_head(x)
