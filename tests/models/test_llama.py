@@ -59,6 +59,49 @@ def test_chunked_prefill_logits_equal_transformers(tiny, backend):
     torch.testing.assert_close(torch.cat(got), expected, atol=2e-4, rtol=1e-4)
 
 
+def test_layer_hooks_supply_the_weights_and_see_the_activations_of_each_layer(tiny):
+    """`LayerHooks` (the hybrid runner's way into the forward pass): each layer's weights from another
+    module (as a streamed buffer), its normed q,k,v input captured, a call after it; the logits are
+    bit-identical to the plain forward pass."""
+    import copy
+
+    _, ours = tiny
+    c = ours.config
+    tokens = [(7 * i) % 300 + 2 for i in range(21)]
+    spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, torch.float32, torch.device("cpu"))
+
+    def forward(hooks):
+        mgr = PagedKVCacheManager(spec, num_blocks=8, block_size=4)
+        seq = _Seq(tokens)
+        mgr.allocate(seq, len(tokens))
+        meta = AttentionMetadata.build([mgr.block_table(seq)], [0], [len(tokens)], 4, torch.device("cpu"))
+        return ours(torch.tensor(tokens), torch.arange(len(tokens)), [mgr.layer_cache(i) for i in range(len(ours.layers))],
+                    meta, BACKENDS["torch"], torch.tensor([0, len(tokens) - 1]), hooks=hooks)
+
+    class Hooks:
+        def __init__(self):
+            self.buffers = [copy.deepcopy(layer) for layer in ours.layers]
+            self.calls, self.captured = [], []
+
+        def capture(self, a):
+            self.calls.append("capture")
+            self.captured.append(a.clone())
+
+        def before_layer(self, j):
+            self.calls.append(("before", j))
+            return self.buffers[j]
+
+        def after_layer(self, j):
+            self.calls.append(("after", j))
+
+    hooks = Hooks()
+    assert torch.equal(forward(hooks), forward(None))
+    assert hooks.calls == [call for j in range(len(ours.layers)) for call in (("before", j), "capture", ("after", j))]
+    with torch.inference_mode():
+        first = ours.layers[0].input_layernorm(ours.embed_tokens(torch.tensor(tokens)))
+    assert torch.equal(hooks.captured[0], first)
+
+
 def test_llama3_rope_scaling_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

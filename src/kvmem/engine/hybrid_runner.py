@@ -4,8 +4,10 @@ A step with no host-resident sequence (and resident weights) is the ordinary `Mo
 the device tier. Otherwise the step's sequences form groups: the device-resident ones (reading the
 device tier's caches) and mini-batches of the host-resident ones (`form_minibatches`: balanced
 transfer bytes and recompute FLOPs, as few as fit a staging buffer). All rows go through each layer
-as one flat batch, so every GEMM reads the layer's weights once; only attention runs group by group
-(the grouped attention function below stands in for the backend). HybridServe's pipeline:
+as one flat batch through the model's own forward pass, so every GEMM reads the layer's weights once;
+only attention runs group by group (the grouped attention function below stands in for the backend,
+and the step, handed over as the model's `LayerHooks`, says which buffer holds each layer's weights
+and keeps the captured activations). HybridServe's pipeline:
 
     copy worker:  [weights j+1]  stage(j, mb0)  stage(j, mb1)  stage(j+1, mb0) ...
     compute:      qkv(j) | attn(j, device) | recompute + attn(j, mb0), write back | attn(j, mb1) ... | mlp(j)
@@ -34,8 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -50,6 +53,18 @@ from kvmem.hybrid.recompute import KVProjection, recompute_kv
 from kvmem.memory.base import cdiv
 from kvmem.memory.hybrid import HybridKVCacheManager, MinibatchTransfers
 from kvmem.models.llama import DecoderLayer, LlamaForCausalLM, OneDNNLinear
+
+
+@dataclass
+class HybridRunnerCounters:
+    """What the runner moved and recomputed (in `stats().extra`, beside the manager's residency counts)."""
+
+    num_recomputed_tokens: int = 0  # ACT tokens turned back into K,V, once per step (x layers = K,V rows)
+    num_minibatches: int = 0  # host-tier mini-batches run, summed over steps
+    max_minibatches_per_step: int = 0
+    bytes_to_device: int = 0  # host -> device: KV blocks and activations staged (all layers)
+    bytes_to_host: int = 0  # device -> host: new tokens' K,V or activations written back
+    weight_bytes_streamed: int = 0  # offload_weights: layer weights copied host -> device
 
 
 class CopyWorker:
@@ -138,7 +153,7 @@ class LayerWeightStreamer:
     def buffer_bytes(self) -> int:
         return 2 * self.layer_bytes[0]
 
-    def prefetch(self, j: int, after: torch.cuda.Event | None, counters) -> None:
+    def prefetch(self, j: int, after: torch.cuda.Event | None, counters: HybridRunnerCounters) -> None:
         """Copy layer j's weights into buffer j % 2 (the caller guarantees layer j - 2 is done)."""
         def copy() -> None:
             for dst, src in zip(self.buffer_tensors[j % 2], self.host_tensors[j]):
@@ -166,8 +181,10 @@ class _Group:
 
 @dataclass
 class _Step:
-    """What the grouped attention needs while the layers run (passed to it in place of the metadata)."""
+    """One step through the layers: the model's `LayerHooks` (which module holds layer j's weights;
+    the captured activations) and what the grouped attention reads in place of the metadata."""
 
+    runner: HybridModelRunner
     groups: list[_Group]
     jobs: list[tuple[int, _Group]]  # host (layer, mini-batch) jobs in execution order; job k uses buffer k % 2
     staged: dict[int, Future] = field(default_factory=dict)
@@ -176,7 +193,32 @@ class _Step:
     layer: int = 0
     projection: KVProjection | None = None
     layer_module: DecoderLayer | None = None
+    layer_done: torch.cuda.Event | None = None  # CUDA: the compute stream past the last layer run
     activations: torch.Tensor | None = None  # this layer's captured q,k,v projection input, all rows
+    capture: Callable[[torch.Tensor], None] | None = None  # LayerHooks.capture
+
+    def __post_init__(self) -> None:
+        if any(g.on_host for g in self.groups):  # their new tokens' activations go back to ACT blocks
+            self.capture = self._keep_activations
+
+    def _keep_activations(self, a: torch.Tensor) -> None:
+        self.activations = a
+
+    def before_layer(self, j: int) -> DecoderLayer:
+        """The resident layer j, or the buffer its streamed weights were copied into; then layer j + 1's
+        copy starts, into the buffer layer j - 1 used (done: `layer_done`)."""
+        runner, weights = self.runner, self.runner.weights
+        self.layer = j
+        if weights is None:
+            self.layer_module, self.projection = runner.model.layers[j], runner.projections[j]
+        else:
+            self.layer_module, self.projection = weights.wait(j), None  # made from the buffer when needed
+            if j + 1 < len(runner.model.layers):
+                weights.prefetch(j + 1, self.layer_done, runner.counters)
+        return self.layer_module
+
+    def after_layer(self, j: int) -> None:
+        self.layer_done = self.runner.worker.mark()
 
 
 class HybridModelRunner(ModelRunner):
@@ -187,8 +229,7 @@ class HybridModelRunner(ModelRunner):
         # KVMEM_HYBRID_INLINE_COPIES=1: the copy jobs run on the compute thread, in the same order.
         self.worker = CopyWorker(device, threaded=os.environ.get("KVMEM_HYBRID_INLINE_COPIES") != "1")
         self.weights = LayerWeightStreamer(model, device, self.worker) if offload_weights else None
-        if self.weights is not None:
-            manager.device_weight_buffer_bytes = self.weights.buffer_bytes
+        self.counters = HybridRunnerCounters()
         # Resident weights: each layer's K,V projection rows, made once (views, or a dense copy of
         # oneDNN-packed weights). Streamed weights: made from the buffer holding the layer.
         self.projections = None if offload_weights else [KVProjection.from_attention(l.self_attn) for l in model.layers]
@@ -197,6 +238,11 @@ class HybridModelRunner(ModelRunner):
     def close(self) -> None:
         self.worker.close()
         super().close()
+
+    def stats_extra(self) -> dict:
+        """The runner's own counters, which the engine adds to the manager's `stats().extra`."""
+        return dict(device_weight_buffer_bytes=self.weights.buffer_bytes if self.weights is not None else 0,
+                    **asdict(self.counters))
 
     # --- the step -------------------------------------------------------------------------
     def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
@@ -227,9 +273,20 @@ class HybridModelRunner(ModelRunner):
                 block_tables=tables, num_computed=[s.seq.num_computed_tokens for s in g.scheduled],
                 query_lens=[s.num_new_tokens for s in g.scheduled], block_size=self.manager.block_size,
                 device=self.device, native_kernel=self.row_tables)
-        logits = self._run_layers(groups, torch.tensor(input_ids, dtype=torch.long, device=self.device),
-                                  torch.tensor(positions, dtype=torch.long, device=self.device),
-                                  torch.tensor(logits_rows, dtype=torch.long, device=self.device))
+        host_groups = [g for g in groups if g.on_host]
+        c = self.counters
+        c.num_minibatches += len(host_groups)
+        c.max_minibatches_per_step = max(c.max_minibatches_per_step, len(host_groups))
+        c.num_recomputed_tokens += sum(g.transfers.num_act_tokens for g in host_groups)
+        step = _Step(self, groups, [(j, g) for j in range(len(self.model.layers)) for g in host_groups])
+        if self.weights is not None:
+            self.weights.prefetch(0, None, c)
+        for k in range(min(2, len(step.jobs))):
+            self._stage(step, k)
+        logits = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
+                            torch.tensor(positions, dtype=torch.long, device=self.device),
+                            self.caches, step, self._attention,
+                            torch.tensor(logits_rows, dtype=torch.long, device=self.device), hooks=step)
         return StepResult(sampled, logits)
 
     def _minibatches(self, host: list[ScheduledSequence]) -> list[list[ScheduledSequence]]:
@@ -254,44 +311,13 @@ class HybridModelRunner(ModelRunner):
                 break
         return [[host[r.request_id] for r in mb] for mb in minibatches]
 
-    @torch.inference_mode()
-    def _run_layers(self, groups: list[_Group], input_ids: torch.Tensor, positions: torch.Tensor,
-                    logits_rows: torch.Tensor) -> torch.Tensor:
-        """One flat batch through the layers (every GEMM over all rows); attention group by group."""
-        model, manager = self.model, self.manager
-        host_groups = [g for g in groups if g.on_host]
-        manager.counters.num_minibatches += len(host_groups)
-        manager.counters.max_minibatches_per_step = max(manager.counters.max_minibatches_per_step, len(host_groups))
-        manager.counters.num_recomputed_tokens += sum(g.transfers.num_act_tokens for g in host_groups)
-        num_layers = len(model.layers)
-        step = _Step(groups, [(j, g) for j in range(num_layers) for g in host_groups])
-        if self.weights is not None:
-            self.weights.prefetch(0, None, manager.counters)
-        for k in range(min(2, len(step.jobs))):
-            self._stage(step, k)
-        x = model.embed_tokens(input_ids)
-        rope = model.rope.tables(positions)
-        layer_done, residual = None, None
-        for j in range(num_layers):
-            if self.weights is not None:
-                layer = self.weights.wait(j)
-                if j + 1 < num_layers:  # its buffer last held layer j - 1, which is done
-                    self.weights.prefetch(j + 1, layer_done, manager.counters)
-                step.projection = None  # made from this buffer when needed
-            else:
-                layer = model.layers[j]
-                step.projection = self.projections[j]
-            step.layer, step.layer_module = j, layer
-            x, residual = layer(x, rope, self.caches[j], step, self._attention,
-                                capture=(lambda a: setattr(step, "activations", a)) if host_groups else None,
-                                residual=residual)
-            layer_done = self.worker.mark()
-        return model.lm_head(model.norm(x[logits_rows], residual[logits_rows])[1])
-
     def _stage(self, step: _Step, k: int) -> None:
         j, g = step.jobs[k]
         buffer = self.manager.staging[k % 2]
-        step.staged[k] = self.worker.submit(lambda: self.manager.stage(j, g.transfers, buffer), step.buffer_free[k % 2])
+
+        def copy() -> None:
+            self.counters.bytes_to_device += self.manager.stage(j, g.transfers, buffer)
+        step.staged[k] = self.worker.submit(copy, step.buffer_free[k % 2])
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, step: _Step, scale: float) -> torch.Tensor:
@@ -315,7 +341,7 @@ class HybridModelRunner(ModelRunner):
                                           self.model.rope)
                 write_kv(key, value, *buffer.cache, t.act_dst_dev)
             out[rows] = self.attention(q[rows], k[rows], v[rows], *buffer.cache, g.meta, scale)
-            manager.write_back(j, t, buffer, step.activations[rows])
+            self.counters.bytes_to_host += manager.write_back(j, t, buffer, step.activations[rows])
             step.buffer_free[job % 2] = self.worker.mark()
             step.next_job += 1
             if job + 2 < len(step.jobs):

@@ -68,15 +68,11 @@ class HostBlock:
 
 @dataclass
 class HybridCounters:
+    """Residency. What steps move and recompute, the runner counts (`hybrid_runner.HybridRunnerCounters`)."""
+
     num_host_admitted: int = 0  # sequences that became host-resident (at first allocation or moved)
     num_offloaded: int = 0  # of which moved from the device with KV already computed there
     max_host_resident: int = 0  # the most sequences in the host tier at once
-    num_recomputed_tokens: int = 0  # ACT tokens turned back into K,V, once per step (x layers = K,V rows)
-    num_minibatches: int = 0  # host-tier mini-batches run, summed over steps
-    max_minibatches_per_step: int = 0
-    bytes_to_device: int = 0  # host -> device: KV blocks and activations staged (all layers)
-    bytes_to_host: int = 0  # device -> host: new tokens' K,V or activations written back
-    weight_bytes_streamed: int = 0  # offload_weights: layer weights copied host -> device
 
 
 @dataclass
@@ -159,7 +155,6 @@ class HybridKVCacheManager(KVCacheManager):
                                                   device=spec.device))
                         for _ in range(2)]
         self.counters = HybridCounters()
-        self.device_weight_buffer_bytes = 0  # set by the runner when weights stream
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -357,10 +352,11 @@ class HybridKVCacheManager(KVCacheManager):
                                   t(wb_act_dst, host))
 
     # --- data movement (the runner schedules these) ---------------------------------------
-    def stage(self, layer: int, transfers: MinibatchTransfers, buffer: StagingBuffer) -> None:
+    def stage(self, layer: int, transfers: MinibatchTransfers, buffer: StagingBuffer) -> int:
         """Host -> device for one layer of a mini-batch: KV blocks into the staging cache, activations
         into the staging activation area (rows in order of `act_dst_dev`). Recompute happens on the
-        device afterwards (the runner's compute stream)."""
+        device afterwards (the runner's compute stream). Returns the bytes moved."""
+        moved = 0
         n = transfers.num_kv_blocks
         if n:  # into staging blocks 0..n-1
             src = self.host_kv[layer]  # [2, heads, blocks, block_size, head_dim]
@@ -370,7 +366,7 @@ class HybridKVCacheManager(KVCacheManager):
                         torch.index_select(src[kind, head], 0, transfers.kv_src_host, out=buffer.kv[kind, head, :n])
             else:
                 buffer.kv[:, :, :n].copy_(src.index_select(2, transfers.kv_src_host), non_blocking=True)
-            self.counters.bytes_to_device += n * self.block_size * self.kv_bytes_per_token_per_layer
+            moved += n * self.block_size * self.kv_bytes_per_token_per_layer
         n = transfers.num_act_tokens
         if n:
             rows = self.host_act[layer].view(-1, self.hidden_size)
@@ -378,21 +374,25 @@ class HybridKVCacheManager(KVCacheManager):
                 torch.index_select(rows, 0, transfers.act_src_host, out=buffer.act[:n])
             else:
                 buffer.act[:n].copy_(rows.index_select(0, transfers.act_src_host), non_blocking=True)
-            self.counters.bytes_to_device += n * self.act_bytes_per_token_per_layer
+            moved += n * self.act_bytes_per_token_per_layer
+        return moved
 
     def write_back(self, layer: int, transfers: MinibatchTransfers, buffer: StagingBuffer,
-                   activations: torch.Tensor) -> None:
+                   activations: torch.Tensor) -> int:
         """Device -> host after a layer ran: the new tokens' K,V (from the staging cache, where
-        attention wrote them) for KV blocks, their captured activations for ACT blocks."""
+        attention wrote them) for KV blocks, their captured activations for ACT blocks. Returns the
+        bytes moved."""
         heads, dim = self.spec.num_kv_heads, self.spec.head_dim
+        moved = 0
         if transfers.wb_kv_dst_host.numel():
             new = buffer.kv.view(2, heads, -1, dim).index_select(2, transfers.wb_kv_src_dev).to(self.host_device)
             self.host_kv[layer].view(2, heads, -1, dim).index_copy_(2, transfers.wb_kv_dst_host, new)
-            self.counters.bytes_to_host += new.numel() * new.element_size()
+            moved += new.numel() * new.element_size()
         if transfers.wb_act_dst_host.numel():
             new = activations.index_select(0, transfers.wb_act_rows_dev).to(self.host_device)
             self.host_act[layer].view(-1, self.hidden_size).index_copy_(0, transfers.wb_act_dst_host, new)
-            self.counters.bytes_to_host += new.numel() * new.element_size()
+            moved += new.numel() * new.element_size()
+        return moved
 
     # --- accounting ---------------------------------------------------------------------
     def stats(self) -> MemoryStats:
@@ -428,7 +428,6 @@ class HybridKVCacheManager(KVCacheManager):
                 device_tier_bytes=d.bytes_physical,
                 device_bytes_allocated=d.bytes_allocated,
                 staging_bytes=staging,
-                device_weight_buffer_bytes=self.device_weight_buffer_bytes,
                 host_bytes_physical=host_kv + host_act,
                 host_kv_bytes=host_kv,
                 host_act_bytes=host_act,
