@@ -140,6 +140,8 @@ def _bench_throughput_compare(args: argparse.Namespace) -> int:
     budget = parse_memory_size(args.kv_cache_memory or "2GiB")
     if not isinstance(budget, int):
         raise ValueError("--compare needs --kv-cache-memory as a size (e.g. 2GiB), the same for every engine")
+    if not args.hf_model:
+        raise ValueError("--compare needs --hf-model DIR: a Hugging Face export of the same weights, for the peers")
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
     out_dir = Path(args.out_dir or f"benchmarks/results/throughput_vs_peers/{args.workload}_{dtype}")
     cfg = CompareConfig(args.workload, dtype, args.kv_cache, budget / 2**30, args.seed, args.rounds, out_dir,
@@ -272,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--rounds", type=int, default=2)
     cmp_.add_argument("--max-retries", type=int, default=2,
                       help="rerun a run during which other processes took more than 0.1 cores, up to this many times")
-    cmp_.add_argument("--hf-model", default="/work/peers/smollm2-hf",
-                      help="Hugging Face export of the same weights, for the peers")
+    cmp_.add_argument("--hf-model", default=None,
+                      help="Hugging Face export of the same weights, for the peers (needed by --compare)")
     cmp_.add_argument("--out-dir", default=None, help="default: benchmarks/results/throughput_vs_peers/WORKLOAD_DTYPE")
     add_engine_args(tp)
     tp.set_defaults(func=cmd_bench_throughput)
