@@ -31,6 +31,7 @@ from kvmem.memory.vmm_cpu import (
     map_shared,
     unmap_shared,
 )
+from kvmem.memory.vmm_backend import SharedPages, VirtualMemoryBackend
 
 GiB = 1 << 30
 
@@ -43,6 +44,31 @@ def is_mapped(address: int) -> bool:
             if lo <= address < hi:
                 return True
     return False
+
+
+# --- the contract `virtual` relies on ------------------------------------------------------------
+def test_the_cpu_backend_implements_the_protocols_with_cpu_semantics():
+    with CpuVirtualMemory(4 * P) as vm, SharedPagePool(2) as pool:
+        assert isinstance(vm, VirtualMemoryBackend) and isinstance(pool, SharedPages)
+        assert vm.page_size == P and not vm.faults_on_unmapped  # a touch backs a page
+        assert vm.mapping_limit() > 0 and vm.extra_stats() == {}
+        vm.populate_many([0], 2 * P)
+        vm.release_many([P], P)
+        vm.settle()  # nothing deferred on CPU: released already
+        assert vm.trim_pool() == 0 and vm.physical_bytes() == vm.resident_bytes() == P
+        pool.alloc_at(0, 1)
+        vm.copy_to_shared(0, pool, 0)  # the private page becomes the pool's
+        vm.map_shared(2 * P, pool, 0)
+        assert vm.physical_bytes(pool) == P  # one page, shown twice
+        vm.unmap_shared(0)
+        vm.unmap_shared(2 * P)
+        pool.free_run(0, 1)
+        assert vm.physical_bytes(pool) == 0
+        strided = vm.tensor(torch.float32, (2, 4), strides=(P // 4, 1))  # a row per page
+        assert strided.stride() == (P // 4, 1) and strided.data_ptr() == vm.address
+        assert vm.tensor(torch.float32, (2, 4), strides=(4, 1)).is_contiguous()
+    vm.close()  # idempotent
+    pool.close()
 
 
 # --- a reservation -----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from kvmem.memory.vmm_cuda import (  # noqa: E402
     page_size_for,
     unmap_shared,
 )
+from kvmem.memory.vmm_backend import SharedPages, VirtualMemoryBackend  # noqa: E402
 from tests.memory.fake_cuda_driver import FakeDriver, FakeDriverMisuse  # noqa: E402
 from tests.memory.test_virtual import VirtualLifecycle, make_seq  # noqa: E402
 
@@ -51,6 +52,31 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 def make_memory(pages: int = 16, max_pages: int = 8, batch: int = 4, **fake) -> tuple[FakeDriver, CudaVirtualMemory]:
     driver = FakeDriver(**fake)
     return driver, CudaVirtualMemory(pages * driver.granularity, driver, driver.granularity, max_pages, batch)
+
+
+# --- the contract `virtual` relies on ------------------------------------------------------------
+def test_the_cuda_backend_implements_the_protocols_with_cuda_semantics():
+    driver, vm = make_memory()
+    pool = vm.shared_pool(2)
+    assert isinstance(vm, VirtualMemoryBackend) and isinstance(pool, SharedPages)
+    assert vm.page_size == G and vm.faults_on_unmapped  # an unmapped page is an illegal address
+    assert vm.mapping_limit() is None
+    assert set(vm.extra_stats()) == {"page_size", "device_pool_idle_bytes", "device_handles_bytes"}
+    vm.populate_many([0], 2 * G)
+    vm.release_many([G], G)  # retired: unmapped once the fence passes
+    assert vm.resident_bytes() == 2 * G and vm.physical_bytes() == G  # physical_bytes settles first
+    pool.alloc_at(0, 1)
+    vm.copy_to_shared(0, pool, 0)  # the pool adopts the handle: nothing copied
+    vm.map_shared(2 * G, pool, 0)
+    assert vm.physical_bytes(pool) == G and driver.handle_at(vm.address) == driver.handle_at(vm.address + 2 * G)
+    vm.unmap_shared(0)
+    vm.unmap_shared(2 * G)
+    pool.free_run(0, 1)
+    assert vm.physical_bytes(pool) == 0 and vm.trim_pool() > 0
+    vm.close()
+    vm.close()  # idempotent
+    pool.close()
+    assert driver.live_handles == 0 and not driver.mappings
 
 
 # --- the reservation and its tensor -----------------------------------------------------------

@@ -1,6 +1,6 @@
 """megacache: how `virtual` lays KV out on CUDA, where a physical page is 2 MiB.
 
-The CPU layout (`virtual.VirtualLayout`, head-major `[layers, 2, kv_heads, slots, max_len,
+The CPU layout (`virtual_layout.VirtualLayout`, head-major `[layers, 2, kv_heads, slots, max_len,
 head_dim]`) gives every (layer, K/V, head) its own contiguous range per slot and maps memory in
 all of them at once. That is right for 4 KiB pages and ruinous for 2 MiB ones: a page of one
 region holds `2 MiB / (head_dim * itemsize)` tokens, and a sequence maps one page in each of the
@@ -71,7 +71,7 @@ def _chunk_tokens(page_size: int, row_bytes: int) -> int:
 @dataclass(frozen=True)
 class MegacacheLayout:
     """Where each (layer, K/V, head, slot, token) lives in a CUDA reservation, and the page
-    arithmetic; the same interface as `virtual.VirtualLayout`, with a single region."""
+    arithmetic: a `virtual_layout.SlotLayout`, as `VirtualLayout` is, with a single region."""
 
     spec: KVCacheSpec
     num_slots: int

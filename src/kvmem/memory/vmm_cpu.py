@@ -10,9 +10,14 @@ Prefix sharing needs one physical page at two virtual places, which private anon
 give. A `SharedPagePool` is a memfd whose pages `map_shared` lays over part of a reservation
 (`MAP_SHARED | MAP_FIXED`); `unmap_shared` turns that part back into private demand-paged memory.
 
+The two classes implement `vmm_backend.VirtualMemoryBackend` and `vmm_backend.SharedPages`, the
+contract the `virtual` manager relies on (the CUDA backend is the other implementation).
+
 All of it is ctypes on libc with x86_64/aarch64 Linux constants; importing it elsewhere raises
-ImportError. `MADV_POPULATE_WRITE` needs Linux 5.14. Nothing here is thread-safe: the caller
-serialises calls on one reservation or pool (a background mapping thread takes the manager's lock).
+ImportError. `MADV_POPULATE_WRITE` needs Linux 5.14. Nothing here is thread-safe, except that
+`populate_many`/`release_many` only read this object's state (madvise is the kernel's to order):
+the `virtual` manager's mapping worker runs them beside the manager, and the manager drains the
+worker before it remaps shared pages.
 """
 
 from __future__ import annotations
@@ -109,6 +114,15 @@ def _refusal_hint() -> str:
     return "; ".join(hints)
 
 
+def _max_map_count() -> int:
+    """The kernel's limit on this process's mappings (vm.max_map_count)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
 def _map_private(address: int, length: int) -> None:
     """Put fresh demand-paged memory at [address, +length), atomically replacing what was there."""
     got = _mmap(address, length, _RW, _PRIVATE_FLAGS | MAP_FIXED, -1, 0)
@@ -190,7 +204,13 @@ class CpuVirtualMemory:
     zero memory and its shared pages are unmapped) and unmaps the range too if no tensor view is
     alive; otherwise the unmap waits for the last one, which reads zeros meanwhile. So no tensor
     ever points at unmapped memory, and no other mapping can land under it.
+
+    Implements `vmm_backend.VirtualMemoryBackend`: an untouched page is a page fault that backs it
+    (`faults_on_unmapped` False), releases take effect at once (`settle` and `trim_pool` do nothing).
     """
+
+    page_size: int = PAGE_SIZE
+    faults_on_unmapped = False  # the kernel backs a page on first touch
 
     def __init__(self, num_bytes: int) -> None:
         if num_bytes <= 0:
@@ -219,12 +239,20 @@ class CpuVirtualMemory:
         return f"CpuVirtualMemory({_human(self.size)} {state})"
 
     # --- views --------------------------------------------------------------------------------
-    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A zero-copy tensor over the first prod(shape) * itemsize bytes of the reservation."""
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...],
+               strides: tuple[int, ...] | None = None) -> torch.Tensor:
+        """A zero-copy tensor over the start of the reservation: contiguous (the first
+        prod(shape) * itemsize bytes), or with these element strides."""
         mapping = self._live()
         if any(d < 0 for d in shape):
             raise ValueError(f"negative dimension in shape {tuple(shape)}")
-        num_bytes = math.prod(shape) * dtype.itemsize
+        contiguous = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        if strides is not None and tuple(strides) == contiguous:
+            strides = None
+        if strides is None:
+            num_bytes = math.prod(shape) * dtype.itemsize
+        else:
+            num_bytes = 0 if 0 in shape else (1 + sum((d - 1) * s for d, s in zip(shape, strides))) * dtype.itemsize
         if num_bytes > self.size:
             raise ValueError(f"a {dtype} tensor of shape {tuple(shape)} needs {num_bytes} bytes; "
                              f"the reservation has {self.size}")
@@ -232,7 +260,8 @@ class CpuVirtualMemory:
             return torch.empty(shape, dtype=dtype)
         window = (ctypes.c_byte * num_bytes).from_address(self.address)
         mapping.track(window)  # the tensor holds the window, the window holds the range
-        return torch.frombuffer(window, dtype=dtype).view(shape)
+        flat = torch.frombuffer(window, dtype=dtype)
+        return flat.view(shape) if strides is None else flat.as_strided(shape, strides)
 
     # --- physical backing ---------------------------------------------------------------------
     def populate(self, offset: int, length: int) -> None:
@@ -275,6 +304,35 @@ class CpuVirtualMemory:
             if madvise(base + offset, length, advice):
                 raise _os_error(f"{what} {length} bytes at offset {offset}")
 
+    def settle(self) -> None:
+        """Nothing to finish: a release takes effect when madvise returns."""
+
+    def trim_pool(self) -> int:
+        """Nothing to trim: released pages went back to the kernel at once."""
+        return 0
+
+    # --- sharing (vmm_backend.VirtualMemoryBackend's names for the module's functions) ----------
+    def shared_pool(self, num_pages: int) -> SharedPagePool:
+        """A new memfd pool of `num_pages` pages."""
+        return SharedPagePool(num_pages)
+
+    def copy_to_shared(self, offset: int, pool: SharedPagePool, page_index: int, num_pages: int = 1) -> None:
+        """See the module function `copy_to_shared`."""
+        copy_to_shared(self, offset, pool, page_index, num_pages)
+
+    def map_shared(self, offset: int, pool: SharedPagePool, page_index: int, num_pages: int = 1) -> None:
+        """See the module function `map_shared`."""
+        map_shared(self, offset, pool, page_index, num_pages)
+
+    def unmap_shared(self, offset: int, num_pages: int = 1) -> None:
+        """See the module function `unmap_shared`."""
+        unmap_shared(self, offset, num_pages)
+
+    def mapping_limit(self) -> int | None:
+        """Half of vm.max_map_count: the other half is left to the rest of the process (torch,
+        libraries, the allocator). Every (slot, region) showing shared pages costs about two."""
+        return _max_map_count() // 2
+
     # --- what the kernel says -----------------------------------------------------------------
     def resident_pages(self, offset: int = 0, length: int | None = None) -> np.ndarray:
         """mincore() over the pages overlapping [offset, offset + length): one bool per page.
@@ -297,6 +355,18 @@ class CpuVirtualMemory:
     def resident_bytes(self, offset: int = 0, length: int | None = None) -> int:
         """Resident pages in the range (see `resident_pages`) times PAGE_SIZE."""
         return int(np.count_nonzero(self.resident_pages(offset, length))) * PAGE_SIZE
+
+    def physical_bytes(self, pool: SharedPagePool | None = None) -> int:
+        """RAM under the reservation and `pool`, each page once. Without a pool: mincore's resident
+        pages. With one, mincore would count a shared page once per place it shows, so: the
+        reservation's private pages (smaps `Anonymous`) + the pool's (st_blocks)."""
+        if pool is None:
+            return self.resident_bytes()
+        return self.smaps_anonymous_bytes() + pool.allocated_bytes()
+
+    def extra_stats(self) -> dict[str, int]:
+        """Nothing beyond the manager's own numbers."""
+        return {}
 
     def smaps_rss_bytes(self) -> int:
         """Rss of the reservation's mappings in /proc/self/smaps. Shared pages count once per
@@ -363,6 +433,8 @@ class SharedPagePool:
     populated through a mapping. `free` punches a hole (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE), so the
     RAM really goes back. A page still mapped into a reservation cannot be freed: punching it would
     zero it under the mapping and the next touch would quietly allocate it again.
+
+    Implements `vmm_backend.SharedPages`.
     """
 
     def __init__(self, num_pages: int, name: str = "kvmem-kv-pages") -> None:

@@ -4,8 +4,9 @@ A `CudaVirtualMemory` is one range of device address space (cuMemAddressReserve)
 device memory until pages are mapped into it. KV tensors are zero-copy views of it (through
 `__cuda_array_interface__`), so attention reads `cache[:, slot, :len]` with ordinary non-paged
 kernels, while the manager decides which pages are backed: `populate_many` maps physical pages
-(cuMemMap + cuMemSetAccess), `release_many` gives them back (cuMemUnmap). It offers what
-`vmm_cpu.CpuVirtualMemory` offers `virtual.py`, with three differences the manager must respect:
+(cuMemMap + cuMemSetAccess), `release_many` gives them back (cuMemUnmap). It implements
+`vmm_backend.VirtualMemoryBackend`, as `vmm_cpu.CpuVirtualMemory` does, with three differences the
+manager must respect, each a member of that protocol:
 
 - An unmapped page *faults* (an illegal address that kills the CUDA context), where on CPU the
   kernel maps it on first touch. `faults_on_unmapped` says so; the manager then maps a step's
@@ -13,7 +14,8 @@ kernels, while the manager decides which pages are backed: `populate_many` maps 
 - The physical page is the device's allocation granularity (2 MiB on current GPUs), or a multiple
   of it (`page_size_for`). The layout that keeps that from wasting a page per region per sequence
   is `megacache.MegacacheLayout`.
-- Pages are unmapped only after the device is done with them (below).
+- Pages are unmapped only after the device is done with them (below; `settle()`), and idle
+  pre-created pages stay allocated until `trim_pool()`.
 
 Handles. Physical pages are driver allocations (cuMemCreate, one per page), pre-created in
 batches of `handle_batch` into a pool of idle handles: growing a sequence is a map, not a create,
@@ -36,9 +38,10 @@ stream ordering for cuMemMap/cuMemSetAccess, and kernels launched after they ret
 mapping (vLLM's and vAttention's allocators rely on the same; not yet checked here on a GPU).
 
 Sharing (prefix pages of running sequences). The same physical handle is mapped at two virtual
-addresses. `CudaSharedPages`, `copy_to_shared`, `map_shared` and `unmap_shared` have the names
-and arguments of their `vmm_cpu` counterparts, so `virtual.py` drives either: on CUDA
-"copy_to_shared" copies nothing — the pool adopts the handles already mapped there.
+addresses. `CudaSharedPages` (a `vmm_backend.SharedPages`), `copy_to_shared`, `map_shared` and
+`unmap_shared` have the names and arguments of their `vmm_cpu` counterparts (and are methods of the
+memory, as the protocol asks), so `virtual.py` drives either: on CUDA "copy_to_shared" copies
+nothing — the pool adopts the handles already mapped there.
 
 Accounting comes from this object's own record of successful driver calls (`resident_bytes`:
 distinct handles mapped or held by a shared pool) and from cuMemGetInfo (`device_used_bytes`: the
@@ -165,8 +168,8 @@ def _free_reservation(driver: VmmDriver, address: int, size: int) -> None:
 
 class CudaVirtualMemory:
     """One reservation of device address space with pages mapped on demand (see the module
-    docstring). Offsets and lengths are bytes from the start of the reservation, multiples of
-    `page_size`."""
+    docstring): a `vmm_backend.VirtualMemoryBackend`. Offsets and lengths are bytes from the start
+    of the reservation, multiples of `page_size`."""
 
     faults_on_unmapped = True  # an unmapped page is an illegal address, not a page fault
 
@@ -326,6 +329,19 @@ class CudaVirtualMemory:
             held = {h for h, n in self._driver_maps.items() if n} | {h for h, n in self._pool_held.items() if n}
             return len(held) * self.page_size
 
+    def physical_bytes(self, pool: CudaSharedPages | None = None) -> int:
+        """`resident_bytes()` once retired pages are unmapped (`settle()`): it already counts the
+        handles a shared pool holds, each once. cuMemGetInfo agrees in tests on a GPU
+        (`device_used_bytes()`), but counts the idle handle pool and every other allocation of the
+        process too."""
+        self.settle()
+        return self.resident_bytes()
+
+    def extra_stats(self) -> dict[str, int]:
+        """Device memory held beyond the mapped pages: the idle handle pool, and all handles."""
+        return {"page_size": self.page_size, "device_pool_idle_bytes": self.idle_bytes(),
+                "device_handles_bytes": self.created_bytes()}
+
     def mapped_pages(self) -> int:
         """Pages of the reservation in use (mapped and not retired)."""
         return len(self._live)
@@ -345,6 +361,27 @@ class CudaVirtualMemory:
             self._make_current()
             free, _ = self.driver.memory_info()
             return self._baseline_free - free
+
+    # --- sharing (vmm_backend.VirtualMemoryBackend's names for the module's functions) ----------
+    def shared_pool(self, num_pages: int) -> CudaSharedPages:
+        """A new pool of `num_pages` shareable indices over this memory's handles."""
+        return CudaSharedPages(self, num_pages)
+
+    def copy_to_shared(self, offset: int, pool: CudaSharedPages, page_index: int, num_pages: int = 1) -> None:
+        """See the module function `copy_to_shared` (nothing is copied)."""
+        copy_to_shared(self, offset, pool, page_index, num_pages)
+
+    def map_shared(self, offset: int, pool: CudaSharedPages, page_index: int, num_pages: int = 1) -> None:
+        """See the module function `map_shared`."""
+        map_shared(self, offset, pool, page_index, num_pages)
+
+    def unmap_shared(self, offset: int, num_pages: int = 1) -> None:
+        """See the module function `unmap_shared`."""
+        unmap_shared(self, offset, num_pages)
+
+    def mapping_limit(self) -> int | None:
+        """None: CUDA mappings are the driver's, not the process's VMAs; no limit is known there."""
+        return None
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -513,7 +550,7 @@ def _int_list(offsets: Iterable[int]) -> list[int]:
 # --- shared pages ---------------------------------------------------------------------------
 class CudaSharedPages:
     """Physical pages that can be shown at two virtual places at once (prefix sharing): the CUDA
-    counterpart of `vmm_cpu.SharedPagePool`, with its indices and methods. An index holds a
+    `vmm_backend.SharedPages`, counterpart of `vmm_cpu.SharedPagePool`, with its indices and methods. An index holds a
     handle of `memory` (adopted by `copy_to_shared`), and keeps it from going back to the pool
     until `free_run`; an index still mapped somewhere cannot be freed."""
 
