@@ -13,6 +13,11 @@ from typing import Any
 # vLLM's default `max_logprobs`: asking for more top tokens per step than this is refused.
 MAX_LOGPROBS = 20
 
+# OpenAI's bound on a logit bias, and on how many tokens one request may bias (each entry is a
+# scatter into the row's logits at every step).
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300
+
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS). Dividing float32 logits by a tinier one
 # overflows to +-inf, and softmax of several infinities is NaN: temperature=1e-40 then sampled the
 # *least* likely token instead of the most likely one.
@@ -59,6 +64,12 @@ class SamplingParams:
     - `logprobs=k` returns, per generated token, the chosen token's logprob and the k most likely
       tokens' (k = 0: only the chosen one's); at most `MAX_LOGPROBS`. They are computed from the raw
       model logits, before penalties and temperature, as vLLM does by default.
+    - `prompt_logprobs=k` returns, per prompt token after the first, its logprob given the tokens
+      before it and the k most likely tokens' there (vLLM's); at most `MAX_LOGPROBS`. Such a request
+      takes no prefix-cache hit (every prompt row's logits are computed), as in vLLM.
+    - `logit_bias` maps token ids to a bias in [-100, 100] added to that token's logit before
+      sampling (greedy too), after the penalties; at most `MAX_LOGIT_BIAS_ENTRIES` entries. Ids
+      outside the vocabulary are refused by the engine, which knows its size.
     - `stop` strings end generation when they appear in the output text; the text is cut before
       them unless `include_stop_str_in_output`. `stop_token_ids` end it on those token ids.
     - `min_tokens` forbids EOS / `stop_token_ids` (and stop strings) until that many tokens exist.
@@ -81,6 +92,8 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n)
@@ -134,6 +147,30 @@ class SamplingParams:
         _check_int("logprobs", self.logprobs, allow_none=True)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
+
+        _check_int("prompt_logprobs", self.prompt_logprobs, allow_none=True)
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.prompt_logprobs}")
+
+        self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+
+    @staticmethod
+    def _normalize_logit_bias(bias: Any) -> dict[int, float] | None:
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias or None, got {type(bias).__name__}")
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}")
+        out: dict[int, float] = {}
+        for token, value in bias.items():
+            if not _is_int(token) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token!r}")
+            value = _check_float("logit_bias", value)
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
+            out[token] = value
+        return out or None
 
     @staticmethod
     def _normalize_stop(stop: Any) -> list[str]:

@@ -150,3 +150,72 @@ def test_release_free_memory_drops_cached_prefixes(llm):
     assert llm.stats().bytes_cached > 0
     released = llm.release_free_memory()
     assert released > 0 and llm.stats().bytes_cached == 0
+
+
+# --- prompt logprobs (vLLM's SamplingParams.prompt_logprobs) ---------------------------------------
+LONG_PROMPT = [5, 17, 42, 99, 3, 250, 8, 61, 7, 123, 44, 9, 200, 31, 77, 2, 150, 18, 64, 90, 11]
+
+
+def assert_prompt_logprobs_exact(prompt_logprobs, prompt: list[int], hf, k: int) -> None:
+    expected = torch.log_softmax(hf_logits(hf, prompt), dim=-1)
+    assert len(prompt_logprobs) == len(prompt) and prompt_logprobs[0] is None
+    for pos in range(1, len(prompt)):
+        entry, row, token = prompt_logprobs[pos], expected[pos - 1], prompt[pos]
+        best = torch.topk(row, k)
+        assert set(entry) == set(best.indices.tolist()) | {token}
+        assert entry[token].rank == int((row > row[token]).sum()) + 1
+        for tid, lp in entry.items():
+            assert lp.logprob == pytest.approx(row[tid].item(), abs=1e-4)
+            assert lp.decoded_token is not None
+        for rank, tid in enumerate(best.indices.tolist(), start=1):
+            if tid != token:
+                assert entry[tid].rank == rank
+
+
+@pytest.mark.parametrize("budget", [None, 5])  # 5: the prompt computed in chunks of 5 tokens
+def test_prompt_logprobs_equal_log_softmax_of_reference_logits(tiny_dir, hf, budget):
+    extra = {"max_num_batched_tokens": budget} if budget else {}
+    llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory="4MiB", block_size=4, **extra)
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=4)
+    outs = llm.generate([{"prompt_token_ids": LONG_PROMPT}, {"prompt_token_ids": PROMPT}], params, use_tqdm=False)
+    assert_prompt_logprobs_exact(outs[0].prompt_logprobs, LONG_PROMPT, hf, 4)
+    assert_prompt_logprobs_exact(outs[1].prompt_logprobs, PROMPT, hf, 4)
+    # The generated tokens are those of a request without prompt logprobs.
+    plain = llm.generate([{"prompt_token_ids": LONG_PROMPT}], SamplingParams(temperature=0, max_tokens=3),
+                         use_tqdm=False)[0]
+    assert plain.prompt_logprobs is None and plain.outputs[0].token_ids == outs[0].outputs[0].token_ids
+    assert_memory_returned(llm)
+
+
+def test_prompt_logprobs_take_no_prefix_cache_hit(llm, hf):
+    first = llm.generate([{"prompt_token_ids": LONG_PROMPT}], SamplingParams(temperature=0, max_tokens=2),
+                         use_tqdm=False)[0]
+    again = llm.generate([{"prompt_token_ids": LONG_PROMPT}], SamplingParams(temperature=0, max_tokens=2),
+                         use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0  # the prefix is cached ...
+    out = llm.generate([{"prompt_token_ids": LONG_PROMPT}],
+                       SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0, n=2), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0  # ... but not used by a request asking for prompt logprobs
+    assert_prompt_logprobs_exact(out.prompt_logprobs, LONG_PROMPT, hf, 0)
+    assert out.outputs[0].token_ids == first.outputs[0].token_ids
+    # The cache still serves the others afterwards.
+    assert llm.generate([{"prompt_token_ids": LONG_PROMPT}], SamplingParams(temperature=0, max_tokens=2),
+                        use_tqdm=False)[0].num_cached_tokens > 0
+    assert_memory_returned(llm)
+
+
+def test_logit_bias_steers_greedy_and_is_checked_against_the_vocabulary(llm):
+    plain = llm.generate([{"prompt_token_ids": PROMPT}], SamplingParams(temperature=0, max_tokens=4),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    forced = llm.generate([{"prompt_token_ids": PROMPT}],
+                          SamplingParams(temperature=0, max_tokens=4, logit_bias={77: 100.0}),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    assert forced == [77] * 4 != plain
+    banned = llm.generate([{"prompt_token_ids": PROMPT}],
+                          SamplingParams(temperature=0, max_tokens=4, logit_bias={plain[0]: -100.0}),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    assert banned[0] != plain[0]
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate([{"prompt_token_ids": PROMPT}], SamplingParams(logit_bias={vocab: 1.0}), use_tqdm=False)
+    assert_memory_returned(llm)

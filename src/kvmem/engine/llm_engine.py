@@ -20,7 +20,7 @@ from kvmem.config import DEFAULT_KV_CACHE_FRACTION_CPU, DEFAULT_KV_CACHE_FRACTIO
 from kvmem.config import resolve_memory_bytes
 from kvmem.engine.detokenizer import IncrementalDetokenizer
 from kvmem.engine.host_allocator import keep_freed_memory
-from kvmem.engine.sampler import SampledToken, SamplingRow, sample
+from kvmem.engine.sampler import SampledToken, SamplingRow, prompt_logprobs, sample
 from kvmem.engine.scheduler import Scheduler
 from kvmem.engine.sequence import Sequence, SequenceStatus
 from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
@@ -58,6 +58,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     error: str | None = None
+    # With params.prompt_logprobs: per prompt token (None for the first), filled as prefill goes.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_left: int = 0  # entries still to fill
 
     @property
     def finished(self) -> bool:
@@ -159,6 +162,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._request_counter))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self.check_params(params)
         text, token_ids = self.tokenize_prompt(prompt)
         self.check_prompt(token_ids)
         max_tokens = self.max_model_len - len(token_ids)
@@ -166,9 +170,23 @@ class LLMEngine:
             max_tokens = min(max_tokens, params.max_tokens)
         seq = self._new_sequence(request_id, 0, token_ids, len(token_ids), params, max_tokens)
         seq.pending_forks = params.n - 1
-        self.requests[request_id] = Request(request_id, text, token_ids, params, [seq])
+        request = Request(request_id, text, token_ids, params, [seq])
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(token_ids)
+            request.prompt_logprobs_left = len(token_ids) - 1
+        self.requests[request_id] = request
         self.scheduler.add(seq)
         return request_id
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against this model's vocabulary and
+        what the runner supports. Messages start with the parameter's name."""
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias holds token id {max(params.logit_bias)}, outside this model's "
+                             f"vocabulary [0, {vocab})")
+        if params.prompt_logprobs is not None and not getattr(self.runner, "supports_prompt_logprobs", False):
+            raise ValueError(f"prompt_logprobs is not supported with the {self.manager.name} KV cache")
 
     def check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -219,6 +237,9 @@ class LLMEngine:
             s.seq.num_computed_tokens += s.num_new_tokens
             self.manager.on_tokens_computed(s.seq)
 
+        if result.prompt_logits:
+            self._add_prompt_logprobs(result.prompt_logits)
+
         rows: list[SamplingRow] = []
         row_seqs: list[Sequence] = []
         logits_rows: list[int] = []
@@ -248,6 +269,28 @@ class LLMEngine:
             if request.finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _add_prompt_logprobs(self, prompt_logits: list[tuple[Sequence, int, torch.Tensor]]) -> None:
+        """Fill the prompt logprobs of positions this step computed (a recomputed chunk, after a
+        preemption, fills nothing twice)."""
+        decode = self.tokenizer.decode
+        for seq, start, logits in prompt_logits:
+            request = self.requests.get(seq.request_id)
+            if request is None or not request.prompt_logprobs_left:
+                continue
+            entries = request.prompt_logprobs
+            next_ids = seq.token_ids[start + 1:start + 1 + logits.shape[0]]
+            with torch.inference_mode():
+                scored = prompt_logprobs(logits, next_ids, seq.params.prompt_logprobs)
+            for j, (token_id, (lp, rank, top)) in enumerate(zip(next_ids, scored)):
+                if entries[start + 1 + j] is not None:
+                    continue
+                ranked = sorted(top.items(), key=lambda kv: -kv[1])
+                entry = {tid: Logprob(tlp, r, decode([tid], skip_special_tokens=False))
+                         for r, (tid, tlp) in enumerate(ranked, start=1)}
+                entry[token_id] = Logprob(lp, rank, decode([token_id], skip_special_tokens=False))
+                entries[start + 1 + j] = entry
+                request.prompt_logprobs_left -= 1
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """The prompt is computed: make the request's other n - 1 samples share it."""
@@ -337,7 +380,10 @@ class LLMEngine:
             metrics["error"] = request.error
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
                              finished=request.finished or request.error is not None,
-                             num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=metrics)
+                             num_cached_tokens=request.seqs[0].num_cached_tokens,
+                             prompt_logprobs=(list(request.prompt_logprobs) if request.prompt_logprobs is not None
+                                              and not request.prompt_logprobs_left else None),
+                             metrics=metrics)
 
     # --- what callers read ---------------------------------------------------------------
     @property

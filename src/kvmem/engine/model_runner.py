@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,9 @@ from kvmem.models.llama import LlamaForCausalLM
 class StepResult:
     sampled_seqs: list[Sequence]  # sequences whose every token is now computed: they sample
     logits: torch.Tensor  # [len(sampled_seqs), vocab] in the model dtype
+    # Sequences asking for prompt logprobs: (seq, first prompt position p, logits [m, vocab]) where
+    # row j holds the logits at position p + j (scoring prompt token p + j + 1).
+    prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
 
 
 def is_decode(s: ScheduledSequence) -> bool:
@@ -38,7 +41,26 @@ def append_tokens(batch: list[ScheduledSequence], input_ids: list[int], position
             sampled.append(seq)
 
 
+def prompt_rows(batch: list[ScheduledSequence]) -> list[tuple[Sequence, int, list[int]]]:
+    """For the sequences of `batch` (in the flat batch's order) that want prompt logprobs: (seq,
+    first position, flat-batch rows) of this step's positions p with p + 1 still in the prompt."""
+    out, offset = [], 0
+    for s in batch:
+        seq, start = s.seq, s.seq.num_computed_tokens
+        end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+        if seq.params.prompt_logprobs is not None and start < end:
+            out.append((seq, start, list(range(offset, offset + end - start))))
+        offset += s.num_new_tokens
+    return out
+
+
 class ModelRunner:
+    @property
+    def supports_prompt_logprobs(self) -> bool:
+        """Whether `execute` returns prompt rows' logits; a runner that builds its own batch (hybrid)
+        does not yet."""
+        return type(self).execute is ModelRunner.execute
+
     def __init__(self, model: LlamaForCausalLM, manager: KVCacheManager, device: torch.device,
                  attention_backend: str = "torch") -> None:
         self.model = model
@@ -71,6 +93,10 @@ class ModelRunner:
         logits_rows: list[int] = []
         sampled: list[Sequence] = []
         append_tokens(batch, input_ids, positions, logits_rows, sampled)
+        prompt = prompt_rows(batch)
+        num_sampled = len(logits_rows)
+        for _, _, rows in prompt:
+            logits_rows += rows
 
         meta = AttentionMetadata.build(
             block_tables=[self.manager.block_table(s.seq) for s in batch],
@@ -89,4 +115,10 @@ class ModelRunner:
             self.caches, meta, self.attention,
             torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
-        return StepResult(sampled, logits)
+        if not prompt:
+            return StepResult(sampled, logits)
+        prompt_logits, at = [], num_sampled
+        for seq, start, rows in prompt:
+            prompt_logits.append((seq, start, logits[at:at + len(rows)]))
+            at += len(rows)
+        return StepResult(sampled, logits[:num_sampled], prompt_logits)

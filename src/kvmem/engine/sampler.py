@@ -3,8 +3,9 @@
 Order of operations for each row (same as vLLM):
   1. logprobs, if asked for, from the *raw* logits (before penalties and temperature);
   2. repetition penalty over prompt + output tokens, presence/frequency penalties over output tokens;
-  3. while fewer than `min_tokens` tokens exist, EOS and `stop_token_ids` are masked to -inf;
-  4. greedy rows: argmax. Others: / temperature, top-k, top-p, min-p, then one draw.
+  3. logit_bias added (OpenAI's: greedy rows too);
+  4. while fewer than `min_tokens` tokens exist, EOS and `stop_token_ids` are masked to -inf;
+  5. greedy rows: argmax. Others: / temperature, top-k, top-p, min-p, then one draw.
 
 The draw is an "exponential race": argmax(p / q) with q ~ Exp(1) i.i.d. is a sample from p. Unlike
 torch.multinomial it vectorizes over rows whose noise comes from the global RNG, and a seeded row
@@ -73,13 +74,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: Sequenc
         p = row.params
         all_greedy &= p.greedy
         wants_logprobs |= p.logprobs is not None
-        needs_processing |= p.has_penalties or len(row.output_token_ids) < p.min_tokens
+        needs_processing |= (p.has_penalties or p.logit_bias is not None
+                             or len(row.output_token_ids) < p.min_tokens)
 
     if all_greedy and not needs_processing and not wants_logprobs:
         # Fast path: one argmax, one device->host copy.
         return [SampledToken(t) for t in _argmax(logits).tolist()]
 
-    only_masking = all_greedy and not wants_logprobs and not any(r.params.has_penalties for r in rows)
+    only_masking = all_greedy and not wants_logprobs and not any(
+        r.params.has_penalties or r.params.logit_bias is not None for r in rows)
     if not only_masking:  # -inf masking and argmax are exact in any dtype; arithmetic is float32
         logits = logits.float()
     raw = logits
@@ -87,6 +90,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: Sequenc
         if wants_logprobs:
             logits = logits.clone()  # the penalties write in place; `raw` must stay raw for logprobs
         apply_penalties(logits, rows)
+        apply_logit_bias(logits, rows)
         apply_min_tokens(logits, rows, eos_token_ids)
 
     random_idx = [] if all_greedy else [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -152,6 +156,25 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=logits.dtype, device=device)
         pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=logits.dtype, device=device)
         logits[row_idx, ids] -= freq[row_idx] * counts.to(logits.dtype) + pres[row_idx]
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """In place: each row's `logit_bias` added to its tokens' logits (ids past the logits' width,
+    which the engine refuses, are skipped)."""
+    vocab = logits.shape[1]
+    row_idx: list[int] = []
+    col_idx: list[int] = []
+    values: list[float] = []
+    for i, row in enumerate(rows):
+        for t, bias in (row.params.logit_bias or {}).items():
+            if t < vocab:
+                row_idx.append(i)
+                col_idx.append(t)
+                values.append(bias)
+    if row_idx:
+        device = logits.device
+        logits.index_put_((torch.tensor(row_idx, device=device), torch.tensor(col_idx, device=device)),
+                          torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: Sequence[int]) -> None:
@@ -318,6 +341,27 @@ def _with_logprobs(raw: torch.Tensor, rows: list[SamplingRow], token_ids: torch.
         top[token.token_id] = token.logprob
         token.top_logprobs = top
     return out
+
+
+def prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int],
+                    k: int) -> list[tuple[float, int, dict[int, float]]]:
+    """Logprobs of prompt tokens: row j of `logits` (raw, one per prompt position) scores
+    `next_token_ids[j]`, the token that follows. Per row: (that token's logprob under
+    log_softmax in float32, its rank as vLLM counts it, the k most likely tokens -> logprob)."""
+    if not len(next_token_ids):
+        return []
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = torch.tensor(list(next_token_ids), dtype=torch.long, device=logprobs.device).unsqueeze(1)
+    chosen_lp = logprobs.gather(1, chosen)
+    ranks = ((logprobs > chosen_lp).sum(dim=-1) + 1).tolist()
+    chosen_list = chosen_lp.squeeze(1).tolist()
+    k = min(k, logprobs.shape[1])
+    if k > 0:
+        top_lp, top_ids = logprobs.topk(k, dim=-1)
+        tops = [dict(zip(ids, lps)) for ids, lps in zip(top_ids.tolist(), top_lp.tolist())]
+    else:
+        tops = [{} for _ in next_token_ids]
+    return list(zip(chosen_list, ranks, tops))
 
 
 # --- helpers ---------------------------------------------------------------------------------------
