@@ -138,6 +138,19 @@ def test_offloaded_weights_give_identical_tokens(mha_dir, mha_config, mha_refere
     assert_back_to_baseline(llm, baseline)
 
 
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_weight_buffers_are_packed_like_the_host_layers(mha_dir, mha_config, batch_invariant):
+    from kvmem.models.llama import OneDNNLinear
+
+    llm = hybrid_llm(mha_dir, mha_config, 0.5, offload_weights=True, batch_invariant=batch_invariant)
+    def packing(layer):
+        return [(n, m.pad_lone_row) for n, m in layer.named_modules() if isinstance(m, OneDNNLinear)]
+    host = packing(llm.engine.model.layers[0])
+    assert all(packing(b) == host for b in llm.engine.runner.weights.buffers)
+    assert host or not OneDNNLinear.available(torch.float32)
+    llm.close()
+
+
 def test_full_host_tier_preempts_and_stays_exact(mha_dir, mha_config, mha_reference):
     """A host tier of 40 blocks (160 tokens) for 8 requests: the scheduler preempts (recompute), the
     tokens do not change."""

@@ -146,7 +146,9 @@ class LayerWeightStreamer:
             if isinstance(module, OneDNNLinear):
                 parent_name, _, leaf = name.rpartition(".")
                 parent = buffer.get_submodule(parent_name) if parent_name else buffer
-                setattr(parent, leaf, OneDNNLinear(getattr(parent, leaf)))
+                packed = OneDNNLinear(getattr(parent, leaf), batch_invariant=False)  # nothing to measure: empty
+                packed.pad_lone_row = module.pad_lone_row
+                setattr(parent, leaf, packed)
         return buffer
 
     @property
