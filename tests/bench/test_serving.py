@@ -3,12 +3,16 @@
 The fake streams `max_tokens` text chunks — the first after `first_token_delay`, then one every `gap`
 — then a usage chunk and `[DONE]`, and records what it received, when, and the peak number of
 requests in flight, so the client's counts, timings, concurrency cap and arrival schedule can be checked.
+Its `/tokenize` (vLLM's shape) is a word tokenizer: one token per word, optionally a BOS, and
+optionally two tokens for words longer than five letters; its `usage` counts with the same tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import random
 import sys
 import threading
 import time
@@ -23,10 +27,12 @@ from kvmem.bench.serving import (
     add_serve_args,
     arrival_offsets,
     cmd_bench_serve,
+    config_from_args,
     join_url,
     load_dataset,
     random_requests,
 )
+from kvmem.bench.serving_datasets import TokenCounter, keep_sharegpt, read_sharegpt, sharegpt_prompts
 
 CHAT_TEMPLATE_TOKENS = 5  # what the fake claims its chat template adds, to tell usage from the fallback
 
@@ -36,11 +42,22 @@ class FakeState:
     first_token_delay: float = 0.05
     gap: float = 0.01
     send_usage: bool = True
+    tokenize: bool = True  # False: no /tokenize (404), as a server without it
+    bos: bool = False  # /tokenize and usage count a BOS token
+    long_words_two_tokens: bool = False
+    tokenize_calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0
     peak: int = 0
     bodies: list[dict] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)  # perf_counter when each POST arrived
+
+
+def fake_tokens(state: FakeState, text: str) -> list[int]:
+    ids = [1] if state.bos else []
+    for w in text.split():
+        ids += [2 + sum(w.encode()) % 1000] * (2 if state.long_words_two_tokens and len(w) > 5 else 1)
+    return ids
 
 
 class FakeHandler(BaseHTTPRequestHandler):
@@ -69,6 +86,15 @@ class FakeHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         state = self.server.state
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/tokenize" and state.tokenize:
+            with state.lock:
+                state.tokenize_calls += 1
+            tokens = fake_tokens(state, body["prompt"])
+            self._send_json(200, {"tokens": tokens, "count": len(tokens), "max_model_len": 2048})
+            return
+        if self.path not in ("/v1/completions", "/v1/chat/completions"):
+            self._send_json(404, {"detail": "Not Found"})
+            return
         with state.lock:
             state.arrivals.append(time.perf_counter())
             state.bodies.append(body)
@@ -98,7 +124,7 @@ class FakeHandler(BaseHTTPRequestHandler):
                 choice.update({"delta": {"content": f" t{i}"}} if chat else {"text": f" t{i}"})
                 self._event({"object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]})
             if state.send_usage:
-                prompt_tokens = len(prompt.split()) if isinstance(prompt, str) else len(prompt)
+                prompt_tokens = len(fake_tokens(state, prompt)) if isinstance(prompt, str) else len(prompt)
                 prompt_tokens += CHAT_TEMPLATE_TOKENS if chat else 0
                 self._event({"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                                                       "total_tokens": prompt_tokens + n}})
@@ -170,7 +196,8 @@ def test_completions_counts_tokens_times_and_writes_json(fake, tmp_path, capsys)
     body = fake.state.bodies[0]
     assert body["model"] == "fake-model" and body["max_tokens"] == 5 and body["temperature"] == 0
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True} and body["ignore_eos"] is True
-    assert len(body["prompt"]) == 16 and all(100 <= t < 49152 - 100 for t in body["prompt"])
+    # Text, 16 tokens by the server's /tokenize: valid for any model's vocabulary.
+    assert isinstance(body["prompt"], str) and len(fake_tokens(fake.state, body["prompt"])) == 16
     assert fake.state.peak == 6  # rate inf, no cap: all in flight together
 
     documented = {f for f in ServeBenchResult.__dataclass_fields__}
@@ -179,6 +206,10 @@ def test_completions_counts_tokens_times_and_writes_json(fake, tmp_path, capsys)
         for metric in ("ttft", "tpot", "itl", "e2e"):
             assert f"{stat}_{metric}_ms" in r
     assert r["settings"]["seed"] == 0 and r["settings"]["input_len"] == 16 and r["started_at"]
+    assert "/tokenize" in r["settings"]["prompts"]
+    assert len(r["request_ttft_ms"]) == len(r["request_e2e_ms"]) == 6 and min(r["request_ttft_ms"]) >= 45
+    assert r["request_output_tokens"] == [5] * 6 and r["request_prompt_tokens"] == [16] * 6
+    assert (tmp_path / "result.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the latency plot beside it
     out = capsys.readouterr().out
     assert "Serving Benchmark Result" in out and "Successful requests:" in out and "Mean TTFT (ms):" in out
 

@@ -11,8 +11,15 @@ running server — kvmem's own, or vLLM's — and measures what a user of that s
 
 It follows `vllm bench serve` so the numbers can be put side by side: requests arrive as a Poisson
 process at `--request-rate` (exponential gaps, seeded; `inf` sends them all at once), optionally
-capped at `--max-concurrency` requests in flight, and the random workload uses the same token ids as
-`kvmem bench throughput` and the peer scripts (numpy default_rng(seed), ids in [100, vocab - 100)).
+capped at `--max-concurrency` requests in flight. Its flag names are accepted too (`--dataset-name`,
+`--dataset-path`, `--random-input-len`, `--save-result`, `--host/--port`, ...).
+
+Workloads (kvmem.bench.serving_datasets): by default random text prompts of `--input-len` tokens as the
+served model's own tokenizer counts them (the server's `/tokenize`; without it, `--input-len` common
+words, said on stderr), so the workload suits any model; `--dataset-name sharegpt --dataset-path FILE`
+for ShareGPT conversations; `--dataset FILE.jsonl` for your own prompts; and with `--vocab-size` the
+token ids of `kvmem bench throughput` and the peer scripts (numpy default_rng(seed), ids in
+[100, vocab - 100)), valid only for a model with at least that vocabulary.
 Token counts come from the server's streamed `usage`, so they are the server's own.
 """
 
@@ -32,25 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
+from kvmem.bench.serving_datasets import WORDS, TokenCounter, random_text_prompts, sharegpt_prompts
+
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 MAX_ERRORS_KEPT = 10
 
 
 class ServerUnusable(RuntimeError):
     """The server cannot be benchmarked at all: no model list, or every warm-up request failed."""
-
-# Chat messages must be text, so the random chat workload is words, not token ids. Short, common
-# words are one token each in the usual BPE vocabularies (with their leading space), which keeps the
-# prompt close to --input-len tokens; the chat template adds a few more. The exact count the server
-# saw is reported from its `usage`.
-WORDS = (
-    "the of and to in is you that it he was for on are as with his they at be this have from or one had by "
-    "word but not what all were we when your can said there use an each which she do how their if will up "
-    "other about out many then them these so some her would make like him into time has look two more write "
-    "go see number no way could people my than first water been call who oil its now find long down day did "
-    "get come made may part over new sound take only little work know place year live me back give most very "
-    "after thing our just name good sentence man think say great where help through much before line right"
-).split()
 
 
 @dataclass
@@ -82,13 +78,16 @@ class ServeBenchConfig:
     max_concurrency: int | None = None
     input_len: int = 128
     output_len: int = 128
-    dataset: str | None = None
+    dataset: str | None = None  # kvmem's JSONL
+    dataset_name: str = "random"  # random | sharegpt (vLLM's names)
+    dataset_path: str | None = None  # the ShareGPT JSON
+    sharegpt_output_len: int | None = None  # None: each conversation's answer length
     seed: int = 0
     ignore_eos: bool = True
     api_key: str = "none"
     timeout_s: float = 600.0
     label: str = ""
-    vocab_size: int = 49152
+    vocab_size: int | None = None  # set: token ids below it, as `bench throughput`; None: text via /tokenize
     num_warmups: int = 1
     show_progress: bool = True
 
@@ -130,6 +129,11 @@ class ServeBenchResult:
     errors: list[str] = field(default_factory=list)
     started_at: str = ""
     settings: dict = field(default_factory=dict)
+    # Per successful request, in completion order, for distributions (the latency plot).
+    request_ttft_ms: list[float] = field(default_factory=list)
+    request_e2e_ms: list[float] = field(default_factory=list)
+    request_prompt_tokens: list[int] = field(default_factory=list)
+    request_output_tokens: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -140,7 +144,8 @@ class ServeBenchResult:
 
 def random_requests(num_prompts: int, input_len: int, output_len: int, vocab_size: int, seed: int = 0,
                     chat: bool = False) -> list[RequestInput]:
-    """Token-id prompts for completions; for chat, `input_len` words drawn from the same rng."""
+    """Token-id prompts for completions, the very ids of `kvmem bench throughput` (valid only for a model
+    with at least `vocab_size` tokens); for chat, `input_len` words drawn from the same rng."""
     if input_len < 1 or output_len < 1:
         raise ValueError("--input-len and --output-len must be >= 1")
     rng = np.random.default_rng(seed)
@@ -311,8 +316,11 @@ def summarize(cfg: ServeBenchConfig, model: str, outputs: list[RequestResult], d
     itl = _stats_ms([gap for o in ok for gap in o.itl_s])
     e2e = _stats_ms([o.latency_s for o in ok])
     per_s = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: 0.0)
-    settings = dict(input_len=None if cfg.dataset else cfg.input_len, output_len=cfg.output_len,
-                    dataset=cfg.dataset, seed=cfg.seed, ignore_eos=cfg.ignore_eos, timeout_s=cfg.timeout_s,
+    random_workload = not (cfg.dataset or cfg.dataset_name == "sharegpt")
+    settings = dict(input_len=cfg.input_len if random_workload else None, output_len=cfg.output_len,
+                    dataset=cfg.dataset, dataset_name=cfg.dataset_name, dataset_path=cfg.dataset_path,
+                    sharegpt_output_len=cfg.sharegpt_output_len, seed=cfg.seed, ignore_eos=cfg.ignore_eos,
+                    timeout_s=cfg.timeout_s,
                     num_warmups=cfg.num_warmups, vocab_size=cfg.vocab_size, client_python=platform.python_version(),
                     client_machine=platform.machine())
     return ServeBenchResult(
@@ -327,13 +335,52 @@ def summarize(cfg: ServeBenchConfig, model: str, outputs: list[RequestResult], d
         mean_itl_ms=itl[0], median_itl_ms=itl[1], p99_itl_ms=itl[2],
         mean_e2e_ms=e2e[0], median_e2e_ms=e2e[1], p99_e2e_ms=e2e[2],
         errors=[o.error for o in outputs if not o.success][:MAX_ERRORS_KEPT], started_at=started_at,
-        settings=settings)
+        settings=settings, request_ttft_ms=[o.ttft_s * 1000.0 for o in ok],
+        request_e2e_ms=[o.latency_s * 1000.0 for o in ok], request_prompt_tokens=[o.prompt_tokens for o in ok],
+        request_output_tokens=[o.output_tokens for o in ok])
 
 
-def build_requests(cfg: ServeBenchConfig) -> list[RequestInput]:
+def workload_kind(cfg: ServeBenchConfig) -> str:
+    """jsonl | sharegpt | random-ids | random-text, checking the flags fit together."""
+    if cfg.dataset_name not in ("random", "sharegpt"):
+        raise ValueError("--dataset-name must be random or sharegpt")
     if cfg.dataset:
-        return load_dataset(cfg.dataset, cfg.num_prompts, cfg.output_len, cfg.chat)
-    return random_requests(cfg.num_prompts, cfg.input_len, cfg.output_len, cfg.vocab_size, cfg.seed, cfg.chat)
+        if cfg.dataset_path or cfg.dataset_name != "random":
+            raise ValueError("--dataset (kvmem JSONL) and --dataset-name/--dataset-path are alternatives")
+        return "jsonl"
+    if cfg.dataset_name == "sharegpt":
+        if not cfg.dataset_path:
+            raise ValueError("--dataset-name sharegpt needs --dataset-path FILE "
+                             "(e.g. ShareGPT_V3_unfiltered_cleaned_split.json)")
+        return "sharegpt"
+    if cfg.dataset_path:
+        raise ValueError("--dataset-path needs --dataset-name sharegpt (a JSONL of prompts: --dataset)")
+    if cfg.input_len < 1 or cfg.output_len < 1:
+        raise ValueError("--input-len and --output-len must be >= 1")
+    return "random-ids" if cfg.vocab_size is not None and not cfg.chat else "random-text"
+
+
+async def build_requests(cfg: ServeBenchConfig, counter: TokenCounter | None = None) -> tuple[list[RequestInput], str]:
+    """The workload, and a line that says where its prompts and their lengths come from."""
+    kind = workload_kind(cfg)
+    if kind == "jsonl":
+        return load_dataset(cfg.dataset, cfg.num_prompts, cfg.output_len, cfg.chat), f"JSONL {cfg.dataset}"
+    if kind == "random-ids":
+        reqs = random_requests(cfg.num_prompts, cfg.input_len, cfg.output_len, cfg.vocab_size, cfg.seed)
+        return reqs, f"random token ids below {cfg.vocab_size} (as kvmem bench throughput)"
+    if counter is None:
+        raise ValueError("this workload needs the server's /tokenize (a TokenCounter)")
+    if kind == "sharegpt":
+        rows = await sharegpt_prompts(cfg.dataset_path, cfg.num_prompts, cfg.seed, counter, cfg.sharegpt_output_len)
+        how = "/tokenize" if counter.available else f"estimated from words ({counter.reason})"
+        return [RequestInput(p, out, n) for p, n, out in rows], f"ShareGPT {cfg.dataset_path}, lengths by {how}"
+    prompts = await random_text_prompts(counter, cfg.num_prompts, cfg.input_len, cfg.seed)
+    reqs = [RequestInput(p.text, cfg.output_len, p.tokens) for p in prompts]
+    if not counter.available:
+        return reqs, f"random text of {cfg.input_len} words, about as many tokens (no /tokenize: {counter.reason})"
+    off = sum(p.tokens != cfg.input_len for p in prompts)
+    how = f"random text of {cfg.input_len} tokens by the server's /tokenize"
+    return reqs, how + (f" ({off} prompts could not be made exactly that long)" if off else "")
 
 
 async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
@@ -348,8 +395,7 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
         raise ValueError("--request-rate must be > 0 (or inf)")
     if cfg.max_concurrency is not None and cfg.max_concurrency < 1:
         raise ValueError("--max-concurrency must be >= 1")
-    requests = build_requests(cfg)
-    offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.seed)
+    kind = workload_kind(cfg)
     url = join_url(cfg.base_url, cfg.endpoint)
     # httpx caps a client at 100 connections by default, which would silently cap concurrency; and proxy
     # settings from the environment are ignored so no proxy sits in the measured path.
@@ -358,6 +404,16 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
                                limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
     async with client:
         model = cfg.model or await fetch_model(client, cfg.base_url)
+        counter = TokenCounter(client, cfg.base_url, model) if kind in ("random-text", "sharegpt") else None
+        requests, prompt_source = await build_requests(cfg, counter)
+        if counter is not None and not counter.available:
+            print(f"kvmem bench serve: the server has no usable /tokenize ({counter.reason}); prompt lengths "
+                  "are estimated from words, and the token counts reported are the server's own", file=sys.stderr)
+        if (counter is not None and counter.max_model_len and kind == "random-text"
+                and cfg.input_len + cfg.output_len > counter.max_model_len):
+            print(f"kvmem bench serve: --input-len + --output-len = {cfg.input_len + cfg.output_len} is over the "
+                  f"server's max_model_len {counter.max_model_len}", file=sys.stderr)
+        offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.seed)
 
         async def timed(req: RequestInput, max_tokens: int | None = None) -> RequestResult:
             payload = build_payload(model, req, cfg.chat, cfg.ignore_eos, max_tokens)
@@ -369,11 +425,11 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
 
         # Warm-up: checks the server answers before committing to the run, and pays first-call costs
         # (kernel selection, allocator growth) outside the timing. Its prompts come from another seed
-        # so the timed prompts get no prefix-cache hits from it. They are token ids only for the random
-        # completions workload (and so also check the server takes them); words otherwise.
+        # so the timed prompts get no prefix-cache hits from it. They are token ids only for the token-id
+        # workload (and so also check the server takes them); words otherwise.
         if cfg.num_warmups > 0:
-            warm = random_requests(cfg.num_warmups, cfg.input_len, cfg.output_len, cfg.vocab_size,
-                                   cfg.seed + 1_000_003, chat=cfg.chat or cfg.dataset is not None)
+            warm = random_requests(cfg.num_warmups, cfg.input_len, cfg.output_len, cfg.vocab_size or 0,
+                                   cfg.seed + 1_000_003, chat=kind != "random-ids")
             warm_out = await asyncio.gather(*(timed(r, min(cfg.output_len, 16)) for r in warm))
             if not any(o.success for o in warm_out):
                 raise ServerUnusable(f"warm-up request to {url} failed: {warm_out[0].error}")
@@ -399,7 +455,9 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
         outputs = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
-    return summarize(cfg, model, list(outputs), duration, started_at)
+    result = summarize(cfg, model, list(outputs), duration, started_at)
+    result.settings["prompts"] = prompt_source
+    return result
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -413,35 +471,73 @@ def _rate(text: str) -> float:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (a trailing /v1 is fine)")
+    """kvmem's flags, with `vllm bench serve`'s spellings as aliases (--random-input-len, --dataset-name ...)."""
+    p.add_argument("--base-url", default=None,
+                   help="server root (a trailing /v1 is fine); default http://HOST:PORT")
+    p.add_argument("--host", default="127.0.0.1", help="with --port, the server when there is no --base-url")
+    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS)
     p.add_argument("--model", default=None, help="model name sent in requests (default: first id of GET /v1/models)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=_rate, default=float("inf"),
                    help="requests/s, Poisson arrivals (default inf: all at once)")
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
-    p.add_argument("--input-len", type=int, default=128, help="random workload: prompt tokens (chat: words)")
-    p.add_argument("--output-len", type=int, default=128, help="max_tokens per request (dataset default)")
+    p.add_argument("--dataset-name", default=None, choices=("random", "sharegpt"),
+                   help="random (default) or sharegpt (with --dataset-path)")
+    p.add_argument("--dataset-path", default=None, help="ShareGPT JSON (ShareGPT_V3_unfiltered_cleaned_split.json)")
+    p.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="sharegpt: this many output tokens per request instead of each answer's length")
+    p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=128,
+                   help="random workload: prompt tokens, by the server's /tokenize (words without it)")
+    p.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=128,
+                   help="max_tokens per request (random workload; JSONL default)")
     p.add_argument("--dataset", default=None,
                    help='JSONL of {"prompt": str | [ids], "output_len": int}; replaces the random workload')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly max_tokens (default on)")
     p.add_argument("--num-warmups", type=int, default=1, help="untimed requests first (0 to skip)")
-    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--json", default=None, help="write the result here (and a latency PNG beside it)")
+    p.add_argument("--save-result", action="store_true",
+                   help="write the result to --result-dir/--result-filename (and a latency PNG beside it)")
+    p.add_argument("--result-dir", default=".", help="with --save-result")
+    p.add_argument("--result-filename", default=None,
+                   help="with --save-result; default LABEL-RATEqps[-concurrencyN]-MODEL-YYYYmmdd-HHMMSS.json")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="no latency PNG beside the JSON")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "none"))
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--label", default="", help='stored in the JSON, e.g. "kvmem paged" or "vllm-cpu"')
-    p.add_argument("--vocab-size", type=int, default=49152, help="random token ids are drawn below this")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="instead of text: random token ids below this, the prompts of `kvmem bench throughput` "
+                        "(only for a model with at least this vocabulary)")
+    p.add_argument("--disable-tqdm", dest="show_progress", action="store_false", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
-    return ServeBenchConfig(base_url=args.base_url, endpoint=args.endpoint, model=args.model,
+    base_url = args.base_url or f"http://{args.host}:{args.port}"
+    name = args.dataset_name or ("sharegpt" if args.dataset_path else "random")
+    return ServeBenchConfig(base_url=base_url, endpoint=args.endpoint, model=args.model,
                             num_prompts=args.num_prompts, request_rate=args.request_rate,
                             max_concurrency=args.max_concurrency, input_len=args.input_len,
-                            output_len=args.output_len, dataset=args.dataset, seed=args.seed,
-                            ignore_eos=args.ignore_eos, api_key=args.api_key, timeout_s=args.timeout,
-                            label=args.label, vocab_size=args.vocab_size, num_warmups=args.num_warmups)
+                            output_len=args.output_len, dataset=args.dataset, dataset_name=name,
+                            dataset_path=args.dataset_path, sharegpt_output_len=args.sharegpt_output_len,
+                            seed=args.seed, ignore_eos=args.ignore_eos, api_key=args.api_key, timeout_s=args.timeout,
+                            label=args.label, vocab_size=args.vocab_size, num_warmups=args.num_warmups,
+                            show_progress=args.show_progress)
+
+
+def result_paths(args: argparse.Namespace, result: ServeBenchResult) -> list[Path]:
+    """Where to write the JSON: --json, and --save-result's --result-dir/--result-filename."""
+    paths = [Path(args.json)] if args.json else []
+    if args.save_result:
+        name = args.result_filename
+        if not name:
+            model = result.model.rstrip("/").split("/")[-1] or "model"
+            conc = f"-concurrency{result.max_concurrency}" if result.max_concurrency else ""
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            name = f"{result.label or 'kvmem'}-{result.request_rate}qps{conc}-{model}-{stamp}.json".replace(" ", "_")
+        paths.append(Path(args.result_dir) / name)
+    return paths
 
 
 def format_summary(r: ServeBenchResult) -> str:
@@ -502,7 +598,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         print(f"{result.failed} requests failed; first errors:", file=sys.stderr)
         for err in result.errors:
             print(f"  {err}", file=sys.stderr)
-    if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
+    for path in result_paths(args, result):
+        write_json(result, path)
+        print(f"wrote {path}")
+        if args.plot:
+            from kvmem.bench.serving_plot import plot_latency
+
+            png = plot_latency(result, path.with_suffix(".png"))
+            print(f"wrote {png}")
     return 0 if result.completed > 0 else 1
