@@ -54,6 +54,10 @@ class EngineConfig:
     act_ratio: float | None = None  # share of host-tier blocks kept as activations; None = the cost model's
     offload_weights: bool = False  # layer weights in host memory, streamed to the device layer by layer
     hybrid_profile: str | None = None  # hardware profile JSON for the cost model; None = measured when needed
+    # Hugging Face Hub models (`model` = org/name or org/name:QUANT; see kvmem.models.hub)
+    revision: str | None = None  # branch, tag or commit of a Hub model; None = main
+    download_dir: str | None = None  # Hub cache directory; None = HF_HUB_CACHE / HF_HOME's
+    gguf_file: str | None = None  # the .gguf file to read in a Hub repo or a directory
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_STRATEGIES:
@@ -84,6 +88,25 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             parse_memory_size(self.kv_cache_memory)  # validate early
         self._check_hybrid()
+        self._check_model_source()
+
+    def _check_model_source(self) -> None:
+        for name in ("revision", "download_dir", "gguf_file"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                setattr(self, name, value)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if self.revision is not None and any(c.isspace() for c in self.revision):
+            raise ValueError(f"revision must be a branch, tag or commit name, got {self.revision!r}")
+        if self.gguf_file is not None and not self.gguf_file.lower().endswith(".gguf"):
+            raise ValueError(f"gguf_file must name a .gguf file, got {self.gguf_file!r}")
+        if self.model is None:
+            given = [n for n in ("revision", "gguf_file") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} need a model (a Hub id or a directory), "
+                                 "not the embedded default")
 
     def _check_hybrid(self) -> None:
         for name in ("device_memory", "host_memory"):

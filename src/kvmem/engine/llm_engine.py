@@ -96,7 +96,8 @@ class LLMEngine:
         # The RNG of requests that set no seed of their own: the engine's, not torch's global one.
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         started = time.monotonic()
-        source = source or load_model(config.model)
+        source = source or load_model(config.model, revision=config.revision, download_dir=config.download_dir,
+                                      gguf_file=config.gguf_file)
         self.model_config = source.config
         self.tokenizer = source.tokenizer
         self.dtype = config.torch_dtype(self.model_config.torch_dtype)
