@@ -334,3 +334,178 @@ def test_dataset_validation(tmp_path):
 def test_join_url_accepts_a_v1_base():
     assert join_url("http://h:8000/", "/v1/completions") == "http://h:8000/v1/completions"
     assert join_url("http://h:8000/v1", "/v1/models") == "http://h:8000/v1/models"
+
+
+# --- any-model workloads: /tokenize, its fallback, ShareGPT, vLLM's flags, the saved result ----------
+
+
+def test_random_prompts_have_the_requested_token_count_by_tokenize(fake, tmp_path):
+    # A BOS and words of two tokens: the prompt is trimmed by counts, not words, and topped up.
+    fake.state.bos, fake.state.long_words_two_tokens, fake.state.first_token_delay = True, True, 0.005
+    rc, r = bench(fake, tmp_path, "--base-url", fake.url + "/v1", "--num-prompts", "8", "--input-len", "20",
+                  "--output-len", "2", "--num-warmups", "0", "--seed", "4")
+    assert rc == 0 and r["completed"] == 8 and fake.state.tokenize_calls > 8
+    prompts = [b["prompt"] for b in fake.state.bodies]
+    assert all(isinstance(p, str) and len(fake_tokens(fake.state, p)) == 20 for p in prompts)
+    assert len(set(prompts)) == 8 and any(len(p.split()) < 19 for p in prompts)  # some two-token words
+    assert r["total_input_tokens"] == 8 * 20 and r["request_prompt_tokens"] == [20] * 8
+    assert r["settings"]["prompts"] == "random text of 20 tokens by the server's /tokenize"
+
+    fake.state.bodies.clear()  # seeded: the same prompts again
+    bench(fake, tmp_path, "--num-prompts", "8", "--input-len", "20", "--output-len", "2", "--num-warmups", "0",
+          "--seed", "4")
+    assert sorted(b["prompt"] for b in fake.state.bodies) == sorted(prompts)
+
+
+def test_without_tokenize_falls_back_to_words_and_says_so(fake, tmp_path, capsys):
+    fake.state.tokenize, fake.state.first_token_delay = False, 0.005
+    rc, r = bench(fake, tmp_path, "--num-prompts", "3", "--input-len", "9", "--output-len", "2")
+    assert rc == 0 and r["completed"] == 3
+    assert fake.state.tokenize_calls == 0
+    assert all(len(b["prompt"].split()) == 9 for b in fake.state.bodies)  # warm-up and timed: words
+    assert "no /tokenize: POST /tokenize: HTTP 404" in r["settings"]["prompts"]
+    assert "has no usable /tokenize (POST /tokenize: HTTP 404)" in capsys.readouterr().err
+
+
+def test_vocab_size_sends_the_token_ids_of_bench_throughput(fake, tmp_path):
+    fake.state.first_token_delay = 0.005
+    rc, r = bench(fake, tmp_path, "--num-prompts", "3", "--input-len", "6", "--output-len", "2",
+                  "--vocab-size", "32000", "--seed", "2", "--num-warmups", "0")
+    assert rc == 0 and fake.state.tokenize_calls == 0
+    expected = random_requests(3, 6, 2, vocab_size=32000, seed=2)
+    assert sorted(b["prompt"] for b in fake.state.bodies) == sorted(x.prompt for x in expected)
+    assert all(100 <= t < 32000 - 100 for b in fake.state.bodies for t in b["prompt"])
+    assert r["settings"]["prompts"].startswith("random token ids below 32000")
+
+
+def _conv(human: str, gpt: str, first: str = "human") -> dict:
+    turns = [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+    if first == "gpt":
+        turns.insert(0, {"from": "gpt", "value": "Hello, how can I help?"})
+    return {"id": f"c{len(human)}-{len(gpt)}", "conversations": turns}
+
+
+def _words(n: int, word: str = "alpha") -> str:
+    return " ".join([word] * n)
+
+
+@pytest.fixture
+def sharegpt_file(tmp_path):
+    items = [
+        _conv(_words(5, "a"), _words(7)),  # kept
+        _conv(_words(10, "b"), _words(30)),  # kept
+        _conv(_words(6, "c"), _words(9), first="gpt"),  # kept: the first human turn, not turn 0
+        _conv(_words(3, "d"), _words(20)),  # prompt < 4 tokens: dropped
+        _conv(_words(8, "e"), _words(3)),  # answer < 4 tokens: dropped
+        _conv(_words(1025, "f"), _words(10)),  # prompt > 1024: dropped
+        _conv(_words(1000, "g"), _words(1049)),  # total 2049 > 2048: dropped
+        _conv(_words(1000, "h"), _words(1048)),  # total 2048: kept
+        {"id": "x", "conversations": [{"from": "human", "value": _words(9, "i")}]},  # no answer: skipped
+        {"id": "y"},  # no conversations: skipped
+        _conv(_words(4, "j"), _words(4)),  # kept (the bounds are inclusive)
+    ]
+    path = tmp_path / "ShareGPT_tiny.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_sharegpt_file_parsed_filtered_and_shuffled(fake, sharegpt_file):
+    pairs = read_sharegpt(sharegpt_file)
+    assert len(pairs) == 9 and pairs[2] == (_words(6, "c"), _words(9))
+    assert keep_sharegpt(4, 4, False) and not keep_sharegpt(4, 3, False) and keep_sharegpt(4, 3, True)
+
+    async def run(num_prompts: int, seed: int, output_len: int | None = None, counter: bool = True):
+        import httpx
+
+        async with httpx.AsyncClient(trust_env=False) as client:
+            c = TokenCounter(client, fake.url, "fake-model") if counter else None
+            return await sharegpt_prompts(sharegpt_file, num_prompts, seed, c, output_len)
+
+    rows = asyncio.run(run(100, seed=0))
+    assert sorted((p.split()[0], n, out) for p, n, out in rows) == [
+        ("a", 5, 7), ("b", 10, 30), ("c", 6, 9), ("h", 1000, 1048), ("j", 4, 4)]
+    # vLLM's order: random.Random(seed).shuffle over the parsed conversations, then the filter.
+    order = list(pairs)
+    random.Random(0).shuffle(order)
+    kept = {p for p, _, _ in rows}
+    assert [p for p, _, _ in rows] == [p for p, _ in order if p in kept]
+    assert [p for p, _, _ in asyncio.run(run(2, seed=0))] == [p for p, _, _ in rows[:2]]
+    assert asyncio.run(run(100, seed=1)) != rows and sorted(asyncio.run(run(100, seed=1))) == sorted(rows)
+    # A fixed output length replaces the answers': short answers are no longer dropped, nor is "g"'s
+    # long one; a prompt over 1024 tokens still is.
+    fixed = asyncio.run(run(100, seed=0, output_len=16))
+    assert sorted(p.split()[0] for p, _, _ in fixed) == ["a", "b", "c", "e", "g", "h", "j"]
+    assert {o for *_, o in fixed} == {16}
+    # Without /tokenize: lengths estimated from words (1.3 tokens a word), so "j" (4 words -> 5) is kept.
+    est = asyncio.run(run(100, seed=0, counter=False))
+    assert ("j", 5, 5) in [(p.split()[0], n, o) for p, n, o in est]
+
+
+def test_sharegpt_through_the_command_line(fake, sharegpt_file, tmp_path, capsys):
+    fake.state.first_token_delay, fake.state.gap = 0.002, 0.0
+    rc, r = bench(fake, tmp_path, "--dataset-name", "sharegpt", "--dataset-path", str(sharegpt_file),
+                  "--num-prompts", "3", "--num-warmups", "0")
+    assert rc == 0 and r["completed"] == 3 and r["settings"]["dataset_name"] == "sharegpt"
+    assert r["settings"]["input_len"] is None and "ShareGPT" in r["settings"]["prompts"]
+    got = sorted((len(b["prompt"].split()), b["max_tokens"]) for b in fake.state.bodies)
+    valid = {(5, 7), (10, 30), (6, 9), (1000, 1048), (4, 4)}
+    assert len(got) == 3 and set(got) <= valid
+    fake.state.bodies.clear()
+    rc, r = bench(fake, tmp_path, "--dataset-path", str(sharegpt_file), "--num-prompts", "9", "--num-warmups", "0")
+    assert rc == 0 and r["completed"] == 5  # --dataset-path alone means sharegpt; only 5 pass the filter
+    assert "5 usable conversations, fewer than --num-prompts 9" in capsys.readouterr().err
+
+
+def test_vllm_flag_aliases_parse():
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    args = parser.parse_args([
+        "--host", "10.0.0.2", "--port", "8100", "--model", "m", "--endpoint", "/v1/chat/completions",
+        "--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "32", "--num-prompts", "7",
+        "--request-rate", "2.5", "--max-concurrency", "4", "--seed", "9", "--save-result", "--result-dir", "out",
+        "--result-filename", "r.json", "--disable-tqdm"])
+    cfg = config_from_args(args)
+    assert cfg.base_url == "http://10.0.0.2:8100" and cfg.model == "m" and cfg.chat
+    assert (cfg.input_len, cfg.output_len, cfg.num_prompts, cfg.request_rate, cfg.max_concurrency, cfg.seed) == (
+        64, 32, 7, 2.5, 4, 9)
+    assert cfg.dataset_name == "random" and not cfg.show_progress and cfg.vocab_size is None
+    assert args.save_result and args.result_dir == "out" and args.result_filename == "r.json"
+    # kvmem's spellings still work, and --base-url wins over --host/--port.
+    args = parser.parse_args(["--base-url", "http://h:1/v1", "--input-len", "5", "--output-len", "6",
+                              "--dataset-name", "sharegpt", "--dataset-path", "d.json", "--sharegpt-output-len", "8"])
+    cfg = config_from_args(args)
+    assert (cfg.base_url, cfg.input_len, cfg.output_len) == ("http://h:1/v1", 5, 6)
+    assert (cfg.dataset_name, cfg.dataset_path, cfg.sharegpt_output_len) == ("sharegpt", "d.json", 8)
+    assert config_from_args(parser.parse_args([])).base_url == "http://127.0.0.1:8000"
+
+
+def test_incompatible_dataset_flags_are_errors(fake, tmp_path):
+    with pytest.raises(ValueError, match="needs --dataset-path"):
+        bench(fake, tmp_path, "--dataset-name", "sharegpt")
+    with pytest.raises(ValueError, match="needs --dataset-name sharegpt"):
+        bench(fake, tmp_path, "--dataset-name", "random", "--dataset-path", "x.json")
+    with pytest.raises(ValueError, match="alternatives"):
+        bench(fake, tmp_path, "--dataset", "x.jsonl", "--dataset-path", "y.json")
+
+
+def test_save_result_writes_json_and_latency_png(fake, tmp_path, capsys):
+    fake.state.first_token_delay = 0.005
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    out = tmp_path / "results"
+    args = parser.parse_args(["--base-url", fake.url, "--num-prompts", "4", "--output-len", "2", "--num-warmups", "0",
+                              "--max-concurrency", "2", "--label", "fake", "--save-result", "--result-dir", str(out)])
+    assert cmd_bench_serve(args) == 0
+    (json_path,) = out.glob("*.json")
+    assert json_path.name.startswith("fake-infqps-concurrency2-fake-model-")
+    r = json.loads(json_path.read_text())
+    assert r["completed"] == 4 and len(r["request_ttft_ms"]) == 4
+    png = json_path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert f"wrote {png}" in capsys.readouterr().out
+
+    args = parser.parse_args(["--base-url", fake.url, "--num-prompts", "1", "--output-len", "1", "--num-warmups", "0",
+                              "--save-result", "--result-dir", str(out), "--result-filename", "named.json",
+                              "--no-plot"])
+    assert cmd_bench_serve(args) == 0
+    assert (out / "named.json").exists() and not (out / "named.png").exists()
