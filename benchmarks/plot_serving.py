@@ -1,7 +1,9 @@
 """Summarize `kvmem bench serve` results (benchmarks/results/serving/*.json): a markdown table of
-medians over rounds and a PNG bar chart, per engine and request rate.
+medians over rounds and a PNG bar chart, per engine and request rate. With --latency, also each
+run's latency PNG beside its JSON (TTFT and end-to-end latency distributions, as `--save-result`
+writes them; results saved before per-request latencies were kept have no data for it).
 
-    .venv/bin/python benchmarks/plot_serving.py [--dir benchmarks/results/serving]
+    .venv/bin/python benchmarks/plot_serving.py [--dir benchmarks/results/serving] [--latency]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def load(directory: Path) -> dict[tuple[str, str], list[dict]]:
     runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for path in sorted(directory.glob("*.json")):
         r = json.loads(path.read_text())
+        r["_path"] = str(path)
         runs[(r["label"], str(r["request_rate"]))].append(r)
     return runs
 
@@ -63,12 +66,20 @@ def plot(runs: dict[tuple[str, str], list[dict]], out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="benchmarks/results/serving")
+    ap.add_argument("--latency", action="store_true", help="also each run's latency PNG beside its JSON")
     args = ap.parse_args()
     runs = load(Path(args.dir))
     print(table(runs))
     out = Path(args.dir) / "serving_vs_vllm.png"
     plot(runs, out)
     print(f"wrote {out}")
+    if args.latency:
+        from kvmem.bench.serving_plot import plot_latency
+
+        for rs in runs.values():
+            for r in rs:
+                if r.get("request_ttft_ms") or r.get("ttfts"):
+                    print(f"wrote {plot_latency(r, Path(r['_path']).with_suffix('.png'))}")
 
 
 if __name__ == "__main__":
