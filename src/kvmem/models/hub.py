@@ -196,7 +196,7 @@ def download(ref: HubRef, *, revision: str | None = None, download_dir: str | os
 
     Raises FileNotFoundError when it is neither cached nor downloadable (offline, no network),
     ValueError for a repo the Hub refuses or that holds nothing kvmem can read."""
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.file_download import repo_folder_name
 
     repo_id, rev = ref.repo_id, revision or "main"
@@ -210,7 +210,8 @@ def download(ref: HubRef, *, revision: str | None = None, download_dir: str | os
     unreachable: Exception | None = None
     if not offline:
         try:
-            info = HfApi().model_info(repo_id, revision=rev)
+            # A timeout (huggingface_hub sets none here): a network that drops packets means "use the cache".
+            info = HfApi().model_info(repo_id, revision=rev, timeout=constants.HF_HUB_ETAG_TIMEOUT)
             files = [s.rfilename for s in info.siblings or []]
             sha = info.sha
         except Exception as e:  # noqa: BLE001  refused repos raise below; anything else means "try the cache"
