@@ -149,8 +149,9 @@ def _is_hf_repo(files: list[str]) -> bool:
     return any("/" not in f and f.endswith(".safetensors") for f in files)
 
 
-def _how_to_get(repo_id: str) -> str:
-    return (f"run once with network access, or `hf download {repo_id}` (huggingface-cli download {repo_id}), "
+def _how_to_get(repo_id: str, revision: str = "main") -> str:
+    cmd = f"download {repo_id}" + (f" --revision {revision}" if revision != "main" else "")
+    return (f"run once with network access, or `hf {cmd}` (huggingface-cli {cmd}), "
             "or pass a local model directory or .gguf file")
 
 
@@ -227,7 +228,7 @@ def download(ref: HubRef, *, revision: str | None = None, download_dir: str | os
             why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else \
                 f"the Hugging Face Hub cannot be reached ({type(unreachable).__name__}: {unreachable})"
             raise FileNotFoundError(f"{repo_id} (revision {rev}) is not in the Hugging Face cache {cache} and "
-                                    f"{why}: {_how_to_get(repo_id)}")
+                                    f"{why}: {_how_to_get(repo_id, rev)}")
         assert snapshot is not None
         if want_gguf or not _is_hf_repo(files):
             path = snapshot / _pick_gguf(repo_id, files, ref.quant, gguf_file)
@@ -235,7 +236,7 @@ def download(ref: HubRef, *, revision: str | None = None, download_dir: str | os
             missing = [f for f in ("config.json", "tokenizer.json") if f not in files]
             if missing:
                 raise FileNotFoundError(f"the cached copy of {repo_id} ({snapshot}) lacks {', '.join(missing)} and "
-                                        f"the Hub cannot be reached: {_how_to_get(repo_id)}")
+                                        f"the Hub cannot be reached: {_how_to_get(repo_id, rev)}")
             path = snapshot
         say("using cached %s (%s, offline) from %s", repo_id, rev, cache)
         return path
@@ -266,4 +267,4 @@ def download(ref: HubRef, *, revision: str | None = None, download_dir: str | os
             raise
         # FileNotFoundError, as for any model kvmem cannot get hold of (the commands report it plainly).
         raise FileNotFoundError(f"{repo_id}: download failed ({type(e).__name__}: {e}); "
-                                f"{_how_to_get(repo_id)}") from e
+                                f"{_how_to_get(repo_id, rev)}") from e
