@@ -98,15 +98,16 @@ async def fit_text_prompt(count: Callable[[str], Awaitable[int | None]], words: 
                           target: int) -> TextPrompt:
     """The longest prefix of `words` that tokenizes to at most `target` tokens, then topped up with one
     word from `fill` where the next word would overshoot (a word of several tokens). Counts of
-    prefixes only grow with their length in word-level tokenizers, so a bisection finds the prefix."""
+    prefixes only grow with their length in word-level tokenizers, so a bisection finds the prefix.
+    A prefix the server refuses to tokenize (too long for its caps) counts as over the target."""
     cache: dict[int, int] = {}
 
     async def f(k: int) -> int:
         if k not in cache:
             n = await count(" ".join(words[:k]))
-            if n is None:
-                raise ValueError(f"/tokenize refused a {k}-word random prompt")
-            cache[k] = n
+            if n is None and k == 1:
+                raise ValueError("/tokenize refused a one-word prompt")
+            cache[k] = n if n is not None else target + 1_000_000
         return cache[k]
 
     lo, hi = 1, len(words)
