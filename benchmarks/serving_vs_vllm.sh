@@ -33,7 +33,7 @@ stop_server() {  # pid
 
 bench() {  # label port rate round
   .venv/bin/kvmem bench serve --base-url "http://127.0.0.1:$2" --model SmolLM2-135M-Instruct \
-    --num-prompts "$NUM_PROMPTS" --request-rate "$3" --input-len 128 --output-len 128 --seed 0 \
+    --num-prompts "$NUM_PROMPTS" --request-rate "$3" --input-len 128 --output-len 128 --vocab-size 49152 --seed 0 \
     ${MAX_CONCURRENCY:+--max-concurrency "$MAX_CONCURRENCY"} \
     --label "$1" --json "$OUT/${1}_rate${3}${MAX_CONCURRENCY:+_c$MAX_CONCURRENCY}_r${4}.json"
 }

@@ -39,3 +39,35 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
 def test_invalid_settings_raise_naming_the_parameter(kwargs, param):
     with pytest.raises(ValueError, match=param):
         EngineConfig(**kwargs)
+
+
+def test_gpu_memory_utilization_is_a_share_of_all_memory_less_the_weights(monkeypatch):
+    monkeypatch.setattr(config_module, "total_memory_bytes", lambda device: 10 * 2**30)
+    cfg = EngineConfig(device="cpu", gpu_memory_utilization=0.5)
+    assert cfg.resolve_kv_budget(torch.device("cpu"), 2 * 2**30) == 3 * 2**30
+    with pytest.raises(ValueError, match="gpu_memory_utilization 0.1 .* nothing is left for the KV cache"):
+        EngineConfig(device="cpu", gpu_memory_utilization=0.1).resolve_kv_budget(torch.device("cpu"), 2 * 2**30)
+    # without it, kv_cache_memory as before
+    assert EngineConfig(device="cpu", kv_cache_memory="1GiB").resolve_kv_budget(torch.device("cpu"), 2**30) == 2**30
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"), ({"gpu_memory_utilization": 0}, "gpu_memory_util"),
+    ({"gpu_memory_utilization": 0.5, "kv_cache_memory": "1GiB"}, "both size the KV cache"),
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size 2 is not supported yet"),
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype 'fp8' is not supported yet"),
+    ({"chat_template": "no-such-file.jinja"}, "neither a file nor a Jinja template"),
+    ({"chat_template": "{% if %}"}, "chat_template is not a valid Jinja template"),
+])
+def test_vllm_options_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)
+
+
+def test_chat_template_from_a_file_or_inline(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages[0]['content'] }}")
+    assert EngineConfig(chat_template=str(path)).chat_template_text() == "{{ messages[0]['content'] }}"
+    assert EngineConfig(chat_template="{{ 'x' }}").chat_template_text() == "{{ 'x' }}"
+    assert EngineConfig().chat_template_text() is None

@@ -9,63 +9,79 @@ import time
 from kvmem.progress import show_progress
 
 
-def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
-    if model_positional:  # `kvmem serve MODEL`, as `vllm serve MODEL`
-        p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
-                       help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    from kvmem.config import ATTENTION_BACKENDS, KV_CACHE_STRATEGIES
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help, except where there is none (None) or the help says it."""
 
-    p.add_argument("--kv-cache", default="paged", choices=KV_CACHE_STRATEGIES, help="KV-cache strategy")
-    p.add_argument("--kv-cache-memory", default=None, help="bytes, a size like 2GiB, or a fraction of free memory")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--attention-backend", default="torch", choices=ATTENTION_BACKENDS,
-                   help="torch: native CPU kernel / batched torch ops; reference: plain per-sequence math; "
-                        "triton: the Triton kernel for every row (CUDA)")
-    p.add_argument("--no-batch-invariant", action="store_true",
-                   help="let greedy output depend on the rest of the batch for a few %% more speed at batch 1")
-    v = p.add_argument_group("virtual KV cache (vAttention) optimizations, for measuring each")
-    v.add_argument("--no-background-mapping", action="store_true", help="map pages on the step's path")
-    v.add_argument("--no-deferred-reclamation", action="store_true", help="unmap a slot's pages when it ends")
-    v.add_argument("--no-eager-mapping", action="store_true", help="map a prompt chunk by chunk, not whole")
-    v.add_argument("--mapping-lookahead", type=int, default=8, help="tokens mapped ahead of need")
-    h = p.add_argument_group("hybrid KV cache (HybridServe): --kv-cache hybrid")
-    h.add_argument("--device-memory", default=None, help="device tier + staging buffers: bytes, a size like 64MiB, "
-                   "or a fraction of free device memory (default: --kv-cache-memory's budget)")
-    h.add_argument("--host-memory", default=None, help="host tier (KV + activation blocks): bytes, a size like 1GiB, "
-                   "or a fraction of free host memory (default: 0.2)")
-    h.add_argument("--act-ratio", type=float, default=None, help="force this fraction (0-1) of host-tier blocks to "
-                   "hold activations (default: the cost model decides; KV only for grouped-query models)")
-    h.add_argument("--offload-weights", action="store_true", help="keep layer weights in host memory and stream "
-                   "them to the device layer by layer")
-    h.add_argument("--hybrid-profile", default=None, help="hardware profile JSON for the cost model (kvmem bench "
-                   "hybrid --measure --save-profile FILE); default: measured at start-up when needed")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def _memory_arg(value: str | None) -> int | str | None:
     return int(value) if value is not None and value.isdigit() else value
 
 
+def _flag_type(annotation: str):
+    """The argparse type of an EngineConfig field from its annotation (a string: postponed annotations)."""
+    kinds = {k.strip() for k in str(annotation).split("|")} - {"None"}
+    if "str" in kinds and "int" in kinds:
+        return _memory_arg  # memory sizes: bytes, a size string, or a fraction
+    if kinds == {"int"}:
+        return int
+    if kinds <= {"float", "int"}:
+        return float
+    return str
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False, seed: str = "own") -> None:
+    """One flag per `EngineConfig` field, generated from the dataclass and `config.ENGINE_FLAGS` (help,
+    extra spellings, group): `--field-name`, booleans as `--x/--no-x`. `seed`: "own" (a --seed flag
+    here), "shared" (the parser's sampling --seed also seeds the engine) or "none" (the parser's
+    --seed means something else; the engine keeps its default)."""
+    import dataclasses
+
+    from kvmem.config import ATTENTION_BACKENDS, ENGINE_FLAGS, KV_CACHE_STRATEGIES, EngineConfig, EngineFlag
+
+    if model_positional:  # `kvmem serve MODEL`, as `vllm serve MODEL`
+        p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                       help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    choices = {"kv_cache": KV_CACHE_STRATEGIES, "attention_backend": ATTENTION_BACKENDS}
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    names = []
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "seed" and seed != "own":
+            if seed == "shared":
+                names.append(f.name)
+            continue
+        names.append(f.name)
+        spec = ENGINE_FLAGS.get(f.name, EngineFlag(""))
+        target = p if spec.group is None else groups.get(spec.group) or groups.setdefault(
+            spec.group, p.add_argument_group(spec.group))
+        flag = "--" + f.name.replace("_", "-")
+        text = spec.help.replace("%", "%%")
+        if str(f.type) == "bool":
+            offs = [a for a in spec.aliases if a.startswith("--no-")]
+            if offs:
+                text += f" ({', '.join(offs)}: the same as --no-{flag[2:]})"
+            target.add_argument(flag, *[a for a in spec.aliases if a not in offs], dest=f.name, default=f.default,
+                                action=argparse.BooleanOptionalAction, help=text)
+            for off in offs:
+                target.add_argument(off, dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        else:
+            target.add_argument(flag, *spec.aliases, dest=f.name, default=f.default, type=_flag_type(f.type),
+                                choices=choices.get(f.name), metavar=spec.metavar, help=text)
+    p.set_defaults(engine_fields=tuple(names))
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    kv_mem = _memory_arg(args.kv_cache_memory)
-    model = args.model or getattr(args, "model_arg", None)
-    return dict(model=model, dtype=args.dtype, kv_cache=args.kv_cache, kv_cache_memory=kv_mem,
-                block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, device=args.device, num_threads=args.threads,
-                attention_backend=args.attention_backend, batch_invariant=not args.no_batch_invariant,
-                background_mapping=not args.no_background_mapping,
-                deferred_reclamation=not args.no_deferred_reclamation, eager_mapping=not args.no_eager_mapping,
-                mapping_lookahead=args.mapping_lookahead,
-                device_memory=_memory_arg(args.device_memory), host_memory=_memory_arg(args.host_memory),
-                act_ratio=args.act_ratio, offload_weights=args.offload_weights, hybrid_profile=args.hybrid_profile)
+    """The EngineConfig keywords of the flags `add_engine_args` made (a None --seed: the engine's default)."""
+    kwargs = {name: getattr(args, name) for name in args.engine_fields}
+    if kwargs.get("seed", 0) is None:
+        del kwargs["seed"]
+    kwargs["model"] = args.model or getattr(args, "model_arg", None)
+    return kwargs
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 128) -> None:
@@ -77,7 +93,7 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 128) 
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (and of the engine's generator)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("-n", type=int, default=1)
 
@@ -158,17 +174,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kvmem.config import EngineConfig
     from kvmem.server.launcher import serve
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if logging.getLogger().isEnabledFor(logging.INFO):
-        show_progress()
+    logging.basicConfig(level=args.log_level.upper(), datefmt="%m-%d %H:%M:%S",
+                        format="%(levelname)s %(asctime)s.%(msecs)03d %(name)s: %(message)s")
+    # Start-up progress (kvmem.progress) goes through the root logger: timestamped like every line.
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     return serve(EngineConfig(**engine_kwargs(args)), host=args.host, port=args.port,
                  served_model_name=args.served_model_name, api_key=args.api_key, grace_s=args.shutdown_grace,
+                 log_requests=not args.disable_log_requests, log_stats=not args.disable_log_stats,
+                 allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                 allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
                  max_body_bytes=args.max_body_bytes, log_level=args.log_level,
                  max_prompts_per_request=args.max_prompts_per_request, max_prompt_chars=args.max_prompt_chars,
                  health_step_timeout=args.health_step_timeout, request_read_timeout=args.request_read_timeout,
                  timeout_keep_alive=args.timeout_keep_alive)
+
+
+def _json_list(value: str) -> list[str]:
+    """vLLM's form of the CORS lists: a JSON list of strings (a bare word is taken as a list of one)."""
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = [value]
+    if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
+    return parsed
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -213,23 +245,41 @@ def cmd_bench_hybrid(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvmem import __version__
+
     parser = argparse.ArgumentParser(prog="kvmem", description="LLM inference with managed KV-cache memory")
+    parser.add_argument("--version", action="version", version=f"kvmem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    gen = sub.add_parser("generate", help="generate a completion for one prompt",
+                         formatter_class=HelpFormatter)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
-    add_engine_args(gen)
+    add_engine_args(gen, seed="shared")
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server", formatter_class=HelpFormatter)
     add_engine_args(srv, model_positional=True)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
-                     "model's own name, e.g. SmolLM2-135M-Instruct)")
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    srv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="the model names clients may send, all listed by /v1/models; responses name the first "
+                          "(default: the model's own name, e.g. SmolLM2-135M-Instruct)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+                     "(default: $KVMEM_API_KEY, else $VLLM_API_KEY, else none)")
+    srv.add_argument("--allowed-origins", type=_json_list, default=[], metavar="JSON_LIST",
+                     help='CORS: origins browsers may call from, as JSON, e.g. \'["*"]\' (default: none, no CORS '
+                          'headers)')
+    srv.add_argument("--allowed-methods", type=_json_list, default=["*"], metavar="JSON_LIST",
+                     help="CORS: allowed methods, as JSON")
+    srv.add_argument("--allowed-headers", type=_json_list, default=["*"], metavar="JSON_LIST",
+                     help="CORS: allowed request headers, as JSON")
+    srv.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    srv.add_argument("--disable-log-requests", action="store_true",
+                     help="no log line per finished request")
+    srv.add_argument("--disable-log-stats", action="store_true",
+                     help="no periodic stats line (running, waiting, KV usage, throughput)")
     srv.add_argument("--shutdown-grace", type=float, default=5.0,
                      help="seconds in-flight requests get to finish after SIGINT/SIGTERM before being aborted")
     srv.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="larger request bodies get a 413")
@@ -246,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     srv.set_defaults(func=cmd_serve)
 
-    chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming the answers")
+    chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming the answers",
+                          formatter_class=HelpFormatter)
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
-    add_engine_args(chat)
+    add_engine_args(chat, seed="shared")
     add_sampling_args(chat, max_tokens=None)
     chat.set_defaults(func=cmd_chat)
 
@@ -257,14 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     bk.set_defaults(func=cmd_build_kernels)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    tp = bench.add_parser("throughput", help="offline throughput on a seeded workload, optionally against peers")
+    tp = bench.add_parser("throughput", help="offline throughput on a seeded workload, optionally against peers",
+                          formatter_class=HelpFormatter)
     tp.add_argument("--workload", default="random", choices=["random", "sharegpt", "prefix"],
                     help="random: N x input-len -> output-len; sharegpt: 256 log-normal lengths; "
                          "prefix: 128 requests sharing a 512-token system prompt")
     tp.add_argument("--num-prompts", type=int, default=None, help="default: the workload's own (64 / 256 / 128)")
     tp.add_argument("--input-len", type=int, default=128, help="random workload")
     tp.add_argument("--output-len", type=int, default=128, help="random workload")
-    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--seed", type=int, default=0, help="seed of the workload")
     tp.add_argument("--json", default=None, help="write the result here")
     tp.add_argument("--wait-quiet-max", type=float, default=0.0,
                     help="wait up to this many seconds for other processes to go idle before timing")
@@ -277,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--hf-model", default=None,
                       help="Hugging Face export of the same weights, for the peers (needed by --compare)")
     cmp_.add_argument("--out-dir", default=None, help="default: benchmarks/results/throughput_vs_peers/WORKLOAD_DTYPE")
-    add_engine_args(tp)
+    add_engine_args(tp, seed="none")
     tp.set_defaults(func=cmd_bench_throughput)
 
     from kvmem.bench.serving import add_serve_args

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,11 @@ class EngineConfig:
     act_ratio: float | None = None  # share of host-tier blocks kept as activations; None = the cost model's
     offload_weights: bool = False  # layer weights in host memory, streamed to the device layer by layer
     hybrid_profile: str | None = None  # hardware profile JSON for the cost model; None = measured when needed
+    # vLLM's names for what a vLLM user sets (see ENGINE_FLAGS for what each means here)
+    gpu_memory_utilization: float | None = None  # share of total memory for weights + KV; excludes kv_cache_memory
+    kv_cache_dtype: str = "auto"  # only "auto" (the model's dtype) for now
+    tensor_parallel_size: int = 1  # only 1 for now
+    chat_template: str | None = None  # a file path or an inline Jinja template; None = the model's own
     # Hugging Face Hub models (`model` = org/name or org/name:QUANT; see kvmem.models.hub)
     revision: str | None = None  # branch, tag or commit of a Hub model; None = main
     download_dir: str | None = None  # Hub cache directory; None = HF_HUB_CACHE / HF_HOME's
@@ -89,6 +95,71 @@ class EngineConfig:
             parse_memory_size(self.kv_cache_memory)  # validate early
         self._check_hybrid()
         self._check_model_source()
+        self._check_vllm_options()
+
+    def _check_vllm_options(self) -> None:
+        u = self.gpu_memory_utilization
+        if u is not None:
+            if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+                raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {u!r}")
+            self.gpu_memory_utilization = float(u)
+            given = [n for n in ("kv_cache_memory", "device_memory") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"gpu_memory_utilization and {given[0]} both size the KV cache: set one")
+        if self.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet: only 'auto' "
+                             "(the KV cache in the model's dtype)")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        if tp > 1:
+            raise ValueError(f"tensor_parallel_size {tp} is not supported yet: kvmem runs a model on one device "
+                             "(tensor_parallel_size 1)")
+        if self.chat_template is not None:
+            import jinja2
+
+            from kvmem.chat_template import compile_chat_template
+
+            try:  # a bad template fails now, not at the first chat
+                compile_chat_template(self.chat_template_text())
+            except jinja2.TemplateError as e:
+                raise ValueError(f"chat_template is not a valid Jinja template: {e}") from e
+
+    def chat_template_text(self) -> str | None:
+        """`chat_template` as Jinja source: the file's content when it names a file, else the string
+        itself when it looks like a template (vLLM's rule); None when not set."""
+        value = self.chat_template
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"chat_template must be a file path or a Jinja template, got {value!r}")
+        if os.path.isfile(value):
+            with open(value, encoding="utf-8") as f:
+                return f.read()
+        if any(c in value for c in "{}\n"):
+            return value
+        raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")
+
+    def resolve_kv_budget(self, device: torch.device, weight_bytes: int | Callable[[], int]) -> int:
+        """The KV budget in bytes, once the weights (`weight_bytes`, or a function that counts them)
+        are loaded: gpu_memory_utilization x total memory (device memory on CUDA, RAM on CPU) less
+        the weights on the device, as vLLM means it; else `kv_budget_setting` (bytes, or a fraction
+        of the memory free now)."""
+        if self.gpu_memory_utilization is not None:
+            from kvmem.progress import human_bytes
+
+            total = total_memory_bytes(device)
+            on_device = 0 if self.offload_weights else weight_bytes if isinstance(weight_bytes, int) else weight_bytes()
+            budget = int(self.gpu_memory_utilization * total) - on_device
+            if budget <= 0:
+                raise ValueError(f"gpu_memory_utilization {self.gpu_memory_utilization:g} of {human_bytes(total)} "
+                                 f"is {human_bytes(self.gpu_memory_utilization * total)}, and the weights take "
+                                 f"{human_bytes(on_device)} of it: nothing is left for the KV cache (raise "
+                                 "gpu_memory_utilization, or give kv_cache_memory instead)")
+            return budget
+        default = DEFAULT_KV_CACHE_FRACTION_CPU if device.type == "cpu" else DEFAULT_KV_CACHE_FRACTION_CUDA
+        return resolve_memory_bytes(self.kv_budget_setting, device, default,
+                                    "device_memory" if self.device_memory is not None else "kv_cache_memory")
 
     def _check_model_source(self) -> None:
         for name in ("revision", "download_dir", "gguf_file"):
@@ -145,6 +216,76 @@ class EngineConfig:
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+@dataclass(frozen=True)
+class EngineFlag:
+    """How an `EngineConfig` field shows on the command line (kvmem.cli generates one flag per field):
+    its help line, extra spellings (`aliases`, e.g. vLLM's or older kvmem ones; a boolean's
+    `--no-x` aliases turn it off), the help group, and a metavar."""
+
+    help: str
+    aliases: tuple[str, ...] = ()
+    group: str | None = None
+    metavar: str | None = None
+
+
+VIRTUAL_GROUP = "virtual KV cache (vAttention) optimizations, for measuring each"
+HYBRID_GROUP = "hybrid KV cache (HybridServe): --kv-cache hybrid"
+
+# One entry per EngineConfig field (tests/test_cli.py checks): a field without one has no help line.
+ENGINE_FLAGS: dict[str, EngineFlag] = {
+    "model": EngineFlag("HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
+    "dtype": EngineFlag("auto | float32 | bfloat16 | float16 (auto: the checkpoint's on CUDA; on CPU bfloat16 "
+                        "where the CPU computes it natively, else float32)"),
+    "kv_cache": EngineFlag("KV-cache strategy"),
+    "kv_cache_memory": EngineFlag("KV budget: bytes, a size like 2GiB, or a fraction of the memory free after the "
+                                  "weights load (default: 0.2 on CPU, 0.9 on CUDA); --kv-cache-memory-bytes: vLLM's "
+                                  "spelling", aliases=("--kv-cache-memory-bytes",), metavar="SIZE"),
+    "block_size": EngineFlag("tokens per KV block (paged, prefix caching)"),
+    "enable_prefix_caching": EngineFlag("reuse the KV of prompt prefixes already computed", aliases=(
+        "--no-prefix-caching",)),
+    "max_num_seqs": EngineFlag("most sequences in one step"),
+    "max_num_batched_tokens": EngineFlag("most tokens in one step (prompt chunks + decodes)"),
+    "max_model_len": EngineFlag("context length (prompt + output) of a request (default: the model's, capped by "
+                                "the KV budget)"),
+    "attention_backend": EngineFlag("torch: native CPU kernel / batched torch ops; reference: plain per-sequence "
+                                    "math; triton: the Triton kernel for every row (CUDA)"),
+    "device": EngineFlag("cpu | cuda | cuda:N (default: cuda when available)"),
+    "seed": EngineFlag("seed of the engine's random generator (requests that set no seed of their own)"),
+    "num_threads": EngineFlag("torch intra-op threads (process-wide; default: torch's)", aliases=("--threads",)),
+    "tune_host_allocator": EngineFlag("keep freed memory in the process (glibc mallopt) instead of giving it back "
+                                      "to the kernel at each step"),
+    "batch_invariant": EngineFlag("greedy output independent of the rest of the batch; --no-batch-invariant: a few "
+                                  "% more speed at batch 1"),
+    "background_mapping": EngineFlag("map pages off the step's path (--no-background-mapping: on it)",
+                                     group=VIRTUAL_GROUP),
+    "deferred_reclamation": EngineFlag("keep a finished slot's pages for the next request "
+                                       "(--no-deferred-reclamation: unmap them when it ends)", group=VIRTUAL_GROUP),
+    "eager_mapping": EngineFlag("map a prompt whole (--no-eager-mapping: chunk by chunk)", group=VIRTUAL_GROUP),
+    "mapping_lookahead": EngineFlag("tokens mapped ahead of need", group=VIRTUAL_GROUP),
+    "device_memory": EngineFlag("device tier + staging buffers: bytes, a size like 64MiB, or a fraction of free "
+                                "device memory (default: --kv-cache-memory's budget)", group=HYBRID_GROUP,
+                                metavar="SIZE"),
+    "host_memory": EngineFlag("host tier (KV + activation blocks): bytes, a size like 1GiB, or a fraction of free "
+                              "host memory (default: 0.2)", group=HYBRID_GROUP, metavar="SIZE"),
+    "act_ratio": EngineFlag("force this fraction (0-1) of host-tier blocks to hold activations (default: the cost "
+                            "model decides; KV only for grouped-query models)", group=HYBRID_GROUP),
+    "offload_weights": EngineFlag("keep layer weights in host memory and stream them to the device layer by layer",
+                                  group=HYBRID_GROUP),
+    "hybrid_profile": EngineFlag("hardware profile JSON for the cost model (kvmem bench hybrid --measure "
+                                 "--save-profile FILE); default: measured at start-up when needed", group=HYBRID_GROUP),
+    "revision": EngineFlag("branch, tag or commit of a Hub model (default: main)"),
+    "download_dir": EngineFlag("where Hub models are downloaded (default: HF_HUB_CACHE / HF_HOME's cache)"),
+    "gguf_file": EngineFlag("the .gguf file to read in a Hub repo or a directory"),
+    "gpu_memory_utilization": EngineFlag("vLLM's: share (0-1] of all device memory (of RAM on CPU) for the weights "
+                                         "+ the KV cache; KV budget = this x total - weights (instead of "
+                                         "--kv-cache-memory)", metavar="F"),
+    "kv_cache_dtype": EngineFlag("KV cache element type; only auto (the model's dtype) for now"),
+    "tensor_parallel_size": EngineFlag("devices to split the model over; only 1 for now", aliases=("-tp",)),
+    "chat_template": EngineFlag("chat template to use instead of the model's: a file path or an inline Jinja "
+                                "string", metavar="FILE_OR_JINJA"),
+}
+
+
 def cpu_has_native_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -184,6 +325,18 @@ def resolve_memory_bytes(value: int | float | str | None, device: torch.device, 
     `device` has available now; `default` (either kind) where `value` is None."""
     size = parse_memory_size(value, name) if value is not None else default
     return int(size * available_memory_bytes(device)) if isinstance(size, float) else size
+
+
+def total_memory_bytes(device: torch.device) -> int:
+    """All the memory of `device`: the device's on CUDA, MemTotal (RAM) on CPU."""
+    if device.type == "cuda":
+        _, total = torch.cuda.mem_get_info(device)
+        return total
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def available_memory_bytes(device: torch.device) -> int:

@@ -141,6 +141,15 @@ class Tokenizer:
                     "pad_token": self.pad_token}
         return self._template.render(conversation, add_generation_prompt, specials, extra)
 
+    def set_chat_template(self, template: str) -> None:
+        """Use `template` instead of the model's chat template (`--chat-template`); the end-of-turn
+        special tokens it writes end generation too, as for a model's own template."""
+        self.chat_template = template
+        self._template = None
+        special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        turn_ends = sorted(i for s, i in special.items() if s in END_OF_TURN_TOKENS and s in template)
+        self.eos_token_ids = list(dict.fromkeys(self.eos_token_ids + turn_ends))
+
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
                 f"add_bos_token={self.add_bos_token}, chat_template={'yes' if self.chat_template else 'no'})")

@@ -26,6 +26,12 @@ memory quadratic in the output length.
 
 Liveness: `step_elapsed()` says how long the step in progress has been running, so a health check
 can tell an engine that makes progress from one stuck inside a step.
+
+Logs (what a person running a server reads; `kvmem serve` turns them on): with `log_requests`, one
+info line per finished request (`request_log_line`); with `log_stats`, every `stats_interval`
+seconds while there is work, one line of running/waiting sequences, KV usage, prefix-cache hit
+rate, throughput and preemptions over the interval (`StatsLogger`, from the published snapshots),
+and one more after the engine goes idle, covering the end of the burst.
 """
 
 from __future__ import annotations
@@ -67,6 +73,69 @@ class EngineSnapshot:
     num_steps: int
 
 
+class StatsLogger:
+    """The periodic stats line, from two `EngineSnapshot`s: the one of the previous line (the base)
+    and the latest. A line is due `interval` seconds after the base, and written only if something
+    happened in between (steps ran, or sequences are running or waiting)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        if not interval >= 0:
+            raise ValueError(f"stats interval must be >= 0 seconds, got {interval}")
+        self.interval = interval
+        self.base: EngineSnapshot | None = None
+
+    def observe(self, snap: EngineSnapshot) -> str | None:
+        """Log (and return) the line when one is due at `snap`; else None."""
+        if self.base is None:
+            self.base = snap
+            return None
+        if snap.time - self.base.time < self.interval:
+            return None
+        line = format_stats(self.base, snap) if _active(self.base, snap) else None
+        self.base = snap
+        if line is not None:
+            logger.info("%s", line)
+        return line
+
+    def due_in(self, snap: EngineSnapshot) -> float | None:
+        """Seconds until a line is due, when one has something to say; None when nothing happened
+        since the base (an idle engine then sleeps until the next request)."""
+        if self.base is None or not _active(self.base, snap):
+            return None
+        return max(0.0, self.base.time + self.interval - snap.time)
+
+
+def _active(base: EngineSnapshot, snap: EngineSnapshot) -> bool:
+    return snap.num_steps != base.num_steps or snap.num_running > 0 or snap.num_waiting > 0
+
+
+def format_stats(base: EngineSnapshot, snap: EngineSnapshot) -> str:
+    """vLLM's periodic line, over the interval from `base` to `snap`."""
+    dt = max(snap.time - base.time, 1e-9)
+    queries = snap.memory.prefix_cache_queries - base.memory.prefix_cache_queries
+    hits = snap.memory.prefix_cache_hits - base.memory.prefix_cache_hits
+    preempted = snap.num_preemptions - base.num_preemptions
+    return (f"Avg prompt throughput: {(snap.num_prompt_tokens - base.num_prompt_tokens) / dt:.1f} tokens/s, "
+            f"Avg generation throughput: {(snap.num_generation_tokens - base.num_generation_tokens) / dt:.1f} "
+            f"tokens/s, Running: {snap.num_running} seqs, Waiting: {snap.num_waiting} seqs, "
+            f"KV cache usage: {100 * snap.memory.usage:.1f}%, "
+            f"Prefix cache hit rate: {100 * hits / queries if queries else 0.0:.1f}%, "
+            f"Preemptions: {preempted} ({snap.num_preemptions} in all)")
+
+
+def request_log_line(out: RequestOutput, now: float | None = None) -> str:
+    """One finished request: id, prompt/output/cached tokens, time to first token, total time (from
+    its arrival in the engine), finish reason(s)."""
+    now = time.monotonic() if now is None else now
+    arrival, first = out.metrics.get("arrival_time"), out.metrics.get("first_token_time")
+    ttft = f"{first - arrival:.3f} s" if arrival is not None and first is not None else "-"
+    total = f"{now - arrival:.3f} s" if arrival is not None else "-"
+    reasons = ",".join(dict.fromkeys(c.finish_reason or "-" for c in out.outputs)) or "-"
+    return (f"Finished request {out.request_id}: prompt {len(out.prompt_token_ids)} tokens "
+            f"({out.num_cached_tokens} cached), output {sum(len(c.token_ids) for c in out.outputs)} tokens, "
+            f"TTFT {ttft}, total {total}, finish_reason {reasons}")
+
+
 @dataclass
 class _Stream:
     """Where one request's outputs go, fed from the engine thread through `loop` and read on it:
@@ -100,9 +169,13 @@ def _merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], log_requests: bool = False,
+                 log_stats: bool = False, stats_interval: float = 10.0) -> None:
         """`engine`: a built engine, or (better, see above) a function that builds one, which
-        `start()` then calls on the engine thread."""
+        `start()` then calls on the engine thread. `log_requests`, `log_stats`: the info lines of
+        the module's doc, stats every `stats_interval` seconds."""
+        self.log_requests = log_requests
+        self._stats = StatsLogger(stats_interval) if log_stats else None
         self._factory = None if isinstance(engine, LLMEngine) else engine
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -242,7 +315,12 @@ class AsyncLLMEngine:
                 break
             if not self.engine.has_unfinished_requests():
                 self.snapshot = self._take_snapshot()
-                self._wake.wait()
+                timeout = None
+                if self._stats is not None:
+                    self._stats.observe(self.snapshot)
+                    due = self._stats.due_in(self.snapshot)
+                    timeout = None if due is None else due + 0.01  # the line on the burst's end
+                self._wake.wait(timeout)
                 self._wake.clear()  # before draining: a command put after this wakes us again
                 continue
             self._step_started = time.monotonic()
@@ -256,6 +334,8 @@ class AsyncLLMEngine:
                 self._step_started = None
             self._deliver(outputs)
             self.snapshot = self._take_snapshot()
+            if self._stats is not None:
+                self._stats.observe(self.snapshot)
         self._fail_all(EngineStoppedError("the engine stopped"))
         self.snapshot = self._take_snapshot()
         # Threads joined, mappings released, on the thread that owns the engine (see the threading rule).
@@ -289,13 +369,20 @@ class AsyncLLMEngine:
         output = self.engine.abort_request(request_id)
         stream = self._streams.pop(request_id, None)
         if output is not None and stream is not None:
+            self._log_finished(output)
             self._put(stream, output)
+
+    def _log_finished(self, out: RequestOutput) -> None:
+        if self.log_requests and logger.isEnabledFor(logging.INFO):
+            logger.info("%s", request_log_line(out))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         # One wake-up per event loop per step, not one per request.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, object]]] = {}
         for out in outputs:
             stream = self._streams.pop(out.request_id) if out.finished else self._streams.get(out.request_id)
+            if out.finished:
+                self._log_finished(out)
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():

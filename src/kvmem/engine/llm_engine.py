@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from kvmem.attention import cpu_kernels
-from kvmem.config import DEFAULT_KV_CACHE_FRACTION_CPU, DEFAULT_KV_CACHE_FRACTION_CUDA, EngineConfig
-from kvmem.config import resolve_memory_bytes
+from kvmem.config import EngineConfig
 from kvmem.engine.detokenizer import IncrementalDetokenizer
 from kvmem.engine.host_allocator import keep_freed_memory
 from kvmem.engine.sampler import SampledToken, SamplingRow, prompt_logprobs, sample
@@ -100,6 +99,8 @@ class LLMEngine:
                                       gguf_file=config.gguf_file)
         self.model_config = source.config
         self.tokenizer = source.tokenizer
+        if config.chat_template is not None:  # --chat-template: instead of the model's
+            self.tokenizer.set_chat_template(config.chat_template_text())
         self.dtype = config.torch_dtype(self.model_config.torch_dtype)
 
         trained_len = self.model_config.max_position_embeddings
@@ -123,9 +124,8 @@ class LLMEngine:
         spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         strategy = strategy_class(config.kv_cache)
         options = strategy.resolve_options(config, c, spec, max_model_len)
-        default = DEFAULT_KV_CACHE_FRACTION_CPU if self.device.type == "cpu" else DEFAULT_KV_CACHE_FRACTION_CUDA
-        budget = resolve_memory_bytes(config.kv_budget_setting, self.device, default,
-                                      "device_memory" if config.device_memory is not None else "kv_cache_memory")
+        budget = config.resolve_kv_budget(self.device, lambda: sum(
+            t.numel() * t.element_size() for t in self.model.state_dict().values()))
         self.manager = build_manager(config.kv_cache, spec, budget, max_model_len, options)
         # A sequence can never hold more than the KV budget: cap the context to it.
         self.max_model_len = min(max_model_len, self.manager.max_tokens_per_sequence)

@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from kvmem import __version__
@@ -86,6 +87,14 @@ class ServerSettings:
     # a response it stopped reading; see connection.py.
     request_read_timeout: float = 30.0
     timeout_keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's)
+    # More names clients may send for the model (vLLM's several --served-model-name); responses name
+    # `served_model_name`, /v1/models lists them all.
+    extra_model_names: tuple[str, ...] = ()
+    # CORS (Starlette's CORSMiddleware) when `allowed_origins` is not empty; none by default.
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_prompts_per_request", "max_prompt_chars", "health_step_timeout",
@@ -93,6 +102,10 @@ class ServerSettings:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.served_model_name, *self.extra_model_names)))
 
     def prompt_char_limit(self, max_model_len: int) -> int:
         return self.max_prompt_chars or max_model_len * MAX_CHARS_PER_TOKEN
@@ -137,6 +150,10 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    if settings.allowed_origins:  # outside the key check: a preflight carries no key, a 401 gets CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=list(settings.allowed_methods), allow_headers=list(settings.allowed_headers),
+                           allow_credentials=settings.allow_credentials)
 
     # --- plain endpoints -------------------------------------------------------------------------
     @app.get("/health")
@@ -157,8 +174,9 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{
-            "id": settings.served_model_name, "object": "model", "created": created, "owned_by": "kvmem",
-            "root": settings.model_path or settings.served_model_name, "max_model_len": engine.max_model_len}]}
+            "id": name, "object": "model", "created": created, "owned_by": "kvmem",
+            "root": settings.model_path or settings.served_model_name, "max_model_len": engine.max_model_len}
+            for name in settings.model_names]}
 
     # --- completions -----------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -338,9 +356,10 @@ def error_param(loc: tuple) -> str:
 
 
 def check_model(name: str | None, settings: ServerSettings) -> None:
-    if name is not None and name != settings.served_model_name:
+    if name is not None and name not in settings.model_names:
         raise InvalidRequest(f"The model `{name}` does not exist; this server serves "
-                             f"`{settings.served_model_name}`", "model", status_code=404, code="model_not_found")
+                             + ", ".join(f"`{n}`" for n in settings.model_names), "model", status_code=404,
+                             code="model_not_found")
 
 
 def check_prompt_count(num_prompts: int, n: int, settings: ServerSettings) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
+from collections.abc import Sequence
 from types import FrameType
 
 import uvicorn
@@ -19,6 +21,7 @@ import uvicorn
 from kvmem.config import EngineConfig
 from kvmem.engine.async_engine import AsyncLLMEngine
 from kvmem.engine.llm_engine import LLMEngine
+from kvmem.progress import human_bytes
 from kvmem.server.api_server import ServerSettings, build_app
 from kvmem.server.connection import uvicorn_config
 
@@ -44,23 +47,56 @@ class _GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def api_key_from_env() -> str | None:
+    """--api-key's default: $KVMEM_API_KEY, else vLLM's $VLLM_API_KEY (an empty value counts as unset)."""
+    return os.environ.get("KVMEM_API_KEY") or os.environ.get("VLLM_API_KEY") or None
+
+
+def kv_capacity_lines(engine: LLMEngine) -> list[str]:
+    """What vLLM says at start: the KV cache's size in tokens and how many requests of max_model_len
+    tokens fit at once; and the strategy with its budget."""
+    stats = engine.stats()
+    budget = stats.bytes_capacity or stats.bytes_reserved
+    tokens = budget // engine.manager.spec.bytes_per_token
+    return [f"KV cache size: {tokens:,} tokens ({engine.kv_cache_strategy}, budget {human_bytes(budget)}, "
+            f"{engine.manager.spec.bytes_per_token:,} bytes per token)",
+            f"Maximum concurrency for {engine.max_model_len:,} tokens per request: "
+            f"{tokens / engine.max_model_len:.2f}x"]
+
+
 def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
-          served_model_name: str | None = None, grace_s: float = 5.0, log_level: str = "info",
-          **limits: object) -> int:
-    """`limits`: the other `ServerSettings` fields (api_key, max_body_bytes, max_prompts_per_request,
-    max_prompt_chars, health_step_timeout, request_read_timeout, timeout_keep_alive)."""
-    settings = ServerSettings(served_model_name=served_model_name or "", **limits)  # bad limits: fail before loading
+          served_model_name: str | Sequence[str] | None = None, grace_s: float = 5.0, log_level: str = "info",
+          log_requests: bool = True, log_stats: bool = True, stats_interval: float = 10.0,
+          **settings_kwargs: object) -> int:
+    """`served_model_name`: one name or several (the first is the one responses report; all are
+    accepted and listed). `settings_kwargs`: the other `ServerSettings` fields (api_key, defaulting
+    to the environment's; CORS; max_body_bytes, max_prompts_per_request, max_prompt_chars,
+    health_step_timeout, request_read_timeout, timeout_keep_alive)."""
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+    if settings_kwargs.get("api_key") is None:
+        settings_kwargs["api_key"] = api_key_from_env()
+    for key in ("allowed_origins", "allowed_methods", "allowed_headers"):
+        if key in settings_kwargs:
+            settings_kwargs[key] = tuple(settings_kwargs[key])  # type: ignore[arg-type]
+    settings = ServerSettings(served_model_name=names[0] if names else "", extra_model_names=tuple(names[1:]),
+                              **settings_kwargs)  # bad limits: fail before loading
     # The engine is built on its own thread (see async_engine: one OpenMP team, not two).
-    async_engine = AsyncLLMEngine(lambda: LLMEngine(engine_config))
+    async_engine = AsyncLLMEngine(lambda: LLMEngine(engine_config), log_requests=log_requests,
+                                  log_stats=log_stats, stats_interval=stats_interval)
     async_engine.start()
     engine = async_engine.engine
-    name = served_model_name or engine.model_config.name
+    name = names[0] if names else engine.model_config.name
     settings = dataclasses.replace(settings, served_model_name=name, model_path=str(engine_config.model or name))
     app = build_app(async_engine, settings)
-    logger.info("serving %s (kv_cache=%s, dtype=%s, max_model_len=%d) on http://%s:%d/v1", name,
-                engine.kv_cache_strategy, str(engine.dtype).removeprefix("torch."), engine.max_model_len, host, port)
+    for line in kv_capacity_lines(engine):
+        logger.info("%s", line)
+    logger.info("serving %s (kv_cache=%s, dtype=%s, max_model_len=%d) on http://%s:%d/v1",
+                ", ".join(settings.model_names), engine.kv_cache_strategy, str(engine.dtype).removeprefix("torch."),
+                engine.max_model_len, host, port)
+    # log_config=None: uvicorn's lines go through the root logger, timestamped like ours.
     config = uvicorn_config(app, settings, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=int(grace_s) + 2, access_log=log_level == "debug")
+                            log_config=None, timeout_graceful_shutdown=int(grace_s) + 2,
+                            access_log=log_level == "debug")
     server = _GracefulServer(config, async_engine, grace_s)
     server.run()
     async_engine.stop()  # in case the lifespan did not run (e.g. the port was taken)
