@@ -93,6 +93,19 @@ def test_valid_edges():
         ({"logprobs": MAX_LOGPROBS + 1}, "logprobs"),
         ({"logprobs": 2.0}, "logprobs"),
         ({"logprobs": True}, "logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"prompt_logprobs": MAX_LOGPROBS + 1}, "prompt_logprobs"),
+        ({"prompt_logprobs": 1.0}, "prompt_logprobs"),
+        ({"prompt_logprobs": False}, "prompt_logprobs"),
+        ({"logit_bias": [1, 2]}, "logit_bias"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {True: 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: 100.5}}, "logit_bias"),
+        ({"logit_bias": {5: -101}}, "logit_bias"),
+        ({"logit_bias": {5: float("nan")}}, "logit_bias"),
+        ({"logit_bias": {5: "1"}}, "logit_bias"),
+        ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias"),
     ],
 )
 def test_invalid_raises_naming_the_parameter(kwargs, name):
@@ -108,3 +121,13 @@ def test_messages_state_the_range():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match=r"presence_penalty must be in \[-2, 2\]"):
         SamplingParams(presence_penalty=5)
+
+
+def test_prompt_logprobs_and_logit_bias_defaults_and_normalization():
+    p = SamplingParams()
+    assert p.prompt_logprobs is None and p.logit_bias is None
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    p = SamplingParams(prompt_logprobs=0, logit_bias={5: 100, 7: -100.0, 9: 0.5})
+    assert p.prompt_logprobs == 0 and p.logit_bias == {5: 100.0, 7: -100.0, 9: 0.5}
+    assert all(type(v) is float for v in p.logit_bias.values())
+    assert len(SamplingParams(logit_bias={i: 1.0 for i in range(300)}).logit_bias) == 300

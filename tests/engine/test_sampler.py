@@ -8,6 +8,7 @@ from kvmem.engine.sampler import (
     SamplingRow,
     apply_penalties,
     apply_top_k_top_p,
+    prompt_logprobs,
     sample,
     sampling_probs,
 )
@@ -363,3 +364,46 @@ def test_logprobs_chosen_token_outside_top_k_is_included():
 
 def test_sampled_token_defaults():
     assert SampledToken(3) == SampledToken(3, None, None, None)
+
+
+# --- logit_bias --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_bias_is_added_before_greedy_choice_per_row(dtype):
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, 0.0]], dtype=dtype)
+    rows = [row(temperature=0, logit_bias={3: 4.5}), row(temperature=0),
+            row(temperature=0, logit_bias={1: -100.0})]
+    assert [t.token_id for t in sample(logits, rows, EOS)] == [3, 0, 2]
+
+
+def test_logit_bias_shapes_the_sampled_distribution_and_logprobs_stay_raw():
+    logits = torch.zeros(64, 8)
+    seen = {t.token_id for t in sample(logits.clone(), [row(logit_bias={5: 100.0})] * 64, EOS)}
+    assert seen == {5}
+    seen = {t.token_id for t in sample(logits.clone(), [row(logit_bias={i: -100.0 for i in range(7)})] * 64, EOS)}
+    assert seen == {7}
+    (token,) = sample(torch.zeros(1, 8), [row(temperature=0, logprobs=1, logit_bias={5: 100.0})], EOS)
+    assert token.token_id == 5 and token.logprob == pytest.approx(math.log(1 / 8))
+
+
+def test_logit_bias_combines_with_penalties_and_min_tokens():
+    logits = torch.tensor([[5.0, 2.0, 1.0, 0.0]])
+    # EOS (0) is masked by min_tokens whatever its bias; token 1 is penalized, token 2 biased up.
+    (token,) = sample(logits, [row(output=[1], temperature=0, min_tokens=3, presence_penalty=2.0,
+                                   logit_bias={0: 100.0, 2: 0.5})], EOS)
+    assert token.token_id == 2
+
+
+# --- prompt logprobs ---------------------------------------------------------------------------------
+
+def test_prompt_logprobs_score_the_next_prompt_token_from_raw_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]], dtype=torch.bfloat16)
+    scored = prompt_logprobs(logits, [1, 0], 2)
+    expected = logits.float().log_softmax(dim=-1)
+    (lp0, rank0, top0), (lp1, rank1, top1) = scored
+    assert lp0 == pytest.approx(expected[0, 1].item()) and rank0 == 2
+    assert lp1 == pytest.approx(expected[1, 0].item()) and rank1 == 2  # ties count as not more likely
+    assert list(top0) == [0, 1] and top0[0] == pytest.approx(expected[0, 0].item())
+    assert list(top1)[0] == 2 and len(top1) == 2
+    assert [top for _, _, top in prompt_logprobs(logits, [1, 0], 0)] == [{}, {}]
+    assert prompt_logprobs(logits[:0], [], 3) == []
