@@ -176,6 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), datefmt="%m-%d %H:%M:%S",
                         format="%(levelname)s %(asctime)s.%(msecs)03d %(name)s: %(message)s")
+    logging.captureWarnings(True)  # Python warnings too, timestamped
     # Start-up progress (kvmem.progress) goes through the root logger: timestamped like every line.
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
