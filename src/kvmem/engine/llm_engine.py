@@ -36,6 +36,18 @@ logger = logging.getLogger(__name__)
 PromptInput = str | dict[str, Any] | list[int]
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, a shared storage once (oneDNN-packed weights are
+    opaque tensors without a storage: their elements count)."""
+    seen: dict[int, int] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        try:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        except NotImplementedError:
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
 def describe_kv_cache(manager: KVCacheManager, max_model_len: int) -> str:
     """One line a user reads at start: how many tokens the KV cache holds, in how much memory, and
     how many full-length requests that is."""
@@ -118,14 +130,19 @@ class LLMEngine:
             self.model.pack_linear_weights_for_cpu(batch_invariant=config.batch_invariant)
             # Now rather than inside the first request: a first build takes a minute and says so.
             cpu_kernels.load()
+        # A quantized GGUF becomes full-width weights: say what they take in memory, each tensor
+        # once (a tied lm_head's packed copy counts: it is memory).
+        weight_bytes = model_bytes(self.model)
+        say("weights: %s in memory as %s (the checkpoint: %s)", human_bytes(weight_bytes),
+            str(self.dtype).removeprefix("torch."),
+            human_bytes(source.path.stat().st_size) if source.path.is_file() else "a directory")
 
         # The KV budget is what is available once the weights are in memory.
         c = self.model_config
         spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         strategy = strategy_class(config.kv_cache)
         options = strategy.resolve_options(config, c, spec, max_model_len)
-        budget = config.resolve_kv_budget(self.device, lambda: sum(
-            t.numel() * t.element_size() for t in self.model.state_dict().values()))
+        budget = config.resolve_kv_budget(self.device, weight_bytes)
         self.manager = build_manager(config.kv_cache, spec, budget, max_model_len, options)
         # A sequence can never hold more than the KV budget: cap the context to it.
         self.max_model_len = min(max_model_len, self.manager.max_tokens_per_sequence)
