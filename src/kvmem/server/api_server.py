@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over an `AsyncLLMEngine`.
 
     POST /v1/completions        POST /v1/chat/completions      (stream or not)
+    POST /tokenize   POST /detokenize                           (vLLM's)
     GET  /v1/models   GET /health   GET /version   GET /metrics
 
 Every request handler runs on the event loop: it validates the body (a 400 names the field),
@@ -50,7 +51,8 @@ from kvmem.engine.async_engine import AsyncLLMEngine, EngineStoppedError
 from kvmem.outputs import CompletionOutput, Logprob, RequestOutput
 from kvmem.sampling_params import SamplingParams
 from kvmem.server.metrics import ServerMetrics
-from kvmem.server.protocol import MAX_N, ChatCompletionRequest, CompletionRequest, InvalidRequest
+from kvmem.server.protocol import (MAX_N, UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest,
+                                   DetokenizeRequest, InvalidRequest, TokenizeRequest)
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +186,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         body = await read_body(request, CompletionRequest, settings)
         check_model(body.model, settings)
         params = body.sampling_params()
+        check_engine_params(engine, params)
         raw_prompts = body.prompts()
         check_prompt_count(len(raw_prompts), params.n, settings)
         check_prompt_chars(raw_prompts, settings.prompt_char_limit(engine.max_model_len), engine.max_model_len)
@@ -194,26 +197,30 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
         prompts, echo = await asyncio.to_thread(tokenize)  # off the loop: a long prompt takes seconds
         check_logprob_budget(engine, params, prompts, "logprobs")
+        check_prompt_logprob_budget(params, prompts)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         header = {"id": request_id, "object": "text_completion", "created": int(time.time()),
                   "model": settings.served_model_name}
         streams = [track(metrics, engine.generate(p.text, p.token_ids, params, f"{request_id}-{i}"), params.n)
                    for i, p in enumerate(prompts)]
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(stream_completion(header, streams, params, echo, include_usage))
+        if body.streaming:
+            return sse_response(stream_completion(header, streams, params, echo, body.include_usage))
         finals = await until_disconnected(request, gather_finals(streams))
 
         def respond() -> JSONResponse:
             choices = []
             for i, out in enumerate(finals):
                 for c in out.outputs:
+                    logprobs = completion_logprobs(c, params, 0, len(echo[i]))
+                    if echo[i] and logprobs is not None:  # echo with logprobs: the prompt's come first
+                        logprobs = echo_logprobs(engine, out, params, logprobs)
                     choices.append({"index": i * params.n + c.index, "text": echo[i] + c.text,
-                                    "logprobs": completion_logprobs(c, params, 0, len(echo[i])),
-                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                                    "logprobs": logprobs,
+                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                    "prompt_logprobs": prompt_logprobs_json(out)})
             return JSONResponse({**header, "choices": choices, "usage": usage(finals)})
 
-        return await off_loop_if(params.logprobs is not None, respond)
+        return await off_loop_if(params.logprobs is not None or params.prompt_logprobs is not None, respond)
 
     # --- chat completions ------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -221,30 +228,82 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         body = await read_body(request, ChatCompletionRequest, settings)
         check_model(body.model, settings)
         params = body.sampling_params()
+        check_engine_params(engine, params)
         char_limit = settings.prompt_char_limit(engine.max_model_len)
         check_conversation_size(body, engine.max_model_len, char_limit)
         explicit_max_tokens = body.max_tokens is not None or body.max_completion_tokens is not None
         # Off the loop: rendering a template and tokenizing a long conversation take seconds.
         prompt = await asyncio.to_thread(render_chat, engine, body, params, explicit_max_tokens, char_limit)
         check_logprob_budget(engine, params, [prompt], "top_logprobs" if body.top_logprobs else "logprobs")
+        check_prompt_logprob_budget(params, [prompt])
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         header = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                   "model": settings.served_model_name}
         stream = track(metrics, engine.generate(prompt.text, prompt.token_ids, params, request_id), params.n)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(stream_chat(header, stream, params, include_usage))
+        if body.streaming:
+            return sse_response(stream_chat(header, stream, params, body.include_usage))
         (final,) = await until_disconnected(request, gather_finals([stream]))
 
         def respond() -> JSONResponse:
             choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                         "logprobs": chat_logprobs(c, params, 0), "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason} for c in final.outputs]
-            return JSONResponse({**header, "choices": choices, "usage": usage([final])})
+            return JSONResponse({**header, "choices": choices, "usage": usage([final]),
+                                 "prompt_logprobs": prompt_logprobs_json(final)})
 
-        return await off_loop_if(params.logprobs is not None, respond)
+        return await off_loop_if(params.logprobs is not None or params.prompt_logprobs is not None, respond)
+
+    # --- tokenizer (vLLM's routes: /tokenize and /detokenize, not under /v1) -----------------------
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await read_body(request, TokenizeRequest, settings)
+        check_model(body.model, settings)
+        body.check()
+        char_limit = settings.prompt_char_limit(engine.max_model_len)
+        if body.prompt is not None and len(body.prompt) > char_limit:
+            raise InvalidRequest(f"the prompt is {len(body.prompt)} characters, more than the {char_limit} that "
+                                 "could fit in this model's context", "prompt")
+
+        def run() -> dict:
+            tokenizer = engine.tokenizer
+            if body.prompt is not None:
+                add_special = True if body.add_special_tokens is None else body.add_special_tokens
+                tokens = tokenizer.encode(body.prompt, add_special_tokens=add_special)
+            else:
+                if sum(len(m.content) for m in body.messages if isinstance(m.content, str)) > char_limit:
+                    raise InvalidRequest(f"the messages hold more than the {char_limit} characters that could fit "
+                                         "in this model's context", "messages")
+                try:
+                    text = tokenizer.apply_chat_template(
+                        body.conversation(), body.add_generation_prompt is not False,
+                        **(body.chat_template_kwargs or {}))
+                except ValueError as e:
+                    raise InvalidRequest(str(e), "messages") from e
+                except TypeError as e:
+                    raise InvalidRequest(str(e), "chat_template_kwargs") from e
+                tokens = tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+            strs = [tokenizer.id_to_token(t) or "" for t in tokens] if body.return_token_strs else None
+            return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens,
+                    "token_strs": strs}
+
+        return JSONResponse(await asyncio.to_thread(run))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await read_body(request, DetokenizeRequest, settings)
+        check_model(body.model, settings)
+        vocab = engine.engine.model_config.vocab_size
+        for i, t in enumerate(body.tokens):
+            if not 0 <= t < vocab:
+                raise InvalidRequest(f"token id {t} is outside this model's vocabulary [0, {vocab})", f"tokens[{i}]")
+        text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens, False)
+        return JSONResponse({"prompt": text})
 
     return app
+
+
+# Outside /v1 but behind the API key, as in vLLM.
+KEYED_PATHS = ("/tokenize", "/detokenize")
 
 
 class ApiKeyMiddleware:
@@ -264,7 +323,7 @@ class ApiKeyMiddleware:
                                                                     self.key_digest)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1") or scope["path"] in KEYED_PATHS):
             if not self.authorized(dict(scope["headers"]).get(b"authorization", b"")):
                 response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                           code="invalid_api_key")
@@ -340,6 +399,12 @@ def parse_body(model: type[Body], raw: bytes) -> Body:
         if first["type"] == "json_invalid":
             raise InvalidRequest(f"the body is not valid JSON: {first['msg']}") from e
         param = error_param(first["loc"])
+        if first["type"] == "extra_forbidden":
+            name = str(first["loc"][-1])
+            why = ("is not supported by this server" if name in UNSUPPORTED_FIELDS
+                   else "is not a parameter this endpoint knows")
+            raise InvalidRequest(f"{param}: {name!r} {why}; kvmem refuses what it would otherwise ignore",
+                                 param, code="unsupported_parameter") from e
         raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param or None) from e
 
 
@@ -393,7 +458,7 @@ def render_chat(engine: AsyncLLMEngine, body: ChatCompletionRequest, params: Sam
                 explicit_max_tokens: bool, char_limit: int) -> _Prompt:
     """The conversation through the chat template, tokenized and checked (on a worker thread)."""
     try:
-        text = engine.tokenizer.apply_chat_template(body.conversation(), body.add_generation_prompt,
+        text = engine.tokenizer.apply_chat_template(body.conversation(), body.add_generation_prompt is not False,
                                                     **(body.chat_template_kwargs or {}))
     except ValueError as e:
         raise InvalidRequest(str(e), "messages") from e
@@ -433,6 +498,25 @@ def check_prompt(engine: AsyncLLMEngine, prompt: Any, params: SamplingParams, ex
 
 def prompt_text(engine: AsyncLLMEngine, prompt: _Prompt) -> str:
     return prompt.text if prompt.text is not None else engine.tokenizer.decode(prompt.token_ids)
+
+
+def check_engine_params(engine: AsyncLLMEngine, params: SamplingParams) -> None:
+    """What only the engine can check (logit_bias ids against the vocabulary, prompt logprobs with
+    this runner); its messages start with the parameter's name."""
+    try:
+        engine.engine.check_params(params)
+    except ValueError as e:
+        raise InvalidRequest(str(e), str(e).split(" ", 1)[0]) from e
+
+
+def check_prompt_logprob_budget(params: SamplingParams, prompts: list[_Prompt]) -> None:
+    if params.prompt_logprobs is None:
+        return
+    entries = sum(len(p.token_ids) for p in prompts) * (params.prompt_logprobs + 1)
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise InvalidRequest(f"this request could return {entries} prompt logprobs (prompt tokens x (alternatives "
+                             f"+ 1)); at most {MAX_LOGPROB_ENTRIES}: lower prompt_logprobs or shorten the prompts",
+                             "prompt_logprobs")
 
 
 def check_logprob_budget(engine: AsyncLLMEngine, params: SamplingParams, prompts: list[_Prompt], param: str) -> None:
@@ -574,6 +658,7 @@ class _StreamState:
     def __init__(self) -> None:
         self.tokens_sent: dict[int, int] = {}
         self.chars_sent: dict[int, int] = {}
+        self.prompt_logprobs_sent: set[int] = set()
 
     def unsent(self, index: int, c: CompletionOutput, params: SamplingParams) -> int | None:
         """Tokens of choice `index` already sent, or None when this output has nothing to send:
@@ -609,9 +694,12 @@ async def stream_completion(header: dict, streams: list[AsyncIterator[RequestOut
             if sent is None:
                 continue
             offset = state.chars_sent.get(index, len(echo[i]))
-            choices.append({"index": index, "text": c.text_delta,
-                            "logprobs": completion_logprobs(c, params, sent, offset),
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            choice = {"index": index, "text": c.text_delta, "logprobs": completion_logprobs(c, params, sent, offset),
+                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            if out.prompt_logprobs is not None and index not in state.prompt_logprobs_sent:
+                choice["prompt_logprobs"] = prompt_logprobs_json(out)  # once per choice, in its first chunk
+                state.prompt_logprobs_sent.add(index)
+            choices.append(choice)
             state.tokens_sent[index] = len(c.token_ids)
             state.chars_sent[index] = offset + len(c.text_delta)
         if choices:
@@ -656,6 +744,36 @@ def usage(finals: list[RequestOutput]) -> dict:
     cached = sum(o.num_cached_tokens for o in finals)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def echo_logprobs(engine: AsyncLLMEngine, out: RequestOutput, params: SamplingParams, generated: dict) -> dict:
+    """vLLM's echo with logprobs: the prompt tokens (from the prompt logprobs; the first has none)
+    before the generated ones, in the legacy completions shape."""
+    tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
+    for position, token_id in enumerate(out.prompt_token_ids):
+        entry = out.prompt_logprobs[position] if out.prompt_logprobs is not None else None
+        if entry is None:
+            text, logprob, top = engine.tokenizer.decode([token_id], False), None, None
+        else:
+            text, logprob = _token_text(entry[token_id], token_id), entry[token_id].logprob
+            top = {_token_text(lp, t): lp.logprob for t, lp in entry.items()
+                   if lp.rank is not None and lp.rank <= params.logprobs} or None
+        tokens.append(text)
+        token_logprobs.append(logprob)
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens + generated["tokens"], "token_logprobs": token_logprobs + generated["token_logprobs"],
+            "top_logprobs": tops + generated["top_logprobs"], "text_offset": offsets + generated["text_offset"]}
+
+
+def prompt_logprobs_json(out: RequestOutput) -> list[dict | None] | None:
+    """vLLM's shape: per prompt token None (the first) or {token_id: {logprob, rank, decoded_token}}."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in entry.items()} for entry in out.prompt_logprobs]
 
 
 def _token_text(lp: Logprob, token_id: int) -> str:

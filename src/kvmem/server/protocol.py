@@ -1,19 +1,24 @@
 """The OpenAI API's request bodies, validated, and their translation into `SamplingParams`.
 
 Types are strict (a string is not a number, a float is not an int, a bool is neither), so a
-malformed body is a 400 naming the field, not a coerced value. Fields the OpenAI API defines but
-kvmem cannot honour (`suffix`, `logit_bias`, `tools`, JSON response formats) are refused with a
-400 rather than silently ignored; fields nobody defined are ignored, as vLLM does, so clients that
-send vendor extras keep working.
+malformed body is a 400 naming the field, not a coerced value. `null` is accepted wherever OpenAI's
+schema allows it and means the default.
+
+Unknown keys: nothing is silently ignored. A field kvmem does not implement (OpenAI's `suffix`,
+`tools`, JSON response formats, `prediction`, ...; vLLM's guided decoding, `structured_outputs`,
+beam search, ...) is refused with a 400 naming it, unless it carries its neutral value (null, or
+e.g. `use_beam_search: false`), which changes nothing. A key nobody defined is a 400 naming it too
+(extra="forbid"). OpenAI fields that do not change the output (`user`, `metadata`, `store`,
+`service_tier`, `parallel_tool_calls`) are accepted.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvmem.sampling_params import MAX_LOGPROBS, SamplingParams
+from kvmem.sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, SamplingParams
 
 # OpenAI's limit on samples per request; without one, `n` alone could ask for millions of sequences.
 MAX_N = 128
@@ -40,43 +45,120 @@ class InvalidRequest(ValueError):
         self.code = code
 
 
+# Fields kvmem does not implement, with the values that ask for nothing (null always does): such a
+# key is dropped when it carries one of them and refused (400 naming it) otherwise.
+_ANY = object()
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    # OpenAI's
+    "suffix": ("",), "prediction": (), "audio": (), "modalities": (["text"],), "web_search_options": (),
+    "functions": ([],), "function_call": ("none",), "reasoning_effort": (), "tools": ([],),
+    # vLLM's extras
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "guided_decoding_backend": (), "guided_whitespace_pattern": (), "structured_outputs": (),
+    "use_beam_search": (False,), "length_penalty": (1, 1.0), "early_stopping": (False,),
+    "allowed_token_ids": (), "bad_words": ([],), "truncate_prompt_tokens": (),
+    "spaces_between_special_tokens": (True,), "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,), "prompt_embeds": (), "logits_processors": (), "vllm_xargs": (),
+    "kv_transfer_params": (), "cache_salt": (), "priority": (0,), "mm_processor_kwargs": (),
+    "documents": (), "chat_template": (), "continue_final_message": (False,), "thinking_token_budget": (),
+}
+# OpenAI fields that do not change what is generated: accepted, and not used.
+ACCEPTED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "request_id")
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_neutral_unsupported(cls, data: Any) -> Any:
+        """Keys of UNSUPPORTED_FIELDS that ask for nothing are dropped; the others stay and meet
+        extra="forbid" (a 400 naming them), unless the model itself declares the field."""
+        if isinstance(data, dict):
+            for key in [k for k in data if k in UNSUPPORTED_FIELDS and k not in cls.model_fields]:
+                value = data[key]
+                if value is None or any(value == v and type(value) is type(v) for v in UNSUPPORTED_FIELDS[key]):
+                    del data[key]
+        return data
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's: usage in every chunk; not implemented
+
+    def check(self) -> None:
+        if self.continuous_usage_stats:
+            raise InvalidRequest("stream_options.continuous_usage_stats is not supported",
+                                 "stream_options.continuous_usage_stats")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # json_schema: refused with its type
+
+    type: str
 
 
 class _SamplingFields(_Body):
     """What completions and chat share; the names are OpenAI's, then vLLM's extras."""
 
     model: str | None = None
-    n: int = 1
+    n: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None
     logit_bias: dict[str, float] | None = None
+    # accepted, not used (see ACCEPTED_FIELDS)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    request_id: str | None = None
     # vLLM's extras
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    prompt_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return 1 if self.n is None else self.n
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if self.logit_bias is None:
+            return None
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidRequest(f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries, "
+                                 f"got {len(self.logit_bias)}", "logit_bias")
+        bias = {}
+        for key, value in self.logit_bias.items():
+            token = key.strip()
+            if not token.isascii() or not token.isdigit() or len(token) > 12:
+                raise InvalidRequest(f"logit_bias keys must be token ids (decimal strings), got {key!r}", "logit_bias")
+            bias[int(token)] = value
+        return bias
 
     def _check_common(self) -> None:
-        if self.logit_bias:
-            raise InvalidRequest("logit_bias is not supported", "logit_bias")
-        if self.n > MAX_N:
+        if self.n is not None and self.n > MAX_N:
             raise InvalidRequest(f"n must be <= {MAX_N}, got {self.n}", "n")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > MAX_STOP_STRINGS:
@@ -86,8 +168,16 @@ class _SamplingFields(_Body):
         if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidRequest(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, "
                                  f"got {len(self.stop_token_ids)}", "stop_token_ids")
-        if self.stream_options is not None and not self.stream:
-            raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
+        if self.stream_options is not None:
+            if not self.stream:
+                raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
+            self.stream_options.check()
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest(f"response_format {self.response_format.type!r} is not supported; "
+                                 "only 'text'", "response_format")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
+                                 "prompt_logprobs")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         def given(value: Any, default: Any) -> Any:
@@ -95,14 +185,16 @@ class _SamplingFields(_Body):
 
         try:
             return SamplingParams(
-                n=self.n, temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0),
+                n=self.num_samples, temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0),
                 top_k=given(self.top_k, 0), min_p=given(self.min_p, 0.0),
                 repetition_penalty=given(self.repetition_penalty, 1.0),
                 presence_penalty=given(self.presence_penalty, 0.0),
                 frequency_penalty=given(self.frequency_penalty, 0.0), seed=self.seed, max_tokens=max_tokens,
-                min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
-                skip_special_tokens=self.skip_special_tokens, logprobs=logprobs)
+                min_tokens=given(self.min_tokens, 0), stop=self.stop, stop_token_ids=self.stop_token_ids,
+                ignore_eos=given(self.ignore_eos, False),
+                include_stop_str_in_output=given(self.include_stop_str_in_output, False),
+                skip_special_tokens=given(self.skip_special_tokens, True), logprobs=logprobs,
+                prompt_logprobs=self.prompt_logprobs, logit_bias=self._logit_bias())
         except ValueError as e:
             message = str(e)
             # SamplingParams' messages start with the parameter's name.
@@ -115,9 +207,10 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = None
     best_of: int | None = None
-    suffix: str | None = None
+    # vLLM's: only its default (the tokenizer's special tokens around a text prompt)
+    add_special_tokens: bool | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""
@@ -134,26 +227,25 @@ class CompletionRequest(_SamplingFields):
 
     def sampling_params(self) -> SamplingParams:
         self._check_common()
-        if self.suffix:
-            raise InvalidRequest("suffix is not supported", "suffix")
-        if self.best_of is not None and self.best_of != self.n:
+        if self.add_special_tokens is False:
+            raise InvalidRequest("add_special_tokens false is not supported on completions", "add_special_tokens")
+        if self.best_of is not None and self.best_of != self.num_samples:
             raise InvalidRequest("best_of must equal n (kvmem returns every sample it draws)", "best_of")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequest("echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise InvalidRequest("echo with logprobs is not supported when streaming", "echo")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        params = self._sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None and self.prompt_logprobs is None:
+            params.prompt_logprobs = self.logprobs  # echoed tokens carry logprobs too (as in vLLM)
+        return params
 
 
-class ChatMessage(_Body):
+class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id, ... reach the template
 
     role: str
     content: str | list[dict[str, Any]] | None = None
-
-
-class ResponseFormat(_Body):
-    type: str
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -162,13 +254,13 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # None: as many as fit in the context
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # vLLM's extras
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = None
+    add_special_tokens: bool | None = None  # only its default (false: the template writes them)
+    echo: bool | None = None  # vLLM's chat echo: only false
     chat_template_kwargs: dict[str, Any] | None = None
 
     def conversation(self) -> list[dict[str, Any]]:
@@ -187,13 +279,12 @@ class ChatCompletionRequest(_SamplingFields):
     def sampling_params(self) -> SamplingParams:
         self._check_common()
         self.check_roles()
-        if self.tools:
-            raise InvalidRequest("tools are not supported", "tools")
         if self.tool_choice not in (None, "none"):
             raise InvalidRequest("tool_choice is not supported", "tool_choice")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequest(f"response_format {self.response_format.type!r} is not supported; "
-                                 "only 'text'", "response_format")
+        if self.add_special_tokens:
+            raise InvalidRequest("add_special_tokens true is not supported on chat completions", "add_special_tokens")
+        if self.echo:
+            raise InvalidRequest("echo is not supported on chat completions", "echo")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise InvalidRequest("top_logprobs needs logprobs to be true", "top_logprobs")
@@ -204,3 +295,41 @@ class ChatCompletionRequest(_SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs)
 
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's): a text prompt, or chat messages rendered by the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    return_token_strs: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("send exactly one of prompt and messages", "prompt" if self.prompt is None
+                                 else "messages")
+        if self.messages is not None:
+            if not self.messages:
+                raise InvalidRequest("messages must not be empty", "messages")
+            ChatCompletionRequest.check_roles(self)  # same rule as chat completions
+        elif self.add_generation_prompt is not None or self.chat_template_kwargs is not None:
+            raise InvalidRequest("add_generation_prompt and chat_template_kwargs go with messages",
+                                 "add_generation_prompt" if self.add_generation_prompt is not None
+                                 else "chat_template_kwargs")
+        if self.continue_final_message:
+            raise InvalidRequest("continue_final_message is not supported", "continue_final_message")
+
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages or []]
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize (vLLM's)."""
+
+    model: str | None = None
+    tokens: list[int]
