@@ -317,3 +317,19 @@ def test_echo_with_logprobs_scores_the_prompt_tokens_too(client, tiny_server):
     assert lp.token_logprobs[usage.prompt_tokens:] == plain.choices[0].logprobs.token_logprobs
     streamed = post(tiny_server, "/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1, "stream": True})
     assert_400_naming(streamed, "echo")
+
+
+def test_prompt_logprobs_in_a_chat_stream_come_once_per_choice(tiny_server):
+    messages = [{"role": "user", "content": "Hi"}]
+    r = post(tiny_server, "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "n": 2, "stream": True,
+                                                   "prompt_logprobs": 1})
+    seen: dict[int, list] = {}
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                if "prompt_logprobs" in choice:
+                    assert choice["index"] not in seen
+                    seen[choice["index"]] = choice["prompt_logprobs"]
+    assert sorted(seen) == [0, 1] and seen[0] == seen[1]
+    tokens = post(tiny_server, "/tokenize", {"messages": messages}).json()["tokens"]
+    check_prompt_logprobs(seen[0], tokens, 1, tiny_server.engine.tokenizer.decode)

@@ -309,6 +309,8 @@ class LLMEngine:
                 entry[token_id] = Logprob(lp, rank, decode([token_id], skip_special_tokens=False))
                 entries[start + 1 + j] = entry
                 request.prompt_logprobs_left -= 1
+            if not request.prompt_logprobs_left:  # complete: from now on never written, so shared by outputs
+                request.prompt_logprobs = list(entries)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """The prompt is computed: make the request's other n - 1 samples share it."""
@@ -399,8 +401,7 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
                              finished=request.finished or request.error is not None,
                              num_cached_tokens=request.seqs[0].num_cached_tokens,
-                             prompt_logprobs=(list(request.prompt_logprobs) if request.prompt_logprobs is not None
-                                              and not request.prompt_logprobs_left else None),
+                             prompt_logprobs=request.prompt_logprobs if not request.prompt_logprobs_left else None,
                              metrics=metrics)
 
     # --- what callers read ---------------------------------------------------------------

@@ -725,9 +725,13 @@ async def stream_chat(header: dict, stream: AsyncIterator[RequestOutput], params
             sent = state.unsent(c.index, c, params)
             if sent is None:
                 continue
-            choices.append({"index": c.index, "delta": {"content": c.text_delta} if c.text_delta else {},
-                            "logprobs": chat_logprobs(c, params, sent), "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason})
+            choice = {"index": c.index, "delta": {"content": c.text_delta} if c.text_delta else {},
+                      "logprobs": chat_logprobs(c, params, sent), "finish_reason": c.finish_reason,
+                      "stop_reason": c.stop_reason}
+            if out.prompt_logprobs is not None and c.index not in state.prompt_logprobs_sent:
+                choice["prompt_logprobs"] = prompt_logprobs_json(out)  # once per choice, in its first chunk
+                state.prompt_logprobs_sent.add(c.index)
+            choices.append(choice)
             state.tokens_sent[c.index] = len(c.token_ids)
         if choices:
             yield {**header, "choices": choices, **extra}
