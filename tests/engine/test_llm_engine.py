@@ -219,3 +219,16 @@ def test_logit_bias_steers_greedy_and_is_checked_against_the_vocabulary(llm):
     with pytest.raises(ValueError, match="logit_bias"):
         llm.generate([{"prompt_token_ids": PROMPT}], SamplingParams(logit_bias={vocab: 1.0}), use_tqdm=False)
     assert_memory_returned(llm)
+
+
+def test_prompt_logprobs_survive_preemption(tiny_dir, hf):
+    # ~96 tokens of KV for four 21-token prompts that grow by 16: the newest are preempted and recomputed.
+    llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory="48KiB", block_size=4, max_num_batched_tokens=8)
+    prompts = [LONG_PROMPT[i:] + LONG_PROMPT[:i] for i in range(4)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=2),
+                        use_tqdm=False)
+    assert llm.engine.scheduler.counters.num_preemptions > 0
+    for prompt, out in zip(prompts, outs):
+        assert_prompt_logprobs_exact(out.prompt_logprobs, prompt, hf, 2)
+    assert_memory_returned(llm)
