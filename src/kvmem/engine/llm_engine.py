@@ -291,7 +291,14 @@ class LLMEngine:
     def _add_prompt_logprobs(self, prompt_logits: list[tuple[Sequence, int, torch.Tensor]]) -> None:
         """Fill the prompt logprobs of positions this step computed (a recomputed chunk, after a
         preemption, fills nothing twice)."""
-        decode = self.tokenizer.decode
+        texts: dict[int, str] = {}  # one decode per distinct token id: the top tokens repeat a lot
+
+        def decode(token_id: int) -> str:
+            text = texts.get(token_id)
+            if text is None:
+                text = texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            return text
+
         for seq, start, logits in prompt_logits:
             request = self.requests.get(seq.request_id)
             if request is None or not request.prompt_logprobs_left:
@@ -304,9 +311,8 @@ class LLMEngine:
                 if entries[start + 1 + j] is not None:
                     continue
                 ranked = sorted(top.items(), key=lambda kv: -kv[1])
-                entry = {tid: Logprob(tlp, r, decode([tid], skip_special_tokens=False))
-                         for r, (tid, tlp) in enumerate(ranked, start=1)}
-                entry[token_id] = Logprob(lp, rank, decode([token_id], skip_special_tokens=False))
+                entry = {tid: Logprob(tlp, r, decode(tid)) for r, (tid, tlp) in enumerate(ranked, start=1)}
+                entry[token_id] = Logprob(lp, rank, decode(token_id))
                 entries[start + 1 + j] = entry
                 request.prompt_logprobs_left -= 1
             if not request.prompt_logprobs_left:  # complete: from now on never written, so shared by outputs
