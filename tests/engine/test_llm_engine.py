@@ -232,3 +232,16 @@ def test_prompt_logprobs_survive_preemption(tiny_dir, hf):
     for prompt, out in zip(prompts, outs):
         assert_prompt_logprobs_exact(out.prompt_logprobs, prompt, hf, 2)
     assert_memory_returned(llm)
+
+
+def test_prompt_logprobs_take_no_cached_prefix_in_a_virtual_slot_either(tiny_dir, hf):
+    # virtual finds prefixes in free slots' leftovers and in chunks shared with running sequences.
+    with LLM(str(tiny_dir), dtype="float32", kv_cache="virtual", kv_cache_memory="4MiB") as llm:
+        for _ in range(2):
+            cached = llm.generate([{"prompt_token_ids": LONG_PROMPT}], SamplingParams(temperature=0, max_tokens=2),
+                                  use_tqdm=False)[0].num_cached_tokens
+        assert cached > 0
+        out = llm.generate([{"prompt_token_ids": LONG_PROMPT}],
+                           SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1), use_tqdm=False)[0]
+        assert out.num_cached_tokens == 0
+        assert_prompt_logprobs_exact(out.prompt_logprobs, LONG_PROMPT, hf, 1)

@@ -22,6 +22,7 @@ class Seq(FakeSeq):
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
+    reuses_prefix_cache: bool = True
 
 
 def run_step(sched: Scheduler):

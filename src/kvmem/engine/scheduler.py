@@ -96,7 +96,7 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0:
-                seq.num_computed_tokens = self._admit(seq)
+                seq.num_computed_tokens = self.manager.admit(seq, reuse_prefix=seq.reuses_prefix_cache)
                 if seq.num_preemptions == 0:
                     seq.num_cached_tokens = seq.num_computed_tokens
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -115,21 +115,6 @@ class Scheduler:
         if any(s.seq.num_computed_tokens + s.num_new_tokens < s.seq.num_tokens for s in out.scheduled):
             self.counters.num_chunked_prefills += 1
         return out
-
-    def _admit(self, seq: Sequence) -> int:
-        """The manager's admission; a sequence asking for prompt logprobs needs every prompt row's
-        logits, so it takes no prefix-cache hit (as in vLLM) and computes its prompt whole."""
-        if seq.params.prompt_logprobs is None:
-            return self.manager.admit(seq)
-        owners = [m for m in (self.manager, getattr(self.manager, "device_tier", None))
-                  if getattr(m, "enable_prefix_caching", False)]
-        for m in owners:
-            m.enable_prefix_caching = False
-        try:
-            return self.manager.admit(seq)
-        finally:
-            for m in owners:
-                m.enable_prefix_caching = True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)

@@ -66,5 +66,11 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def reuses_prefix_cache(self) -> bool:
+        """Whether admission may take a cached prefix: not when the request asks for prompt
+        logprobs, which need every prompt row's logits (as in vLLM)."""
+        return self.params.prompt_logprobs is None
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

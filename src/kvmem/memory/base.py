@@ -164,9 +164,10 @@ class KVCacheManager(ABC):
         return ModelRunner(model, self, device, attention_backend)
 
     # --- admission and growth -------------------------------------------------------------
-    def admit(self, seq: SequenceView) -> int:
+    def admit(self, seq: SequenceView, reuse_prefix: bool = True) -> int:
         """Called once when a waiting sequence is first scheduled (again). Returns how many of its
-        leading tokens are already in the cache (prefix hit); they become computed. Default: none."""
+        leading tokens are already in the cache (prefix hit); they become computed. Default: none.
+        `reuse_prefix=False`: take no hit (the sequence needs every prompt row computed)."""
         return 0
 
     @abstractmethod

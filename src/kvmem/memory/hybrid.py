@@ -198,8 +198,8 @@ class HybridKVCacheManager(KVCacheManager):
     def host_table(self, seq: SequenceView) -> list[HostBlock]:
         return self.host_tables[seq.seq_id]
 
-    def admit(self, seq: SequenceView) -> int:
-        return self.device_tier.admit(seq)  # prefix hits come from the device tier
+    def admit(self, seq: SequenceView, reuse_prefix: bool = True) -> int:
+        return self.device_tier.admit(seq, reuse_prefix)  # prefix hits come from the device tier
 
     def _num_free_host(self) -> int:
         return len(self.free_kv) + len(self.free_act)

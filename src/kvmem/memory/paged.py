@@ -59,11 +59,11 @@ class PagedKVCacheManager(KVCacheManager):
         return [b.block_id for b in self.tables.get(seq.seq_id, ())]
 
     # --- prefix cache -------------------------------------------------------------------
-    def admit(self, seq: SequenceView) -> int:
+    def admit(self, seq: SequenceView, reuse_prefix: bool = True) -> int:
         assert seq.seq_id not in self.tables, "admit() on a sequence that already holds blocks"
         table: list[KVBlock] = []
         hashes: list[BlockHash] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and reuse_prefix:
             # At least the last token must be computed to produce logits, so only blocks that
             # lie entirely within the first num_tokens - 1 tokens can be hits.
             num_full = (seq.num_tokens - 1) // self.block_size

@@ -234,7 +234,7 @@ class VirtualKVCacheManager(KVCacheManager):
         return chunks * self.layout.page_tokens
 
     # --- admission ----------------------------------------------------------------------
-    def admit(self, seq: SequenceView) -> int:
+    def admit(self, seq: SequenceView, reuse_prefix: bool = True) -> int:
         """Take a free slot and return how many of `seq`'s leading tokens are already in it.
 
         The tokens come either from the slot's own leftovers (the free slot holding the longest
@@ -244,8 +244,9 @@ class VirtualKVCacheManager(KVCacheManager):
         assert seq.seq_id not in self.owned, "admit() on a sequence that already holds a slot"
         if not self.free_slots:
             return 0
-        slot, hit = self._pick_slot(seq)
-        sources = self.sharing.find(seq) if self.enable_prefix_caching else []
+        reuse = self.enable_prefix_caching and reuse_prefix
+        slot, hit = self._pick_slot(seq) if reuse else (self._best_fit(seq), 0)
+        sources = self.sharing.find(seq) if reuse else []
         if len(sources) * self.layout.page_tokens > hit and self.sharing.may_share():
             slot = self._best_fit(seq)
             self._map_shared_prefix(slot, sources)
