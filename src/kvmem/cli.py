@@ -46,7 +46,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False, 
 
     if model_positional:  # `kvmem serve MODEL`, as `vllm serve MODEL`
         p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
-                       help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+                       help="Hub id (org/name, org/name:QUANT), HF directory or .gguf file "
+                            "(default: embedded SmolLM2-135M-Instruct)")
     choices = {"kv_cache": KV_CACHE_STRATEGIES, "attention_backend": ATTENTION_BACKENDS}
     groups: dict[str, argparse._ArgumentGroup] = {}
     names = []

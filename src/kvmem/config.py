@@ -25,7 +25,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, 
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # HF directory or .gguf file; None = the embedded SmolLM2-135M-Instruct
+    model: str | None = None  # Hub id (org/name[:QUANT]), HF directory or .gguf file; None = embedded SmolLM2
     dtype: str = "auto"
     kv_cache: str = "paged"
     kv_cache_memory: int | float | str | None = None  # bytes, "2GiB", or a fraction in (0, 1]
@@ -233,7 +233,8 @@ HYBRID_GROUP = "hybrid KV cache (HybridServe): --kv-cache hybrid"
 
 # One entry per EngineConfig field (tests/test_cli.py checks): a field without one has no help line.
 ENGINE_FLAGS: dict[str, EngineFlag] = {
-    "model": EngineFlag("HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
+    "model": EngineFlag("Hub id (org/name, org/name:QUANT), HF directory or .gguf file "
+                        "(default: embedded SmolLM2-135M-Instruct)"),
     "dtype": EngineFlag("auto | float32 | bfloat16 | float16 (auto: the checkpoint's on CUDA; on CPU bfloat16 "
                         "where the CPU computes it natively, else float32)"),
     "kv_cache": EngineFlag("KV-cache strategy"),

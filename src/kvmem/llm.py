@@ -20,7 +20,8 @@ Message = dict[str, Any]
 class LLM:
     """Load a model and generate from it.
 
-    `model`: a Hugging Face directory or a .gguf file; None = the embedded SmolLM2-135M-Instruct.
+    `model`: a Hub id ("org/name", "org/name:Q4_K_M"), a Hugging Face directory or a .gguf file;
+    None = the embedded SmolLM2-135M-Instruct.
     `kv_cache`: "paged" (default), "static", "virtual" or "hybrid". `kv_cache_memory`: bytes, a size
     like "2GiB", or a fraction of the memory available after the weights. The other keywords are
     `EngineConfig`'s; "hybrid" takes `device_memory`, `host_memory`, `act_ratio` (None: the cost
