@@ -331,22 +331,24 @@ def resolve_memory_bytes(value: int | float | str | None, device: torch.device, 
 def total_memory_bytes(device: torch.device) -> int:
     """All the memory of `device`: the device's on CUDA, MemTotal (RAM) on CPU."""
     if device.type == "cuda":
-        _, total = torch.cuda.mem_get_info(device)
-        return total
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return torch.cuda.mem_get_info(device)[1]
+    return _meminfo_bytes("MemTotal", "SC_PHYS_PAGES")
 
 
 def available_memory_bytes(device: torch.device) -> int:
     """Memory the KV cache could take now: free device memory on CUDA, MemAvailable on CPU."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return torch.cuda.mem_get_info(device)[0]
+    return _meminfo_bytes("MemAvailable", "SC_AVPHYS_PAGES")
+
+
+def _meminfo_bytes(field: str, sysconf_pages: str) -> int:
+    """A /proc/meminfo field in bytes, or sysconf's page count where there is no /proc."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf(sysconf_pages)

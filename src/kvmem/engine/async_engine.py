@@ -301,12 +301,7 @@ class AsyncLLMEngine:
         for stream in self._streams.values():
             self._put(stream, error)
         self._streams.clear()
-        while True:
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            command()
+        self._drain_inbox()
 
     def _run(self) -> None:
         while True:
