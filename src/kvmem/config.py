@@ -64,6 +64,8 @@ class EngineConfig:
     revision: str | None = None  # branch, tag or commit of a Hub model; None = main
     download_dir: str | None = None  # Hub cache directory; None = HF_HUB_CACHE / HF_HOME's
     gguf_file: str | None = None  # the .gguf file to read in a Hub repo or a directory
+    # vLLM's --kv-events-config: JSON (or a dict) of kvmem.engine.kv_events.KVEventsConfig; None = no events
+    kv_events_config: str | dict | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_STRATEGIES:
@@ -96,6 +98,10 @@ class EngineConfig:
         self._check_hybrid()
         self._check_model_source()
         self._check_vllm_options()
+        if self.kv_events_config is not None:
+            from kvmem.engine.kv_events import KVEventsConfig
+
+            KVEventsConfig.parse(self.kv_events_config)  # validate early
 
     def _check_vllm_options(self) -> None:
         u = self.gpu_memory_utilization
@@ -284,6 +290,10 @@ ENGINE_FLAGS: dict[str, EngineFlag] = {
     "tensor_parallel_size": EngineFlag("devices to split the model over; only 1 for now", aliases=("-tp",)),
     "chat_template": EngineFlag("chat template to use instead of the model's: a file path or an inline Jinja "
                                 "string", metavar="FILE_OR_JINJA"),
+    "kv_events_config": EngineFlag("vLLM's KV-cache events, as JSON: e.g. '{\"enable_kv_cache_events\": true, "
+                                   "\"endpoint\": \"tcp://*:5557\"}' publishes BlockStored / BlockRemoved / "
+                                   "AllBlocksCleared over ZMQ (fields: publisher zmq|null, endpoint, replay_endpoint, "
+                                   "buffer_steps, hwm, max_queue_size, topic)", metavar="JSON"),
 }
 
 

@@ -19,6 +19,7 @@ from kvmem.attention import cpu_kernels
 from kvmem.config import EngineConfig
 from kvmem.engine.detokenizer import IncrementalDetokenizer
 from kvmem.engine.host_allocator import keep_freed_memory
+from kvmem.engine.kv_events import KVEventsConfig, KVEventStream, make_publisher
 from kvmem.engine.sampler import SampledToken, SamplingRow, prompt_logprobs, sample
 from kvmem.engine.scheduler import Scheduler
 from kvmem.engine.sequence import Sequence, SequenceStatus
@@ -144,6 +145,15 @@ class LLMEngine:
         options = strategy.resolve_options(config, c, spec, max_model_len)
         budget = config.resolve_kv_budget(self.device, weight_bytes)
         self.manager = build_manager(config.kv_cache, spec, budget, max_model_len, options)
+        self.kv_events: KVEventStream | None = None  # vLLM's KV events, when kv_events_config asks for them
+        try:
+            publisher = make_publisher(KVEventsConfig.parse(config.kv_events_config))
+        except BaseException:
+            self.manager.close()  # an endpoint in use: give back what the manager holds
+            raise
+        if publisher is not None:
+            self.kv_events = KVEventStream(publisher)
+            self.manager.set_event_sink(self.kv_events.sink)
         # A sequence can never hold more than the KV budget: cap the context to it.
         self.max_model_len = min(max_model_len, self.manager.max_tokens_per_sequence)
         say("%s", describe_kv_cache(self.manager, self.max_model_len))
@@ -246,6 +256,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs of the requests that produced tokens or finished."""
         self._check_open()
+        if self.kv_events is None:
+            return self._step()
+        try:
+            return self._step()
+        finally:
+            self.kv_events.flush()  # what the step did to memory: one batch
+
+    def _step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return self._fail_unschedulable()
@@ -427,7 +445,10 @@ class LLMEngine:
         return stats
 
     def release_free_memory(self) -> int:
-        return self.manager.release_free_memory()
+        released = self.manager.release_free_memory()
+        if self.kv_events is not None:
+            self.kv_events.flush()
+        return released
 
     # --- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
@@ -442,6 +463,8 @@ class LLMEngine:
             self.abort_request(request_id)
         self.runner.close()  # first: its views of the caches would keep the mappings alive
         self.manager.close()
+        if self.kv_events is not None:
+            self.kv_events.close()  # the aborts' events, then the publisher's thread and sockets
 
     def _check_open(self) -> None:
         if self.closed:

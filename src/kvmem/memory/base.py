@@ -23,6 +23,7 @@ import torch
 if TYPE_CHECKING:
     from kvmem.config import EngineConfig
     from kvmem.engine.model_runner import ModelRunner
+    from kvmem.memory.events import EventSink
     from kvmem.models.config import ModelConfig
     from kvmem.models.llama import LlamaForCausalLM
 
@@ -140,6 +141,8 @@ class KVCacheManager(ABC):
     # With contiguous slots: the mapping granule in tokens (all of a slot below it is backed), so a
     # ragged decode batch may gather whole chunks instead of reading each slot on its own.
     chunk_tokens: int | None = None
+    # Where the manager reports what happens to its memory (kvmem.memory.events); None: nowhere.
+    events: EventSink | None = None
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -226,6 +229,11 @@ class KVCacheManager(ABC):
     def release_free_memory(self) -> int:
         """Give back idle memory (e.g. cached prefixes); returns bytes released."""
         return 0
+
+    def set_event_sink(self, sink: EventSink | None) -> None:
+        """Report what happens to this manager's memory to `sink` from now on (None: stop). A manager
+        with parts that produce events of their own (a block pool, a tier) hands it on."""
+        self.events = sink
 
     def close(self) -> None:
         """Release what the manager holds beyond Python objects (threads, mappings). Idempotent."""

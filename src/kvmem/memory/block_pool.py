@@ -16,6 +16,10 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmem.memory.events import EventSink
 
 BlockHash = bytes
 
@@ -44,6 +48,9 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached_blocks: dict[BlockHash, KVBlock] = {}
+        # Where evictions are reported (kvmem.memory.events); the manager sets both.
+        self.events: EventSink | None = None
+        self.medium = "CPU"
 
     @property
     def num_blocks(self) -> int:
@@ -87,28 +94,42 @@ class BlockPool:
     def lookup(self, block_hash: BlockHash) -> KVBlock | None:
         return self.cached_blocks.get(block_hash)
 
-    def cache(self, block: KVBlock, block_hash: BlockHash) -> None:
-        """Register a held, full block under its hash. A block with equal content already cached
-        wins; this one then simply stays uncached."""
+    def cache(self, block: KVBlock, block_hash: BlockHash) -> bool:
+        """Register a held, full block under its hash; returns whether it was. A block with equal
+        content already cached wins; this one then simply stays uncached."""
         if block.block_hash is not None or block_hash in self.cached_blocks:
-            return
+            return False
         block.block_hash = block_hash
         self.cached_blocks[block_hash] = block
+        return True
 
     def evict_cached(self) -> int:
-        """Forget every cached prefix in free blocks; returns how many blocks that affected."""
-        evicted = 0
-        for block_id in list(self.free_queue):
-            block = self.blocks[block_id]
-            if block.block_hash is not None:
-                self._uncache(block)
-                self.free_queue.move_to_end(block_id, last=False)
-                evicted += 1
-        return evicted
+        """Forget every cached prefix in free blocks; returns how many blocks that affected. Reported
+        as one AllBlocksCleared when nothing cached is left, else as one BlockRemoved of them."""
+        events, self.events = self.events, None  # one event for all of them, below
+        removed: list[BlockHash] = []
+        try:
+            for block_id in list(self.free_queue):
+                block = self.blocks[block_id]
+                if block.block_hash is not None:
+                    removed.append(block.block_hash)
+                    self._uncache(block)
+                    self.free_queue.move_to_end(block_id, last=False)
+        finally:
+            self.events = events
+        if events is not None and removed:
+            from kvmem.memory.events import AllBlocksCleared, BlockRemoved
+
+            events.emit(BlockRemoved(removed, self.medium) if self.cached_blocks else AllBlocksCleared(self.medium))
+        return len(removed)
 
     def _uncache(self, block: KVBlock) -> None:
         if block.block_hash is not None:
             del self.cached_blocks[block.block_hash]
+            if self.events is not None:
+                from kvmem.memory.events import BlockRemoved
+
+                self.events.emit(BlockRemoved([block.block_hash], self.medium))
             block.block_hash = None
 
     def check_invariants(self) -> None:

@@ -44,6 +44,7 @@ from kvmem.hybrid.policy import HostTierPlan, is_act_block
 from kvmem.memory.base import (
     KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, SequenceView, StrategyOptions, cdiv,
 )
+from kvmem.memory.events import EventSink, TierMoved, medium_of
 from kvmem.memory.paged import PagedKVCacheManager
 
 if TYPE_CHECKING:
@@ -249,6 +250,8 @@ class HybridKVCacheManager(KVCacheManager):
             self.counters.num_offloaded += 1
         self.device_tier.free(seq)
         self.on_device.discard(seq.seq_id)
+        if self.events is not None and host_ids:
+            self.events.emit(TierMoved(seq.seq_id, len(host_ids), medium_of(self.spec.device), "CPU", "kv"))
         self.host_tables[seq.seq_id] = [HostBlock(b, False) for b in host_ids]
         self.host_seqs[seq.seq_id] = seq
         self.counters.num_host_admitted += 1
@@ -256,9 +259,19 @@ class HybridKVCacheManager(KVCacheManager):
 
     def _grow_host(self, seq: SequenceView, num_new_tokens: int) -> None:
         table = self.host_tables[seq.seq_id]
+        start = len(table)
         for i in range(len(table), cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)):
             act = bool(self.free_act) and (is_act_block(i, self.act_ratio) or not self.free_kv)
             table.append(HostBlock(self.free_act.pop(), True) if act else HostBlock(self.free_kv.pop(), False))
+        if self.events is not None and len(table) > start:  # new host blocks, by kind (src "": none before)
+            num_act = sum(b.is_act for b in table[start:])
+            for kind, n in (("kv", len(table) - start - num_act), ("act", num_act)):
+                if n:
+                    self.events.emit(TierMoved(seq.seq_id, n, "", "CPU", kind))
+
+    def set_event_sink(self, sink: EventSink | None) -> None:
+        self.events = sink
+        self.device_tier.set_event_sink(sink)  # the device tier's prefix cache: BlockStored/Removed
 
     def free(self, seq: SequenceView) -> None:
         table = self.host_tables.pop(seq.seq_id, None)

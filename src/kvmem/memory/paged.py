@@ -14,6 +14,7 @@ from kvmem.memory.base import (
     KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, SequenceView, StrategyOptions, cdiv,
 )
 from kvmem.memory.block_pool import BlockHash, BlockPool, KVBlock, hash_block
+from kvmem.memory.events import BlockStored, EventSink, medium_of
 
 
 class PagedKVCacheManager(KVCacheManager):
@@ -25,6 +26,7 @@ class PagedKVCacheManager(KVCacheManager):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        self.pool.medium = medium_of(spec.device)
         # zeros, not empty: every page is touched now, so physical memory = reserved, as on a GPU.
         shape = (spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
         self.kv = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
@@ -84,16 +86,37 @@ class PagedKVCacheManager(KVCacheManager):
         self.sequences[seq.seq_id] = seq
         return len(table) * self.block_size
 
+    def set_event_sink(self, sink: EventSink | None) -> None:
+        self.events = self.pool.events = sink  # stored here, evicted in the pool
+
     def on_tokens_computed(self, seq: SequenceView) -> None:
         if not self.enable_prefix_caching:
             return
         table, hashes = self.tables[seq.seq_id], self.hashes[seq.seq_id]
         num_full = seq.num_computed_tokens // self.block_size
+        stored: list[int] = []  # positions of the blocks cached now
         for i in range(len(hashes), num_full):
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
             h = hash_block(hashes[-1] if hashes else None, tokens)
-            self.pool.cache(table[i], h)
+            if self.pool.cache(table[i], h):
+                stored.append(i)
             hashes.append(h)
+        if self.events is not None and stored:
+            self._emit_stored(seq, hashes, stored)
+
+    def _emit_stored(self, seq: SequenceView, hashes: list[BlockHash], positions: list[int]) -> None:
+        """One BlockStored per run of consecutive blocks (a block whose content another one already
+        caches stays uncached and breaks the run)."""
+        bs = self.block_size
+        start = 0
+        for k in range(1, len(positions) + 1):
+            if k == len(positions) or positions[k] != positions[k - 1] + 1:
+                first, last = positions[start], positions[k - 1]
+                self.events.emit(BlockStored(
+                    block_hashes=hashes[first:last + 1], parent_block_hash=hashes[first - 1] if first else None,
+                    token_ids=list(seq.token_ids[first * bs:(last + 1) * bs]), block_size=bs,
+                    medium=self.pool.medium))
+                start = k
 
     # --- growth -------------------------------------------------------------------------
     def _needs_copy_on_write(self, seq: SequenceView, table: list[KVBlock]) -> bool:

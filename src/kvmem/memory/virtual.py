@@ -70,6 +70,7 @@ import torch
 from kvmem.memory.base import (
     KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, SequenceView, StrategyOptions, cdiv,
 )
+from kvmem.memory.events import ChunksShared, ChunksUnshared, PagesMapped, PagesUnmapped, medium_of
 from kvmem.memory.mapping_worker import Mapper
 from kvmem.memory.shared_chunks import SharedChunk, SharedChunkPool
 from kvmem.memory.virtual_layout import SlotLayout, VirtualLayout
@@ -301,9 +302,16 @@ class VirtualKVCacheManager(KVCacheManager):
         """Make chunks [0, len(sources)) of the free `slot` the pool's, promoting private donors
         first; whatever the slot held before is dropped (it was another sequence's)."""
         self.mapper.drain()  # no background map may race with the remapping below
+        if self.events is not None:  # a running slot's private chunk turned shared, in place
+            medium = medium_of(self.spec.device)
+            for key, source in sources:
+                if not isinstance(source, SharedChunk):
+                    self.events.emit(ChunksShared(source[0].index, [key], medium, promoted=True))
         chunks = self.sharing.acquire(sources)  # held before the cut, which may drop the slot's old hold
         self._cut(slot, 0)
         self.sharing.map_into(slot, chunks)
+        if self.events is not None and chunks:
+            self.events.emit(ChunksShared(slot.index, [c.key for c in chunks], medium_of(self.spec.device)))
 
     def _first_shared_past(self, slot: Slot, hit: int) -> int:
         """The first chunk position a sequence reusing `slot` with `hit` cached tokens would write
@@ -317,9 +325,18 @@ class VirtualKVCacheManager(KVCacheManager):
         if position >= slot.mapped_chunks:
             return
         private = sum(1 for p in range(position, slot.mapped_chunks) if p not in slot.shared)
+        gone = []  # keys of shared chunks no slot maps any more
         for p in [p for p in slot.shared if p >= position]:
+            key = slot.shared[p].key
             if self.sharing.unshare(slot, p):  # its last holder: the pool's pages went back
                 self.mapped_chunks -= 1
+                gone.append(key)
+        if self.events is not None:
+            medium = medium_of(self.spec.device)
+            if private:
+                self.events.emit(PagesUnmapped(slot.index, private, medium))
+            if gone:
+                self.events.emit(ChunksUnshared(gone, medium))
         # Release [position, mapped) at once: ranges of dropped shared chunks are already fresh
         # anonymous memory (on CUDA: already unmapped or retired), so releasing them again costs nothing.
         self.mapper.unmap_soon(slot.index, position, slot.mapped_chunks - position)
@@ -399,6 +416,8 @@ class VirtualKVCacheManager(KVCacheManager):
         first, count = slot.mapped_chunks, chunks - slot.mapped_chunks
         slot.mapped_chunks = chunks
         self.mapped_chunks += count
+        if self.events is not None:
+            self.events.emit(PagesMapped(slot.index, count, medium_of(self.spec.device)))
         (self.mapper.map_for_step if for_step else self.mapper.map_soon)(slot.index, first, count)
 
     def _make_room(self, chunks: int, keep: Slot | None) -> None:
