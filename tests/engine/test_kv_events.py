@@ -90,7 +90,9 @@ class Subscriber:
 
 
 def manager_hashes(llm: LLM) -> set[int]:
-    return {external_block_hash(h) for h in llm.engine.manager.pool.cached_blocks}
+    manager = llm.engine.manager
+    pool = manager.device_tier.pool if manager.name == "hybrid" else manager.pool  # hybrid: its device tier
+    return {external_block_hash(h) for h in pool.cached_blocks}
 
 
 def wait_for(sub: Subscriber, expected: set[int]) -> int:
@@ -106,14 +108,23 @@ def wait_for(sub: Subscriber, expected: set[int]) -> int:
         assert time.monotonic() < deadline, f"events never rebuilt the cache: {len(expected)} hashes expected"
 
 
-def test_subscriber_rebuilds_the_prefix_cache(tiny_dir):
+# 16 blocks of 4 tokens (1 KiB per token in float32): the prefix cache must evict. Hybrid's device
+# budget also holds its two staging buffers (one layer's K,V and activations for max_model_len tokens).
+BLOCKS_16 = 16 * 4 * 1024
+
+
+@pytest.mark.parametrize("strategy", [
+    {"kv_cache": "paged", "kv_cache_memory": BLOCKS_16},
+    {"kv_cache": "hybrid", "kv_cache_memory": BLOCKS_16 + 2 * 48 * 768, "max_model_len": 48, "act_ratio": 0.0,
+     "host_memory": "256KiB"},
+], ids=["paged", "hybrid"])
+def test_subscriber_rebuilds_the_prefix_cache(tiny_dir, strategy):
     port, replay_port = free_port(), free_port()
     config = {"enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{port}",
               "replay_endpoint": f"tcp://127.0.0.1:{replay_port}", "buffer_steps": 100_000}
     ctx = zmq.Context()
-    # 16 blocks of 4 tokens (1 KiB per token in float32): the prefix cache must evict.
-    llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=16 * 4 * 1024, block_size=4, max_num_seqs=3,
-              kv_events_config=config)
+    llm = LLM(str(tiny_dir), dtype="float32", block_size=4, max_num_seqs=3,
+              kv_events_config=config, **strategy)
     try:
         sub = Subscriber(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay_port}")
         rng = random.Random(0)
@@ -166,3 +177,45 @@ def test_config_parsing_and_errors():
 def test_events_off_costs_no_sink(tiny_dir):
     with LLM(str(tiny_dir), dtype="float32", kv_cache_memory=16 * 4 * 1024, block_size=4) as llm:
         assert llm.engine.kv_events is None and llm.engine.manager.events is None
+
+
+def test_a_full_queue_drops_and_counts_never_blocks():
+    import threading
+
+    from kvmem.engine.kv_events import ZmqEventPublisher
+
+    port = free_port()
+    publisher = ZmqEventPublisher(KVEventsConfig.parse({"enable_kv_cache_events": True, "max_queue_size": 1,
+                                                        "endpoint": f"tcp://127.0.0.1:{port}"}))
+    release, encoding = threading.Event(), threading.Event()
+    encode = publisher._encoder.encode
+
+    def slow_encode(batch):  # the thread holds the first batch until released
+        encoding.set()
+        assert release.wait(WAIT_S)
+        return encode(batch)
+
+    publisher._encoder = type("Slow", (), {"encode": staticmethod(slow_encode)})()
+    try:
+        batch = KVEventBatch(ts=0.0, events=[AllBlocksCleared()])
+        publisher.publish(batch)
+        assert encoding.wait(WAIT_S)  # taken off the queue by the thread
+        publisher.publish(batch)  # fills the queue (size 1)
+        publisher.publish(batch)  # dropped, at once
+        assert publisher.dropped == 1
+    finally:
+        release.set()
+        publisher.close()
+    assert not publisher._thread.is_alive() and publisher._seq == 2
+
+
+def test_an_endpoint_in_use_is_a_clear_error():
+    from kvmem.engine.kv_events import ZmqEventPublisher
+
+    config = KVEventsConfig.parse({"enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{free_port()}"})
+    first = ZmqEventPublisher(config)
+    try:
+        with pytest.raises(ValueError, match="cannot bind"):
+            ZmqEventPublisher(config)
+    finally:
+        first.close()
