@@ -53,6 +53,10 @@ from kvmem.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+MEMORY_MAP_INTERVAL = 0.1  # seconds: /dashboard's memory map is taken at most 10 times a second
+_WATCH_LOCK = threading.Lock()
+
+
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down (or its step failed) and will not finish this request."""
 
@@ -184,6 +188,11 @@ class AsyncLLMEngine:
         self._abandoned = False  # the engine thread died: see _abandon
         self._thread: threading.Thread | None = None
         self._step_started: float | None = None  # time.monotonic() when the step in progress began
+        # /dashboard: while watchers > 0, the engine thread publishes `memory_map` with its snapshots,
+        # at most every MEMORY_MAP_INTERVAL seconds (no cost otherwise).
+        self.memory_map_watchers = 0
+        self.memory_map: dict | None = None
+        self._memory_map_time = 0.0
         if isinstance(engine, LLMEngine):
             self._adopt(engine)
 
@@ -232,6 +241,12 @@ class AsyncLLMEngine:
         """Seconds the step in progress has been running; None between steps (idle or not started)."""
         started = self._step_started
         return None if started is None else time.monotonic() - started
+
+    def watch_memory_map(self, on: bool) -> None:
+        """A dashboard opens (on) or closes (off); the engine thread is woken to publish a map now."""
+        with _WATCH_LOCK:
+            self.memory_map_watchers += 1 if on else -1
+        self._wake.set()
 
     # --- the asyncio side ---------------------------------------------------------------
     def check_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -310,6 +325,7 @@ class AsyncLLMEngine:
                 break
             if not self.engine.has_unfinished_requests():
                 self.snapshot = self._take_snapshot()
+                self._publish_memory_map(force=True)
                 timeout = None
                 if self._stats is not None:
                     self._stats.observe(self.snapshot)
@@ -329,6 +345,7 @@ class AsyncLLMEngine:
                 self._step_started = None
             self._deliver(outputs)
             self.snapshot = self._take_snapshot()
+            self._publish_memory_map()
             if self._stats is not None:
                 self._stats.observe(self.snapshot)
         self._fail_all(EngineStoppedError("the engine stopped"))
@@ -393,6 +410,22 @@ class AsyncLLMEngine:
     @staticmethod
     def _put(stream: _Stream, item: object) -> None:
         _call_soon(stream.loop, _put_all, [(stream, item)])
+
+    def _publish_memory_map(self, force: bool = False) -> None:
+        """On the engine thread, after a snapshot: the manager's `memory_map()` plus which request
+        each sequence belongs to, published whole (as the snapshot is) for /dashboard."""
+        if self.memory_map_watchers <= 0:
+            return
+        now = time.monotonic()
+        if not force and now - self._memory_map_time < MEMORY_MAP_INTERVAL:
+            return
+        self._memory_map_time = now
+        try:
+            m = self.engine.manager.memory_map()
+            m["requests"] = {str(s.seq_id): rid for rid, r in self.engine.requests.items() for s in r.seqs}
+            self.memory_map = {"snapshot": self.snapshot, "map": m}
+        except Exception:  # never let a picture break serving
+            logger.exception("memory_map() failed")
 
     def _take_snapshot(self) -> EngineSnapshot:
         e = self.engine

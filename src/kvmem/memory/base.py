@@ -226,6 +226,13 @@ class KVCacheManager(ABC):
     @abstractmethod
     def stats(self) -> MemoryStats: ...
 
+    def memory_map(self) -> dict:
+        """A compact, JSON-able picture of the physical KV memory for /dashboard: per block (page,
+        slot) state codes and owners. Called on the engine thread at most a few times a second, and
+        only while a dashboard is open. Default: the strategy's name only (the page then shows the
+        counts from `stats()`)."""
+        return {"strategy": self.name, "kind": "counts"}
+
     def release_free_memory(self) -> int:
         """Give back idle memory (e.g. cached prefixes); returns bytes released."""
         return 0

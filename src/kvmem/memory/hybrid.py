@@ -407,6 +407,16 @@ class HybridKVCacheManager(KVCacheManager):
             moved += new.numel() * new.element_size()
         return moved
 
+    def memory_map(self) -> dict:
+        """The device tier's block map (paged's), and the host tier's KV and activation blocks as
+        counts and per-sequence block lists."""
+        m = self.device_tier.memory_map()
+        m.update(strategy=self.name, kind="hybrid", host={
+            "kv_blocks": self.plan.num_kv_blocks, "kv_used": self.plan.num_kv_blocks - len(self.free_kv),
+            "act_blocks": self.plan.num_act_blocks, "act_used": self.plan.num_act_blocks - len(self.free_act),
+            "owners": {str(sid): [[b.block_id, int(b.is_act)] for b in t] for sid, t in self.host_tables.items()}})
+        return m
+
     # --- accounting ---------------------------------------------------------------------
     def stats(self) -> MemoryStats:
         d = self.device_tier.stats()

@@ -185,6 +185,19 @@ class PagedKVCacheManager(KVCacheManager):
             prefix_cache_hits=self.prefix_hits,
         )
 
+    def memory_map(self) -> dict:
+        """Every block's state as one character of `states`: "." free, "u" in use by one sequence,
+        "s" shared by several, "c" cached (free but holding a reusable prefix, evictable); `owners`:
+        each sequence's block ids in table order."""
+        states = "".join("." if b.ref_count == 0 and b.block_hash is None else "c" if b.ref_count == 0
+                         else "u" if b.ref_count == 1 else "s" for b in self.pool.blocks)
+        return {"strategy": self.name, "kind": "blocks", "block_size": self.block_size,
+                "block_bytes": self.block_bytes, "states": states,
+                "counts": {k: states.count(c) for k, c in (("free", "."), ("used", "u"), ("shared", "s"),
+                                                          ("cached", "c"))},
+                "owners": {str(sid): [b.block_id for b in t] for sid, t in self.tables.items()},
+                "tokens": {str(sid): s.num_computed_tokens for sid, s in self.sequences.items()}}
+
     def release_free_memory(self) -> int:
         # The pool is one preallocated tensor, so nothing goes back to the OS; dropping cached
         # prefixes turns their blocks into plain free blocks. Report those bytes.

@@ -71,6 +71,16 @@ class StaticKVCacheManager(KVCacheManager):
             self.free_slots.append(slot)
             del self.sequences[seq.seq_id]
 
+    def memory_map(self) -> dict:
+        """One entry per slot: its owner (None: free) and the tokens it holds out of `slot_tokens`
+        reserved."""
+        owner = {slot: sid for sid, slot in self.slots.items()}
+        slots = [{"seq": owner.get(i), "live": self.sequences[owner[i]].num_computed_tokens if i in owner else 0}
+                 for i in range(self.kv.shape[3])]
+        return {"strategy": self.name, "kind": "slots", "slot_tokens": self.block_size,
+                "slot_bytes": self.block_size * self.spec.bytes_per_token, "slots": slots,
+                "counts": {"used": len(self.slots), "free": len(self.free_slots)}}
+
     def stats(self) -> MemoryStats:
         slot_bytes = self.block_size * self.spec.bytes_per_token
         total = self.kv.numel() * self.kv.element_size()

@@ -457,6 +457,22 @@ class VirtualKVCacheManager(KVCacheManager):
         child.num_computed_tokens = 0
 
     # --- accounting ---------------------------------------------------------------------
+    def memory_map(self) -> dict:
+        """One row per slot, one character per chunk (page set) of it: "." unmapped, "m" mapped
+        (private), "s" mapped from the shared pool; each slot's owner (None: free) and tokens."""
+        per_slot = self.layout.max_len // self.chunk_tokens
+        owner = {slot.index: sid for sid, slot in self.owned.items()}
+        rows = []
+        for slot in self.slots:
+            row = ["s" if i in slot.shared else "m" if i < slot.mapped_chunks else "." for i in range(per_slot)]
+            sid = owner.get(slot.index)
+            rows.append({"seq": sid, "pages": "".join(row),
+                         "live": self.sequences[sid].num_computed_tokens if sid is not None else 0,
+                         "cached": slot.cached_tokens is not None and sid is None})
+        return {"strategy": self.name, "kind": "slots_pages", "chunk_tokens": self.chunk_tokens,
+                "chunk_bytes": self.chunk_set_bytes, "slots": rows,
+                "counts": {"mapped": self.mapped_chunks, "budget": self.max_chunks}}
+
     def stats(self) -> MemoryStats:
         per_chunk = self.chunk_set_bytes
         # A shared chunk is one physical chunk however many slots map it.

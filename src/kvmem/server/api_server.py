@@ -50,6 +50,7 @@ from kvmem import __version__
 from kvmem.engine.async_engine import AsyncLLMEngine, EngineStoppedError
 from kvmem.outputs import CompletionOutput, Logprob, RequestOutput
 from kvmem.sampling_params import SamplingParams
+from kvmem.server.dashboard import dashboard_router
 from kvmem.server.metrics import ServerMetrics
 from kvmem.server.protocol import (MAX_N, UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest,
                                    DetokenizeRequest, InvalidRequest, TokenizeRequest)
@@ -172,6 +173,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(dashboard_router(engine))  # /dashboard and its event stream (server/dashboard.py)
 
     @app.get("/v1/models")
     async def models() -> dict:

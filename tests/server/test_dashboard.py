@@ -1,0 +1,239 @@
+"""/dashboard: the page is served, /dashboard/events streams the managers' memory maps, and what
+they show agrees with the manager; in a real headless Chromium where one is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import kvmem.engine.async_engine as async_engine_module
+from kvmem.config import EngineConfig
+from kvmem.server.dashboard import dashboard_state
+from tests.server.conftest import TINY_ENGINE, start_server
+
+PATIENCE = 120.0  # bound on every wait (a loaded machine is slow; a passing run takes seconds)
+NUM_SHARERS = 7  # after one request caches the long prompt, seven more share its blocks
+
+
+@pytest.fixture(scope="module")
+def paged_server(tiny_model_dir):
+    server = start_server(EngineConfig(model=str(tiny_model_dir), kv_cache="paged", **TINY_ENGINE))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def every_step_mapped(monkeypatch):
+    """Every step publishes a map (not at most 10 per second), so a gated step sees its own."""
+    monkeypatch.setattr(async_engine_module, "MEMORY_MAP_INTERVAL", 0.0)
+
+
+class EventReader:
+    """Reads /dashboard/events on a thread; keeps every state; `wait_for(pred)` returns the first
+    state satisfying pred after the one it returned last, within PATIENCE."""
+
+    def __init__(self, base_url: str) -> None:
+        self.states: list[dict] = []
+        self.cond = threading.Condition()
+        self.stop = False
+        self.error: BaseException | None = None
+        self.next = 0  # index of the first state wait_for looks at
+        self.thread = threading.Thread(target=self._run, args=(base_url,), daemon=True)
+        self.thread.start()
+
+    def _run(self, base_url: str) -> None:
+        try:
+            with httpx.stream("GET", f"{base_url}/dashboard/events", timeout=PATIENCE) as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                for line in r.iter_lines():
+                    if self.stop:
+                        return
+                    if line.startswith("data: "):
+                        with self.cond:
+                            self.states.append(json.loads(line[6:]))
+                            self.cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - reported by wait_for
+            self.error = e
+            with self.cond:
+                self.cond.notify_all()
+
+    def wait_for(self, pred, what: str) -> dict:
+        deadline = time.monotonic() + PATIENCE
+        with self.cond:
+            while True:
+                for i in range(self.next, len(self.states)):
+                    if pred(self.states[i]):
+                        self.next = i + 1
+                        return self.states[i]
+                self.next = len(self.states)
+                if self.error is not None:
+                    raise AssertionError(f"the event stream failed: {self.error!r}")
+                left = deadline - time.monotonic()
+                assert left > 0, f"no state where {what} within {PATIENCE} s ({len(self.states)} states)"
+                self.cond.wait(left)
+
+    def close(self) -> None:
+        self.stop = True
+
+
+def long_prompt(server) -> list[int]:
+    ids = server.engine.tokenizer.encode(" ".join(f"word{i}" for i in range(60)))
+    return ids[:100] if len(ids) >= 100 else (ids * (100 // len(ids) + 1))[:100]
+
+
+def complete(server, prompt: list[int], max_tokens: int) -> None:
+    r = httpx.post(f"{server.base_url}/v1/completions", timeout=PATIENCE, json={
+        "model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+
+
+class Gate:
+    """Holds the engine before the first step that would run with NUM_SHARERS sequences running,
+    until released; meanwhile the engine thread is parked, so the manager may be read. `at_gate`:
+    the manager's stats and map there (taken on the engine thread)."""
+
+    def __init__(self, server, monkeypatch) -> None:
+        self.engine = server.engine.engine
+        self.reached, self.released = threading.Event(), threading.Event()
+        self.at_gate = None
+        real_step = self.engine.step
+
+        def gated_step():
+            if not self.released.is_set() and len(self.engine.scheduler.running) >= NUM_SHARERS:
+                self.at_gate = (self.engine.manager.stats(), self.engine.manager.memory_map())
+                self.reached.set()
+                self.released.wait(PATIENCE)
+            return real_step()
+
+        monkeypatch.setattr(self.engine, "step", gated_step)
+
+    def run_workload(self, server) -> list[threading.Thread]:
+        """One request caches the long prompt; then NUM_SHARERS take it from the prefix cache at once."""
+        prompt = long_prompt(server)
+        complete(server, prompt, 2)
+        threads = [threading.Thread(target=complete, args=(server, prompt, 6), daemon=True) for _ in range(NUM_SHARERS)]
+        for t in threads:
+            t.start()
+        return threads
+
+
+def check_counts_agree(state: dict, num_blocks: int) -> None:
+    """Within one state, the map's block counts and the stats' bytes say the same."""
+    m, s = state["map"], state["stats"]
+    c, bb = m["counts"], m["block_bytes"]
+    assert sum(c.values()) == len(m["states"]) == num_blocks
+    assert (c["used"] + c["shared"]) * bb == s["bytes_allocated"]
+    assert c["cached"] * bb == s["bytes_cached"]
+    holders: dict[int, int] = {}
+    for blocks in m["owners"].values():
+        for b in blocks:
+            holders[b] = holders.get(b, 0) + 1
+    for b, code in enumerate(m["states"]):
+        assert code == {0: "." if code != "c" else "c", 1: "u"}.get(holders.get(b, 0), "s"), (b, code)
+
+
+# --- the page and the stream -----------------------------------------------------------------------
+def test_dashboard_serves_the_page_and_its_assets(paged_server):
+    r = httpx.get(f"{paged_server.base_url}/dashboard", timeout=PATIENCE)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/dashboard/dashboard.js" in r.text and "http" not in r.text.replace("http-equiv", "")  # offline
+    for name, media in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+        a = httpx.get(f"{paged_server.base_url}/dashboard/{name}", timeout=PATIENCE)
+        assert a.status_code == 200 and a.headers["content-type"].startswith(media) and a.text
+        assert "//cdn" not in a.text and "https://" not in a.text
+    assert httpx.get(f"{paged_server.base_url}/dashboard/nope.js", timeout=PATIENCE).status_code == 404
+
+
+def test_events_agree_with_the_manager_after_shared_prompt_workload(paged_server, monkeypatch):
+    server, manager = paged_server, paged_server.engine.engine.manager
+    num_blocks = manager.pool.num_blocks
+    gate = Gate(server, monkeypatch)
+    reader = EventReader(server.base_url)
+    try:
+        first = reader.wait_for(lambda s: True, "any state")  # an idle engine publishes at once
+        assert first["map"]["kind"] == "blocks" and first["stats"]["strategy"] == "paged"
+        check_counts_agree(first, num_blocks)
+        threads = gate.run_workload(server)
+        assert gate.reached.wait(PATIENCE), "the sharers never ran together"
+        stats, m = gate.at_gate
+        # The stream shows exactly the manager's picture at the gate (nothing ran since).
+        shown = reader.wait_for(lambda s: s["map"]["states"] == m["states"] and s["map"]["owners"] == m["owners"],
+                                "the map equals the manager's at the gate")
+        check_counts_agree(shown, num_blocks)
+        assert shown["stats"]["bytes_allocated"] == stats.bytes_allocated
+        assert shown["stats"]["bytes_cached"] == stats.bytes_cached
+        assert shown["num_running"] == NUM_SHARERS
+        # The long prompt's full blocks are shared by all seven; each has its own last block.
+        prefix_blocks = (len(long_prompt(server)) - 1) // manager.block_size
+        owners = list(m["owners"].values())
+        assert len(owners) == NUM_SHARERS and len({tuple(o[:prefix_blocks]) for o in owners}) == 1
+        assert shown["map"]["counts"]["shared"] == prefix_blocks
+        assert all(shown["map"]["states"][b] == "s" for b in owners[0][:prefix_blocks])
+        assert shown["stats"]["prefix_hit_rate"] > 0
+        assert sorted(shown["map"]["requests"]) == sorted(m["owners"])
+        gate.released.set()
+        for t in threads:
+            t.join(PATIENCE)
+        # Idle again: nothing allocated; the prompt's blocks are cached, as the manager says.
+        idle = reader.wait_for(lambda s: s["num_running"] == 0 and s["num_waiting"] == 0
+                               and s["stats"]["bytes_allocated"] == 0, "the engine is idle")
+        check_counts_agree(idle, num_blocks)
+        assert idle["map"]["counts"]["cached"] == manager.pool.num_free_cached >= prefix_blocks
+        assert idle["stats"]["bytes_cached"] == manager.stats().bytes_cached
+    finally:
+        gate.released.set()
+        reader.close()
+
+
+def test_memory_map_is_taken_only_while_watched(paged_server):
+    engine = paged_server.engine
+    deadline = time.monotonic() + PATIENCE
+    while engine.memory_map_watchers != 0:  # the previous test's stream has gone
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    engine.memory_map = None
+    complete(paged_server, long_prompt(paged_server), 2)
+    assert engine.memory_map is None
+
+
+@pytest.mark.parametrize("kv_cache", ["static", "virtual", "hybrid"])
+def test_every_strategy_has_a_json_memory_map(tiny_model_dir, kv_cache):
+    """Each manager's map goes through the stream's JSON (offline engine; no server)."""
+    from kvmem.engine.llm_engine import LLMEngine
+    from kvmem.sampling_params import SamplingParams
+
+    extra = {"max_model_len": 128} if kv_cache in ("static", "virtual") else {}
+    try:
+        engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), kv_cache=kv_cache, **TINY_ENGINE, **extra))
+    except (ValueError, OSError) as e:
+        pytest.skip(f"kv_cache={kv_cache} not available here: {e}")
+    try:
+        engine.add_request({"prompt_token_ids": list(range(5, 45))}, SamplingParams(max_tokens=30, ignore_eos=True),
+                           request_id="r")
+        engine.step()
+        engine.step()
+        m = engine.manager.memory_map()
+        assert m["strategy"] == kv_cache
+        json.dumps(m)
+        snap = async_engine_module.EngineSnapshot(time.time(), engine.stats(), 1, 1, 0, 0, 0, 0, 2)
+        state = dashboard_state({"snapshot": snap, "map": m})
+        json.dumps(state)
+        if kv_cache == "static":
+            live = [s["live"] for s in m["slots"] if s["seq"] is not None]
+            assert len(live) == 1 and live[0] * engine.manager.spec.bytes_per_token == state["stats"]["bytes_live"]
+            assert m["counts"]["used"] * m["slot_bytes"] == state["stats"]["bytes_allocated"]
+        elif kv_cache == "virtual":
+            rows = [r for r in m["slots"] if r["seq"] is not None]
+            assert len(rows) == 1 and rows[0]["pages"].count(".") < len(rows[0]["pages"])
+        else:
+            assert m["kind"] == "hybrid" and "host" in m and len(m["states"]) > 0
+    finally:
+        engine.close()
