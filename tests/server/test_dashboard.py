@@ -237,3 +237,99 @@ def test_every_strategy_has_a_json_memory_map(tiny_model_dir, kv_cache):
             assert m["kind"] == "hybrid" and "host" in m and len(m["states"]) > 0
     finally:
         engine.close()
+
+
+# --- in a real browser -----------------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium driven by selenium; only the system's browser and driver (apt's chromium and
+    chromium-driver): nothing is downloaded."""
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("no chromium and chromedriver on PATH (apt-get install chromium chromium-driver): "
+                    "the browser test needs a system browser and never downloads one")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[test])")
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium's manager: never fetch a driver or a browser
+    profile = tempfile.mkdtemp(prefix="kvmem-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+                f"--user-data-dir={profile}", "--window-size=1280,1100"):
+        options.add_argument(arg)
+    try:
+        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    except Exception as e:  # noqa: BLE001 - a browser that does not start is an environment problem
+        shutil.rmtree(profile, ignore_errors=True)
+        pytest.skip(f"chromium did not start: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    driver.set_page_load_timeout(PATIENCE)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_until(fn, what: str):
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        value = fn()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"the page never showed {what} within {PATIENCE} s"
+        time.sleep(0.05)
+
+
+def test_page_in_chromium_shows_the_managers_blocks(paged_server, browser, monkeypatch, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    server, manager = paged_server, paged_server.engine.engine.manager
+    gate = Gate(server, monkeypatch)
+    browser.get(f"{server.base_url}/dashboard")
+    wait_until(lambda: int(browser.find_element(By.TAG_NAME, "body").get_attribute("data-updates") or 0) >= 1,
+               "a first state")
+    assert browser.find_element(By.ID, "strategy").text == "paged"
+    threads = []
+    try:
+        threads = gate.run_workload(server)
+        assert gate.reached.wait(PATIENCE), "the sharers never ran together"
+        _, m = gate.at_gate
+
+        def counts() -> dict[str, int]:  # read in one script: the page rebuilds them on every state
+            return browser.execute_script(
+                "return Object.fromEntries([...document.querySelectorAll('#counts b')]"
+                ".map(b => [b.id.slice(6), Number(b.dataset.value)]))")
+
+        # The page shows the manager's block counts at the gate (the engine is parked there).
+        shown = wait_until(lambda: (c := counts()) == m["counts"] and c, f"the manager's counts {m['counts']}")
+        assert shown["shared"] == (len(long_prompt(server)) - 1) // manager.block_size > 0
+        assert shown["cached"] == manager.pool.num_free_cached
+        assert shown["free"] == sum(1 for b in manager.pool.blocks if b.ref_count == 0 and b.block_hash is None)
+        wait_until(lambda: browser.find_element(By.ID, "stat-running").text == str(NUM_SHARERS), "the running count")
+        seqs = wait_until(lambda: browser.execute_script(
+            "return [...document.querySelectorAll('#requests li[data-seq]')].map(li => li.dataset.seq)"), "the requests")
+        assert sorted(seqs) == sorted(m["owners"])
+        items = browser.find_elements(By.CSS_SELECTOR, "#requests li[data-seq]")  # the list is stable from here
+        # Hovering a request highlights exactly its blocks; clicking keeps it highlighted.
+        seq = items[0].get_attribute("data-seq")
+        ActionChains(browser).move_to_element(items[0]).perform()
+        canvas = browser.find_element(By.ID, "map")
+        wait_until(lambda: canvas.get_attribute("data-highlighted") == str(len(m["owners"][seq])), "the highlight")
+        items[0].click()
+        ActionChains(browser).move_to_element(browser.find_element(By.TAG_NAME, "h1")).perform()
+        wait_until(lambda: canvas.get_attribute("data-highlighted") == str(len(m["owners"][seq])),
+                   "the clicked request's highlight")
+        assert "selected" in browser.find_element(By.CSS_SELECTOR, f'#requests li[data-seq="{seq}"]').get_attribute("class")
+        shot = Path(os.environ.get("KVMEM_DASHBOARD_SCREENSHOT", tmp_path / "dashboard-paged.png"))
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 0
+    finally:
+        gate.released.set()
+        for t in threads:
+            t.join(PATIENCE)
+    wait_until(lambda: browser.find_element(By.ID, "stat-running").text == "0", "the engine idle")

@@ -47,10 +47,15 @@
     const n = states.length;
     const cell = Math.max(4, Math.min(18, Math.floor(Math.sqrt((w * 260) / Math.max(n, 1)))));
     const cols = Math.max(1, Math.floor(w / cell));
+    $("map").dataset.highlighted = String(hl.size);  // how many blocks are drawn highlighted (tests read it)
     for (let i = 0; i < n; i++) {
       const x = (i % cols) * cell, y = y0 + Math.floor(i / cols) * cell;
-      ctx.fillStyle = hl.has(i) ? COLORS.highlight : COLORS[states[i]] || "#000";
+      ctx.fillStyle = COLORS[states[i]] || "#000";
       ctx.fillRect(x, y, cell - 1, cell - 1);
+      if (hl.has(i)) {  // an outline, so the block's own state stays visible
+        ctx.strokeStyle = COLORS.highlight; ctx.lineWidth = 2;
+        ctx.strokeRect(x + 1, y + 1, cell - 3, cell - 3);
+      }
       cells.push({x, y, w: cell, h: cell, label: label(i)});
     }
     return y0 + Math.ceil(n / cols) * cell;
@@ -153,25 +158,44 @@
     ctx.fillStyle = "#667"; ctx.fillText(keys.includes("physical") ? bytes(max) : String(max), 4, 10);
   }
 
+  let listKey = "";
   function renderRequests() {
     const m = state.map, ul = $("requests");
     const seqs = Object.keys(m.requests || {}).sort((a, b) => a - b);
     if (selected !== null && !seqs.includes(selected)) selected = null;
-    ul.innerHTML = "";
-    for (const seq of seqs) {
-      const li = document.createElement("li");
+    if (hovered !== null && !seqs.includes(hovered)) hovered = null;
+    const labels = seqs.map((seq) => {
       const n = m.owners && m.owners[seq] ? `${m.owners[seq].length} blocks` :
         m.tokens && m.tokens[seq] !== undefined ? `${m.tokens[seq]} tokens` : "";
-      li.textContent = `${m.requests[seq]} · seq ${seq}` + (n ? ` · ${n}` : "");
-      li.dataset.seq = seq;
-      if (seq === selected) li.className = "selected";
-      li.onmouseenter = () => { hovered = seq; drawMap(); };
-      li.onmouseleave = () => { hovered = null; drawMap(); };
-      li.onclick = () => { selected = selected === seq ? null : seq; renderRequests(); drawMap(); };
-      ul.appendChild(li);
+      return `${m.requests[seq]} · seq ${seq}` + (n ? ` · ${n}` : "");
+    });
+    const key = seqs.join(",") + "|" + labels.join("|");
+    if (key !== listKey) {  // rebuilt only when it changed: a hovered item stays put
+      listKey = key;
+      ul.innerHTML = "";
+      seqs.forEach((seq, i) => {
+        const li = document.createElement("li");
+        li.textContent = labels[i];
+        li.dataset.seq = seq;
+        ul.appendChild(li);
+      });
+      if (!seqs.length) ul.innerHTML = '<li class="note">none</li>';
     }
-    if (!seqs.length) ul.innerHTML = '<li class="note">none</li>';
+    for (const li of ul.querySelectorAll("li[data-seq]")) li.classList.toggle("selected", li.dataset.seq === selected);
   }
+  // Delegated, so that items rebuilt under the pointer keep working.
+  $("requests").addEventListener("mouseover", (e) => {
+    const li = e.target.closest("li[data-seq]");
+    const seq = li ? li.dataset.seq : null;
+    if (seq !== hovered) { hovered = seq; drawMap(); }
+  });
+  $("requests").addEventListener("mouseleave", () => { hovered = null; drawMap(); });
+  $("requests").addEventListener("click", (e) => {
+    const li = e.target.closest("li[data-seq]");
+    if (!li) return;
+    selected = selected === li.dataset.seq ? null : li.dataset.seq;
+    renderRequests(); drawMap();
+  });
 
   function render() {
     const s = state.stats;
