@@ -104,9 +104,15 @@ class Gate:
         self.engine = server.engine.engine
         self.reached, self.released = threading.Event(), threading.Event()
         self.at_gate = None
+        self.holding = False
         real_step = self.engine.step
 
         def gated_step():
+            if self.holding:  # steps that do nothing until every sharer has arrived (the inbox is
+                if len(self.engine.requests) < NUM_SHARERS:  # drained between them), so that they
+                    time.sleep(0.005)  # run together however slowly their requests come in
+                    return []
+                self.holding = False
             if not self.released.is_set() and len(self.engine.scheduler.running) >= NUM_SHARERS:
                 self.at_gate = (self.engine.manager.stats(), self.engine.manager.memory_map())
                 self.reached.set()
@@ -119,6 +125,7 @@ class Gate:
         """One request caches the long prompt; then NUM_SHARERS take it from the prefix cache at once."""
         prompt = long_prompt(server)
         complete(server, prompt, 2)
+        self.holding = True
         threads = [threading.Thread(target=complete, args=(server, prompt, 6), daemon=True) for _ in range(NUM_SHARERS)]
         for t in threads:
             t.start()
@@ -262,12 +269,14 @@ def browser():
                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
                 f"--user-data-dir={profile}", "--window-size=1280,1100"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for errors
     try:
         driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     except Exception as e:  # noqa: BLE001 - a browser that does not start is an environment problem
         shutil.rmtree(profile, ignore_errors=True)
         pytest.skip(f"chromium did not start: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     driver.set_page_load_timeout(PATIENCE)
+    driver.kvmem_profile = profile
     try:
         yield driver
     finally:
@@ -333,3 +342,42 @@ def test_page_in_chromium_shows_the_managers_blocks(paged_server, browser, monke
         for t in threads:
             t.join(PATIENCE)
     wait_until(lambda: browser.find_element(By.ID, "stat-running").text == "0", "the engine idle")
+
+
+@pytest.mark.parametrize("kv_cache", ["static", "virtual", "hybrid"])
+def test_page_in_chromium_draws_every_strategy(tiny_model_dir, browser, kv_cache):
+    """Each strategy's picture is drawn without a script error, with a request in it."""
+    from selenium.webdriver.common.by import By
+
+    extra = {"max_model_len": 128} if kv_cache in ("static", "virtual") else {}
+    try:
+        server = start_server(EngineConfig(model=str(tiny_model_dir), kv_cache=kv_cache, **TINY_ENGINE, **extra))
+    except (ValueError, OSError) as e:
+        pytest.skip(f"kv_cache={kv_cache} not available here: {e}")
+    gate = threading.Event()
+    engine = server.engine.engine
+    real_step = engine.step
+
+    def gated_step():  # park the engine once the request runs, so the page can see it
+        if engine.scheduler.running:
+            gate.wait(PATIENCE)
+        return real_step()
+
+    engine.step = gated_step
+    thread = threading.Thread(target=complete, args=(server, list(range(5, 45)), 4), daemon=True)
+    try:
+        browser.get(f"{server.base_url}/dashboard")
+        thread.start()
+        wait_until(lambda: browser.execute_script(
+            "return document.querySelectorAll('#requests li[data-seq]').length") == 1, "the request")
+        assert browser.find_element(By.ID, "strategy").text == kv_cache
+        assert browser.find_element(By.ID, "map-note").text
+        assert browser.find_element(By.ID, "stat-running").text == "1"
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        if os.environ.get("KVMEM_DASHBOARD_SCREENSHOT"):
+            browser.save_screenshot(str(Path(os.environ["KVMEM_DASHBOARD_SCREENSHOT"]).parent / f"dashboard-{kv_cache}.png"))
+    finally:
+        gate.set()
+        thread.join(PATIENCE)
+        server.stop()

@@ -62,6 +62,13 @@ def dashboard_router(engine: AsyncLLMEngine) -> APIRouter:
             return Response("not found", status_code=404)
         return Response(_asset(name), media_type=ASSETS[name])
 
+    encoded: list = [None, ""]  # the latest published map and its event, shared by every open page
+
+    def encode(published: dict) -> str:
+        if encoded[0] is not published:
+            encoded[:] = [published, f"data: {json.dumps(dashboard_state(published), separators=(',', ':'))}\n\n"]
+        return encoded[1]
+
     def events(request: Request) -> StreamingResponse:
         async def body():
             engine.watch_memory_map(True)
@@ -72,7 +79,7 @@ def dashboard_router(engine: AsyncLLMEngine) -> APIRouter:
                     published = engine.memory_map
                     if published is not None and published is not sent:
                         sent, last = published, time.monotonic()
-                        yield f"data: {json.dumps(dashboard_state(published), separators=(',', ':'))}\n\n"
+                        yield encode(published)
                     elif time.monotonic() - last > KEEPALIVE:
                         last = time.monotonic()
                         yield ": keepalive\n\n"
