@@ -224,6 +224,8 @@ class _Step:
 
 
 class HybridModelRunner(ModelRunner):
+    supports_prompt_logprobs = False  # it builds its own batch, without the prompt rows' logits (yet)
+
     def __init__(self, model: LlamaForCausalLM, manager: HybridKVCacheManager, device: torch.device,
                  attention_backend: str = "torch", offload_weights: bool = False) -> None:
         super().__init__(model, manager, device, attention_backend)

@@ -213,7 +213,7 @@ class LLMEngine:
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias holds token id {max(params.logit_bias)}, outside this model's "
                              f"vocabulary [0, {vocab})")
-        if params.prompt_logprobs is not None and not getattr(self.runner, "supports_prompt_logprobs", False):
+        if params.prompt_logprobs is not None and not self.runner.supports_prompt_logprobs:
             raise ValueError(f"prompt_logprobs is not supported with the {self.manager.name} KV cache")
 
     def check_prompt(self, token_ids: list[int]) -> None:
@@ -441,7 +441,7 @@ class LLMEngine:
     def stats(self) -> MemoryStats:
         stats = self.manager.stats()
         # A runner that moves memory itself (hybrid: staging copies, streamed weights) adds its counters.
-        stats.extra.update(getattr(self.runner, "stats_extra", dict)())
+        stats.extra.update(self.runner.stats_extra())
         return stats
 
     def release_free_memory(self) -> int:

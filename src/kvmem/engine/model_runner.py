@@ -55,11 +55,8 @@ def prompt_rows(batch: list[ScheduledSequence]) -> list[tuple[Sequence, int, lis
 
 
 class ModelRunner:
-    @property
-    def supports_prompt_logprobs(self) -> bool:
-        """Whether `execute` returns prompt rows' logits; a runner that builds its own batch (hybrid)
-        does not yet."""
-        return type(self).execute is ModelRunner.execute
+    # Whether `execute` returns prompt rows' logits (`StepResult.prompt_logits`).
+    supports_prompt_logprobs = True
 
     def __init__(self, model: LlamaForCausalLM, manager: KVCacheManager, device: torch.device,
                  attention_backend: str = "torch") -> None:
@@ -75,6 +72,10 @@ class ModelRunner:
     def close(self) -> None:
         """Drop the views of the manager's caches, so that closing the manager can unmap them."""
         self.caches = []
+
+    def stats_extra(self) -> dict:
+        """Counters of memory this runner moves itself (hybrid: staging copies, streamed weights)."""
+        return {}
 
     def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
         """Compute the scheduled tokens (KV goes into the caches). Does not advance

@@ -35,6 +35,8 @@ from operator import or_
 import numpy as np
 import torch
 
+from kvmem.progress import human_bytes
+
 if not sys.platform.startswith("linux"):
     raise ImportError("kvmem.memory.vmm_cpu needs Linux (mmap/madvise/mincore/memfd through libc)")
 
@@ -89,14 +91,6 @@ def _round_up(n: int) -> int:
     return (n + _PAGE_MASK) & ~_PAGE_MASK
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.4g} {unit}"
-        n /= 1024
-    return ""  # unreachable
-
-
 def _refusal_hint() -> str:
     """Why the kernel may refuse address space, as far as this process can see."""
     hints = []
@@ -109,7 +103,7 @@ def _refusal_hint() -> str:
         pass
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        hints.append(f"RLIMIT_AS (ulimit -v) caps this process at {_human(soft)}")
+        hints.append(f"RLIMIT_AS (ulimit -v) caps this process at {human_bytes(soft)}")
     hints.append("user address space is 128 TiB on x86_64 with 4-level page tables")
     return "; ".join(hints)
 
@@ -218,12 +212,12 @@ class CpuVirtualMemory:
         size = _round_up(num_bytes)
         total = size + 2 * PAGE_SIZE
         if total >= 1 << 63:  # would wrap in size_t arithmetic
-            raise VirtualMemoryError(f"cannot reserve {size} bytes ({_human(size)}): larger than "
+            raise VirtualMemoryError(f"cannot reserve {size} bytes ({human_bytes(size)}): larger than "
                                      f"any address space; {_refusal_hint()}")
         base = _mmap(None, total, PROT_NONE, _PRIVATE_FLAGS, -1, 0)
         if base == _MAP_FAILED:
             err = ctypes.get_errno()
-            raise VirtualMemoryError(f"cannot reserve {size} bytes ({_human(size)}) of address "
+            raise VirtualMemoryError(f"cannot reserve {size} bytes ({human_bytes(size)}) of address "
                                      f"space: {os.strerror(err)}; {_refusal_hint()}")
         try:
             _map_private(base + PAGE_SIZE, size)
@@ -236,7 +230,7 @@ class CpuVirtualMemory:
 
     def __repr__(self) -> str:
         state = "closed" if self._mapping is None else f"at {self.address:#x}"
-        return f"CpuVirtualMemory({_human(self.size)} {state})"
+        return f"CpuVirtualMemory({human_bytes(self.size)} {state})"
 
     # --- views --------------------------------------------------------------------------------
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...],

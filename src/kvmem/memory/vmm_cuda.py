@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvmem.memory.cuda_driver import CudaDriverError, Fence, VmmDriver
+from kvmem.progress import human_bytes
 
 # Larger reservations are refused before the driver is asked. GPUs address 49 bits (512 TiB) and,
 # under unified addressing, share the process's 47-bit (128 TiB) user address space with the host;
@@ -78,14 +79,6 @@ DEFAULT_HANDLE_BATCH = 8  # handles created per cuMemCreate round (16 MiB of 2 M
 
 class CudaVmmError(ValueError):
     """A reservation, page size or mapping the device refuses, or a request that makes no sense."""
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.4g} {unit}"
-        n /= 1024
-    return ""  # unreachable
 
 
 def open_driver(device: torch.device) -> VmmDriver:
@@ -103,8 +96,8 @@ def page_size_for(driver: VmmDriver, requested: int | None = None) -> int:
     if requested is None:
         return granularity
     if requested <= 0 or requested % granularity:
-        raise CudaVmmError(f"page size {requested} bytes ({_human(requested)}) is not a multiple of the "
-                           f"device's allocation granularity, {granularity} bytes ({_human(granularity)}); "
+        raise CudaVmmError(f"page size {requested} bytes ({human_bytes(requested)}) is not a multiple of the "
+                           f"device's allocation granularity, {granularity} bytes ({human_bytes(granularity)}); "
                            f"use a multiple of it, or leave it unset for the granularity")
     return requested
 
@@ -180,8 +173,8 @@ class CudaVirtualMemory:
         page_size_for(driver, page_size)  # a multiple of the granularity, or a clear error
         size = -(-num_bytes // page_size) * page_size
         if size > MAX_RESERVATION_BYTES:
-            raise CudaVmmError(f"cannot reserve {size} bytes ({_human(size)}) of device address space: more than "
-                               f"the {_human(MAX_RESERVATION_BYTES)} kvmem allows (GPUs address 49 bits, shared "
+            raise CudaVmmError(f"cannot reserve {size} bytes ({human_bytes(size)}) of device address space: more than "
+                               f"the {human_bytes(MAX_RESERVATION_BYTES)} kvmem allows (GPUs address 49 bits, shared "
                                f"with the host's 47); lower max_num_seqs or max_model_len")
         if max_pages < 1:
             raise CudaVmmError(f"max_pages must be at least 1, got {max_pages}")
@@ -195,7 +188,7 @@ class CudaVirtualMemory:
         try:
             address = driver.reserve(size, page_size)
         except CudaDriverError as e:
-            raise CudaVmmError(f"cannot reserve {size} bytes ({_human(size)}) of device address space: {e}; "
+            raise CudaVmmError(f"cannot reserve {size} bytes ({human_bytes(size)}) of device address space: {e}; "
                                f"lower max_num_seqs or max_model_len") from e
         self.size = size
         self.address = address
@@ -222,7 +215,7 @@ class CudaVirtualMemory:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"at {self.address:#x}, {len(self._live)} pages mapped"
-        return f"CudaVirtualMemory({_human(self.size)} {state})"
+        return f"CudaVirtualMemory({human_bytes(self.size)} {state})"
 
     # --- views --------------------------------------------------------------------------------
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...],
@@ -439,7 +432,7 @@ class CudaVirtualMemory:
         while not self._idle and self._retirements:
             self._complete(self._retirements[0], wait=True)
         if not self._idle:
-            raise CudaVmmError(f"all {self.max_pages} physical pages ({_human(self.max_pages * self.page_size)}) of "
+            raise CudaVmmError(f"all {self.max_pages} physical pages ({human_bytes(self.max_pages * self.page_size)}) of "
                                f"the KV budget are in use; the manager asked for more than its budget")
         handle = self._idle.pop()
         self._holds[handle] += 1
@@ -453,7 +446,7 @@ class CudaVirtualMemory:
             except CudaDriverError as e:
                 if i:  # part of a batch is enough for now
                     return
-                raise CudaVmmError(f"cannot allocate a {_human(self.page_size)} page of device memory "
+                raise CudaVmmError(f"cannot allocate a {human_bytes(self.page_size)} page of device memory "
                                    f"({self.handles_created} allocated for KV so far): {e}; "
                                    f"lower kv_cache_memory") from e
             self.handles_created += 1
