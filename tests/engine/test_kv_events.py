@@ -91,6 +91,10 @@ class Subscriber:
 
 def manager_hashes(llm: LLM) -> set[int]:
     manager = llm.engine.manager
+    if manager.name == "virtual":  # the chunks its slots hold, from the slots themselves
+        from tests.memory.test_events import virtual_held_prefixes
+
+        return {external_block_hash(h) for h in virtual_held_prefixes(manager)}
     pool = manager.device_tier.pool if manager.name == "hybrid" else manager.pool  # hybrid: its device tier
     return {external_block_hash(h) for h in pool.cached_blocks}
 
@@ -113,12 +117,15 @@ def wait_for(sub: Subscriber, expected: set[int]) -> int:
 BLOCKS_16 = 16 * 4 * 1024
 
 
-@pytest.mark.parametrize("strategy", [
-    {"kv_cache": "paged", "kv_cache_memory": BLOCKS_16},
-    {"kv_cache": "hybrid", "kv_cache_memory": BLOCKS_16 + 2 * 48 * 768, "max_model_len": 48, "act_ratio": 0.0,
-     "host_memory": "256KiB"},
-], ids=["paged", "hybrid"])
-def test_subscriber_rebuilds_the_prefix_cache(tiny_dir, strategy):
+# virtual: a chunk (its block) is one 4 KiB page per (layer, K/V, head): 64 tokens here; 4 slots of
+# 256 tokens and a budget of 10 chunks, so that leftovers are trimmed.
+@pytest.mark.parametrize("strategy, scale", [
+    ({"kv_cache": "paged", "kv_cache_memory": BLOCKS_16}, 1),
+    ({"kv_cache": "hybrid", "kv_cache_memory": BLOCKS_16 + 2 * 48 * 768, "max_model_len": 48, "act_ratio": 0.0,
+      "host_memory": "256KiB"}, 1),
+    ({"kv_cache": "virtual", "kv_cache_memory": 10 * 64 * 1024, "max_model_len": 256}, 16),
+], ids=["paged", "hybrid", "virtual"])
+def test_subscriber_rebuilds_the_prefix_cache(tiny_dir, strategy, scale):
     port, replay_port = free_port(), free_port()
     config = {"enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{port}",
               "replay_endpoint": f"tcp://127.0.0.1:{replay_port}", "buffer_steps": 100_000}
@@ -128,11 +135,11 @@ def test_subscriber_rebuilds_the_prefix_cache(tiny_dir, strategy):
     try:
         sub = Subscriber(ctx, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay_port}")
         rng = random.Random(0)
-        prefixes = [[rng.randrange(2, 320) for _ in range(n)] for n in (8, 12, 5, 0)]
+        prefixes = [[rng.randrange(2, 320) for _ in range(n * scale)] for n in (8, 12, 5, 0)]
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         for _ in range(6):
             prompts = [{"prompt_token_ids": rng.choice(prefixes) + [rng.randrange(2, 320)
-                                                                   for _ in range(rng.randrange(1, 14))]}
+                                                                   for _ in range(rng.randrange(1, 14) * max(scale // 4, 1))]}
                        for _ in range(5)]
             llm.generate(prompts, params, use_tqdm=False)
         expected = manager_hashes(llm)

@@ -132,7 +132,7 @@ def physical_chunks(events, state: dict) -> int:
         elif isinstance(e, ChunksUnshared):
             assert set(e.keys) <= shared
             shared.difference_update(e.keys)
-        else:
+        elif not isinstance(e, (BlockStored, BlockRemoved, AllBlocksCleared)):  # its prefixes: the next test
             raise AssertionError(f"virtual reports no {type(e).__name__}")
     return sum(private.values()) + len(shared)
 
@@ -205,3 +205,70 @@ def test_hybrid_reports_its_device_tier_and_host_blocks():
     assert moved and all(isinstance(e, TierMoved) and e.dst == "CPU" and e.seq_id == big.seq_id for e in moved)
     assert sum(e.num_blocks for e in moved) == len(m.host_tables[big.seq_id]) == 8
     assert {e.kind for e in moved} <= {"kv", "act"}
+
+
+def virtual_held_prefixes(m) -> set:
+    """The full chunks whose tokens some slot of `m` still holds and could hand to a new sequence,
+    from the slots' own state: a running slot's computed chunks, a free slot's cached leftovers."""
+    pt = m.layout.page_tokens
+    owner = {slot.index: m.sequences[sid] for sid, slot in m.owned.items()}
+    keys = set()
+    for slot in m.slots:
+        seq = owner.get(slot.index)
+        tokens = seq.token_ids[:seq.num_computed_tokens] if seq is not None else slot.cached_tokens or []
+        parent = None
+        for i in range(min(len(tokens) // pt, slot.mapped_chunks)):
+            parent = hash_block(parent, tokens[i * pt:(i + 1) * pt])
+            keys.add(parent)
+    return keys
+
+
+def test_virtual_block_events_rebuild_the_prefixes_its_slots_hold():
+    """virtual reports its reusable prefixes as vLLM's block events (a chunk is a block): a router
+    rebuilding from them knows exactly which chunks some slot still holds, each once however many
+    slots hold it, through reuse of leftovers, sharing, trims, preemption-like frees and release."""
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CPU backend is Linux's mmap")
+    from tests.memory.test_virtual import make_manager, make_seq
+
+    rng = random.Random(7)
+    m = make_manager(num_slots=4, max_len=512, budget_chunks=14, lookahead_tokens=8)
+    sink = EventSink()
+    m.set_event_sink(sink)
+    cached: set = set()
+    prefixes = [list(range(1, 201)), list(range(300, 380)), []]
+    live, removed = [], 0
+    try:
+        for step in range(120):
+            if live and (rng.random() < 0.4 or len(live) == 3):
+                m.free(live.pop(rng.randrange(len(live))))
+            else:
+                seq = make_seq(rng.choice(prefixes) + [rng.randrange(500, 900) for _ in range(rng.randrange(1, 90))])
+                seq.num_computed_tokens = m.admit(seq)
+                n = seq.num_tokens - seq.num_computed_tokens
+                if m.can_allocate(seq, n):
+                    m.allocate(seq, n)
+                    seq.num_computed_tokens += n
+                    m.on_tokens_computed(seq)
+                    live.append(seq)
+                else:
+                    m.free(seq)
+            if step % 30 == 29:
+                m.release_free_memory()
+            events = [e for e in sink.drain() if isinstance(e, (BlockStored, BlockRemoved, AllBlocksCleared))]
+            removed += sum(len(e.block_hashes) for e in events if isinstance(e, BlockRemoved))
+            rebuild(events, cached)
+            assert cached == virtual_held_prefixes(m) == m.holdings.held(), step
+            assert all(e.block_size == m.chunk_tokens for e in events if isinstance(e, BlockStored))
+        assert removed, "the workload evicted nothing"
+        for seq in live:
+            m.free(seq)
+        m.release_free_memory()
+        rebuild([e for e in sink.drain() if isinstance(e, (BlockStored, BlockRemoved, AllBlocksCleared))], cached)
+        assert cached == set() == virtual_held_prefixes(m)
+    finally:
+        m.close()

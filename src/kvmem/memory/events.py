@@ -11,6 +11,10 @@ Events vLLM's consumers (cache-aware routers) understand, with vLLM's meaning:
 - `BlockRemoved`: blocks whose cached prefix is gone (evicted, reused, dropped);
 - `AllBlocksCleared`: the prefix cache of `medium` is empty (release_free_memory with nothing held).
 
+Who reports them: paged's block pool (and hybrid's device tier, which is a paged manager); virtual
+through `PrefixHoldings`, a chunk being the block (the prefixes its running slots and free slots'
+leftovers hold, each chunk once however many slots hold it).
+
 kvmem's own (not sent in vLLM's format): `PagesMapped` / `PagesUnmapped` (virtual: physical chunks
 mapped into and out of a slot), `ChunksShared` / `ChunksUnshared` (virtual: chunks shared between
 running slots, by hash-chain key), `TierMoved` (hybrid: blocks moved between tiers, KV or activations).

@@ -70,7 +70,8 @@ import torch
 from kvmem.memory.base import (
     KVCacheManager, KVCacheSpec, MemoryStats, NoFreeMemory, SequenceView, StrategyOptions, cdiv,
 )
-from kvmem.memory.events import ChunksShared, ChunksUnshared, PagesMapped, PagesUnmapped, medium_of
+from kvmem.memory.events import ChunksShared, ChunksUnshared, EventSink, PagesMapped, PagesUnmapped, medium_of
+from kvmem.memory.prefix_holdings import PrefixHoldings
 from kvmem.memory.mapping_worker import Mapper
 from kvmem.memory.shared_chunks import SharedChunk, SharedChunkPool
 from kvmem.memory.virtual_layout import SlotLayout, VirtualLayout
@@ -182,6 +183,8 @@ class VirtualKVCacheManager(KVCacheManager):
         self.mapped_chunks = 0  # physical chunk sets: private ones of every slot + distinct shared ones
         # Sharing between running sequences: one pool chunk index per budget chunk.
         self.sharing = SharedChunkPool(self.memory, self.layout, self.mapper.offsets, self.max_chunks, self.slots)
+        # The prefixes the slots hold, reported as vLLM's block events (a chunk is a block).
+        self.holdings = PrefixHoldings(num_slots, self.chunk_tokens, medium_of(spec.device))
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -250,7 +253,7 @@ class VirtualKVCacheManager(KVCacheManager):
         sources = self.sharing.find(seq) if reuse else []
         if len(sources) * self.layout.page_tokens > hit and self.sharing.may_share():
             slot = self._best_fit(seq)
-            self._map_shared_prefix(slot, sources)
+            self._map_shared_prefix(slot, sources, seq)
             hit = len(sources) * self.layout.page_tokens
         else:
             # Never write into a shared chunk: from the first one the sequence would write into
@@ -258,6 +261,7 @@ class VirtualKVCacheManager(KVCacheManager):
             cut = self._first_shared_past(slot, hit)
             self._cut(slot, cut)
             hit = min(hit, cut * self.layout.page_tokens)
+        self.holdings.truncate(slot.index, hit // self.layout.page_tokens)  # the rest is overwritten
         del self.free_slots[slot.index]
         slot.cached_tokens = None
         slot.needed_chunks = cdiv(hit, self.layout.page_tokens)
@@ -298,7 +302,7 @@ class VirtualKVCacheManager(KVCacheManager):
         return max(self.free_slots.values(), key=lambda s: s.mapped_chunks)
 
     # --- sharing between running sequences ------------------------------------------------
-    def _map_shared_prefix(self, slot: Slot, sources: list) -> None:
+    def _map_shared_prefix(self, slot: Slot, sources: list, seq: SequenceView) -> None:
         """Make chunks [0, len(sources)) of the free `slot` the pool's, promoting private donors
         first; whatever the slot held before is dropped (it was another sequence's)."""
         self.mapper.drain()  # no background map may race with the remapping below
@@ -310,6 +314,8 @@ class VirtualKVCacheManager(KVCacheManager):
         chunks = self.sharing.acquire(sources)  # held before the cut, which may drop the slot's old hold
         self._cut(slot, 0)
         self.sharing.map_into(slot, chunks)
+        pt = self.layout.page_tokens
+        self.holdings.extend(slot.index, [c.key for c in chunks], lambda i: seq.token_ids[i * pt:(i + 1) * pt])
         if self.events is not None and chunks:
             self.events.emit(ChunksShared(slot.index, [c.key for c in chunks], medium_of(self.spec.device)))
 
@@ -322,6 +328,7 @@ class VirtualKVCacheManager(KVCacheManager):
 
     def _cut(self, slot: Slot, position: int) -> None:
         """Unmap `slot` from chunk `position` on: shared chunks are dropped, private pages given back."""
+        self.holdings.truncate(slot.index, position)
         if position >= slot.mapped_chunks:
             return
         private = sum(1 for p in range(position, slot.mapped_chunks) if p not in slot.shared)
@@ -346,7 +353,14 @@ class VirtualKVCacheManager(KVCacheManager):
     def on_tokens_computed(self, seq: SequenceView) -> None:
         """Register the sequence's newly completed full chunks, so that others can share them."""
         if self.enable_prefix_caching:
-            self.sharing.on_tokens_computed(seq, self.owned[seq.seq_id])
+            slot = self.owned[seq.seq_id]
+            self.sharing.on_tokens_computed(seq, slot)
+            pt = self.layout.page_tokens
+            self.holdings.extend(slot.index, self.sharing.chunk_keys[seq.seq_id],
+                                 lambda i: seq.token_ids[i * pt:(i + 1) * pt])
+
+    def set_event_sink(self, sink: EventSink | None) -> None:
+        self.events = self.holdings.events = sink
 
     # --- growth -------------------------------------------------------------------------
     def _chunks_needed(self, seq: SequenceView, num_new_tokens: int) -> tuple[Slot | None, int]:
@@ -447,6 +461,7 @@ class VirtualKVCacheManager(KVCacheManager):
         slot.needed_chunks = 0
         computed = seq.num_computed_tokens
         slot.cached_tokens = list(seq.token_ids[:computed]) if self.enable_prefix_caching and computed else None
+        self.holdings.truncate(slot.index, computed // self.layout.page_tokens if slot.cached_tokens else 0)
         self.free_slots[slot.index] = slot  # most recently freed: trimmed last
         if not self.options.deferred_reclamation:
             self._trim(slot)
@@ -530,11 +545,12 @@ class VirtualKVCacheManager(KVCacheManager):
         """Unmap every idle page: free slots' (deferred reclamation's keep, cached prefixes) and
         running slots' mapped past what their sequences asked for (look-ahead)."""
         before = self.mapped_chunks
-        for slot in list(self.free_slots.values()):
-            if slot.mapped_chunks:
-                self._trim(slot)
-        for slot in list(self.owned.values()):
-            if slot.excess_chunks:
-                self._cut(slot, slot.needed_chunks)
+        with self.holdings.coalesced():
+            for slot in list(self.free_slots.values()):
+                if slot.mapped_chunks:
+                    self._trim(slot)
+            for slot in list(self.owned.values()):
+                if slot.excess_chunks:
+                    self._cut(slot, slot.needed_chunks)
         self.memory.trim_pool()  # CUDA: unmapped pages went to the idle handle pool; give it to the device
         return (before - self.mapped_chunks) * self.chunk_set_bytes
