@@ -221,6 +221,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         engine.close()
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvmem.server.dashboard import replay_app
+
+    app = replay_app(args.replay)
+    print(f"kvmem: playing {args.replay} at http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_build_kernels(args: argparse.Namespace) -> int:
     from kvmem.attention import cpu_kernels
 
@@ -304,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat, seed="shared")
     add_sampling_args(chat, max_tokens=None)
     chat.set_defaults(func=cmd_chat)
+
+    dash = sub.add_parser("dashboard", help="the /dashboard page alone, playing a recording of "
+                                            "`kvmem bench memory --record FILE` (no model)")
+    dash.add_argument("--replay", required=True, metavar="FILE", help="the recording to play")
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.add_argument("--port", type=int, default=8000)
+    dash.set_defaults(func=cmd_dashboard)
 
     bk = sub.add_parser("build-kernels", help="build the native CPU kernels for this Python environment now "
                                               "(`make setup` does; otherwise the first start does, once)")

@@ -381,3 +381,85 @@ def test_page_in_chromium_draws_every_strategy(tiny_model_dir, browser, kv_cache
         gate.set()
         thread.join(PATIENCE)
         server.stop()
+
+
+# --- replay: a recording of `kvmem bench memory --record FILE` ---------------------------------------
+@pytest.fixture(scope="module")
+def replay_server(tmp_path_factory):
+    """`kvmem dashboard --replay FILE`'s app on a free port, playing a small recording."""
+    import sys
+
+    import uvicorn
+
+    from kvmem.bench.memory import MemoryBenchConfig, run_memory_benchmark
+    from kvmem.bench.memory_sim import SimConfig
+    from kvmem.bench.memory_stream import StreamConfig
+    from kvmem.server.dashboard import replay_app
+    from tests.server.conftest import free_port
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the virtual strategy is Linux's mmap")
+    path = tmp_path_factory.mktemp("replay") / "events.jsonl"
+    run_memory_benchmark(MemoryBenchConfig(
+        stream=StreamConfig(num_requests=30, prompt_median=60, output_median=30, max_prompt=200, max_output=64, seed=2),
+        sim=SimConfig(budget_bytes=24 * 2**20, max_model_len=256, max_num_seqs=32, max_num_batched_tokens=512),
+        run_latency=False, run_attention=False, progress=False, record=str(path), record_frames=10))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(replay_app(path), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), "the replay server up")
+    yield f"http://127.0.0.1:{port}", path
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_replay_app_serves_the_page_and_the_recording(replay_server, tmp_path):
+    from kvmem.server.dashboard import replay_app
+
+    base, path = replay_server
+    r = httpx.get(f"{base}/", timeout=PATIENCE)
+    assert r.status_code == 307 and r.headers["location"] == "/dashboard?replay=/dashboard/recording"
+    assert httpx.get(f"{base}/dashboard/recording", timeout=PATIENCE).content == path.read_bytes()
+    (tmp_path / "x.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match="not a kvmem memory recording"):
+        replay_app(tmp_path / "x.jsonl")
+
+
+def test_page_in_chromium_plays_a_recording(replay_server, browser):
+    """Opened by `kvmem dashboard --replay`, the page plays every strategy of the recording, side by
+    side step for step; any page can also open a recording from a file."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from kvmem.bench.memory_recording import read_recording
+
+    base, path = replay_server
+    _, frames = read_recording(path)
+    browser.get(f"{base}/")
+    wait_until(lambda: int(browser.find_element(By.TAG_NAME, "body").get_attribute("data-updates") or 0) >= 3,
+               "frames playing")
+    labels = browser.execute_script("return [...document.querySelectorAll('#compare tr[data-label]')]"
+                                    ".map(r => r.dataset.label)")
+    assert labels == ["static", "paged", "virtual"]
+    # Go to the virtual strategy's 5th frame (seeking pauses): the page shows exactly that frame.
+    Select(browser.find_element(By.ID, "replay-label")).select_by_value("virtual")
+    browser.execute_script("const k = document.getElementById('replay-seek'); k.value = 4;"
+                           "k.dispatchEvent(new Event('input'));")
+    frame = [f for f in frames if f["label"] == "virtual"][4]
+    wait_until(lambda: browser.find_element(By.ID, "strategy").text == "virtual", "the virtual strategy")
+    assert browser.find_element(By.ID, "replay-pos").text.startswith(f"step {frame['step']} ")
+    assert browser.find_element(By.ID, "stat-running").text == str(frame["num_running"])
+    assert browser.execute_script("return document.getElementById('count-mapped').dataset.value") == \
+        str(frame["map"]["counts"]["mapped"])
+    assert "chunk of" in browser.find_element(By.ID, "map-note").text
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+    if os.environ.get("KVMEM_DASHBOARD_SCREENSHOT"):
+        browser.save_screenshot(str(Path(os.environ["KVMEM_DASHBOARD_SCREENSHOT"]).parent / "dashboard-replay.png"))
+
+    # The file picker: a page with no ?replay (no live stream here) plays the file it is given.
+    browser.get(f"{base}/dashboard")
+    browser.find_element(By.ID, "replay-file").send_keys(str(path))
+    wait_until(lambda: browser.find_element(By.ID, "conn").text == "replay: events.jsonl", "the file replaying")
+    wait_until(lambda: browser.find_element(By.ID, "strategy").text == "static", "the first strategy")

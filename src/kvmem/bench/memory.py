@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from kvmem.bench.memory_attention import AttentionConfig, run_attention
 from kvmem.bench.memory_plot import write_plot
+from kvmem.bench.memory_recording import MemoryRecorder
 from kvmem.bench.memory_report import latency_report, machine_info, summary_table, targets
 from kvmem.bench.memory_sim import STRATEGIES, GiB, SimConfig, StepTrace, StrategyResult, simulate
 from kvmem.bench.memory_stream import StreamConfig, make_stream, stream_summary
@@ -44,6 +45,8 @@ class MemoryBenchConfig:
     run_attention: bool = True
     progress: bool = True
     kernel_check_every: int = 1000  # steps between mid-run kernel checks (virtual); 0 = only at the end
+    record: str | None = None  # write a recording of the strategies' runs for /dashboard here
+    record_frames: int = 200  # at most this many frames per strategy
 
 
 def run_memory_benchmark(cfg: MemoryBenchConfig, max_trace_points: int = 600) -> tuple[dict, dict[str, StepTrace]]:
@@ -51,10 +54,17 @@ def run_memory_benchmark(cfg: MemoryBenchConfig, max_trace_points: int = 600) ->
     stream = make_stream(cfg.stream, cfg.sim.max_model_len)
     results: dict[str, StrategyResult] = {}
     traces: dict[str, StepTrace] = {}
-    for strategy in cfg.strategies:
-        res, tr = simulate(strategy, stream, cfg.sim, label=strategy, progress=cfg.progress,
-                           kernel_check_every=cfg.kernel_check_every)
-        results[strategy], traces[strategy] = res, tr
+    recorder = MemoryRecorder(cfg.record, cfg.record_frames) if cfg.record else None
+    if recorder is not None:
+        recorder.open({"stream": asdict(cfg.stream), "sim": asdict(cfg.sim), "strategies": list(cfg.strategies)})
+    try:
+        for strategy in cfg.strategies:
+            res, tr = simulate(strategy, stream, cfg.sim, label=strategy, progress=cfg.progress,
+                               kernel_check_every=cfg.kernel_check_every, recorder=recorder)
+            results[strategy], traces[strategy] = res, tr
+    finally:
+        if recorder is not None:
+            recorder.close()
 
     latency = None
     if cfg.run_latency and "virtual" in cfg.strategies:
@@ -128,6 +138,11 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=DEFAULT_JSON, help=f"write the results here (default {DEFAULT_JSON})")
     p.add_argument("--plot", default=None, help="write the PNG here (default: the JSON path with .png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--record", default=None, metavar="FILE",
+                   help="also write the runs as a recording for /dashboard (JSON lines); watch it with "
+                        "`kvmem dashboard --replay FILE`")
+    p.add_argument("--record-frames", type=int, default=200,
+                   help="at most this many frames per strategy in the recording (evenly spaced steps)")
 
 
 def config_from_args(args: argparse.Namespace) -> MemoryBenchConfig:
@@ -142,7 +157,7 @@ def config_from_args(args: argparse.Namespace) -> MemoryBenchConfig:
         attention=AttentionConfig(batch=args.attention_batch, contexts=args.attention_contexts,
                                   repeats=args.attention_repeats, seed=args.seed),
         strategies=strategies, run_latency=not args.skip_latency, run_attention=not args.skip_attention,
-        progress=not args.no_progress)
+        progress=not args.no_progress, record=args.record, record_frames=args.record_frames)
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
@@ -151,5 +166,6 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     print(summary_table(report))
     json_path = write_json(report, args.json)
     plot_path = write_plot(report, traces, args.plot or json_path.with_suffix(".png"))
-    print(f"wrote {json_path} and {plot_path}")
+    print(f"wrote {json_path} and {plot_path}" + (f"; recording {cfg.record} (kvmem dashboard --replay "
+                                                   f"{cfg.record})" if cfg.record else ""))
     return 0

@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from kvmem.bench.memory_recording import STEP_SECONDS, MemoryRecorder
 from kvmem.bench.memory_stream import RequestSpec
+from kvmem.engine.async_engine import EngineSnapshot
 from kvmem.engine.detokenizer import IncrementalDetokenizer
 from kvmem.engine.scheduler import Scheduler
 from kvmem.engine.sequence import Sequence, SequenceStatus
@@ -178,18 +180,26 @@ def _ratio_waste(live: np.ndarray, held: np.ndarray, mask: np.ndarray | None = N
 
 
 def simulate(strategy: str, stream: list[RequestSpec], sim: SimConfig, virtual_options=None, label: str | None = None,
-             progress: bool = True, kernel_check_every: int = 0) -> tuple[StrategyResult, StepTrace]:
-    """Run the whole stream through the scheduler and `strategy`'s manager with a fake model step."""
+             progress: bool = True, kernel_check_every: int = 0,
+             recorder: MemoryRecorder | None = None) -> tuple[StrategyResult, StepTrace]:
+    """Run the whole stream through the scheduler and `strategy`'s manager with a fake model step.
+    `recorder`: also record the run for /dashboard's replay."""
     from tqdm.auto import tqdm
 
     manager = make_manager(strategy, sim, virtual_options)
+    label = label or strategy
     try:
-        return _simulate(manager, strategy, stream, sim, label or strategy, progress, kernel_check_every, tqdm)
+        if recorder is not None:
+            recorder.start(label)
+        result = _simulate(manager, strategy, stream, sim, label, progress, kernel_check_every, tqdm, recorder)
+        if recorder is not None:
+            recorder.finish(label)
+        return result
     finally:
         close_manager(manager)
 
 
-def _simulate(manager, strategy, stream, sim, label, progress, kernel_check_every, tqdm):
+def _simulate(manager, strategy, stream, sim, label, progress, kernel_check_every, tqdm, recorder=None):
     scheduler = Scheduler(manager, sim.max_num_seqs, sim.max_num_batched_tokens)
     is_virtual = strategy == "virtual"
     # Time every allocate the scheduler makes (an instance attribute shadows the method; the class is
@@ -215,7 +225,7 @@ def _simulate(manager, strategy, stream, sim, label, progress, kernel_check_ever
     output_len: dict[int, int] = {}
     trace = StepTrace()
     kernel_checks: list[dict] = []
-    finished = step = 0
+    finished = step = prompt_tokens = generated = 0
     prev_crit = prev_bg = 0.0
     start = time.perf_counter()
     bar = tqdm(total=len(stream), desc=f"{label:<32}", unit="req", disable=not progress, leave=True,
@@ -237,6 +247,7 @@ def _simulate(manager, strategy, stream, sim, label, progress, kernel_check_ever
                                f"(max {manager.max_tokens_per_sequence} tokens per sequence)")
         # The fake forward pass: every scheduled token's KV is now written.
         for s in out.scheduled:
+            prompt_tokens += max(0, min(s.num_new_tokens, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
             s.seq.num_computed_tokens += s.num_new_tokens
             manager.on_tokens_computed(s.seq)
         st = manager.stats()
@@ -246,6 +257,13 @@ def _simulate(manager, strategy, stream, sim, label, progress, kernel_check_ever
         trace.running.append(len(scheduler.running))
         trace.waiting.append(len(scheduler.waiting))
         trace.preemptions.append(scheduler.counters.num_preemptions)
+        if recorder is not None and recorder.wants(step):
+            snapshot = EngineSnapshot(
+                time=step * STEP_SECONDS, memory=st, num_requests=len(scheduler.running) + len(scheduler.waiting),
+                num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+                num_preemptions=scheduler.counters.num_preemptions, num_prompt_tokens=prompt_tokens,
+                num_generation_tokens=generated, num_steps=step)
+            recorder.frame(label, step, manager, [*scheduler.running, *scheduler.waiting], snapshot)
         if is_virtual:
             crit, bg = st.extra["map_seconds_critical"], st.extra["map_seconds_background"]
             trace.map_critical_s.append(crit - prev_crit)
@@ -260,6 +278,7 @@ def _simulate(manager, strategy, stream, sim, label, progress, kernel_check_ever
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk: no token yet
             seq.token_ids.append(100 + seq.num_tokens % 1000)
+            generated += 1
             if seq.num_output_tokens >= output_len[seq.seq_id]:
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "length"

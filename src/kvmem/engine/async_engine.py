@@ -46,6 +46,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from kvmem.engine.llm_engine import LLMEngine
+from kvmem.engine.memory_picture import memory_picture
 from kvmem.memory.base import MemoryStats
 from kvmem.outputs import RequestOutput
 from kvmem.sampling_params import SamplingParams
@@ -421,9 +422,8 @@ class AsyncLLMEngine:
             return
         self._memory_map_time = now
         try:
-            m = self.engine.manager.memory_map()
-            m["requests"] = {str(s.seq_id): rid for rid, r in self.engine.requests.items() for s in r.seqs}
-            self.memory_map = {"snapshot": self.snapshot, "map": m}
+            seqs = [s for r in self.engine.requests.values() for s in r.seqs]
+            self.memory_map = {"snapshot": self.snapshot, "map": memory_picture(self.engine.manager, seqs)}
         except Exception:  # never let a picture break serving
             logger.exception("memory_map() failed")
 

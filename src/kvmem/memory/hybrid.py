@@ -414,7 +414,9 @@ class HybridKVCacheManager(KVCacheManager):
         m.update(strategy=self.name, kind="hybrid", host={
             "kv_blocks": self.plan.num_kv_blocks, "kv_used": self.plan.num_kv_blocks - len(self.free_kv),
             "act_blocks": self.plan.num_act_blocks, "act_used": self.plan.num_act_blocks - len(self.free_act),
-            "owners": {str(sid): [[b.block_id, int(b.is_act)] for b in t] for sid, t in self.host_tables.items()}})
+            "owners": {str(sid): [[b.block_id, int(b.is_act)] for b in t] for sid, t in self.host_tables.items()},
+            "kv_block_bytes": self.plan.kv_block_bytes, "act_block_bytes": self.plan.act_block_bytes},
+            staging={"buffers": len(self.staging), "bytes": sum(b.nbytes for b in self.staging)})
         return m
 
     # --- accounting ---------------------------------------------------------------------

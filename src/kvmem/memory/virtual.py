@@ -473,20 +473,32 @@ class VirtualKVCacheManager(KVCacheManager):
 
     # --- accounting ---------------------------------------------------------------------
     def memory_map(self) -> dict:
-        """One row per slot, one character per chunk (page set) of it: "." unmapped, "m" mapped
-        (private), "s" mapped from the shared pool; each slot's owner (None: free) and tokens."""
+        """One row per slot, one character per chunk (page set) of it: "." unmapped, "m" mapped for
+        its running sequence, "s" mapped from the shared pool, "c" a free slot's leftover holding a
+        reusable prefix, "r" mapped but idle (a running slot's look-ahead past what its sequence
+        asked for, a free slot's tail past its prefix): kept by deferred reclamation, unmapped first
+        under pressure. Each slot's owner (None: free) and tokens; the reserved address space beside
+        the physical bytes."""
         per_slot = self.layout.max_len // self.chunk_tokens
         owner = {slot.index: sid for sid, slot in self.owned.items()}
         rows = []
         for slot in self.slots:
-            row = ["s" if i in slot.shared else "m" if i < slot.mapped_chunks else "." for i in range(per_slot)]
             sid = owner.get(slot.index)
+            if sid is not None:
+                live_chunks = slot.needed_chunks
+            else:
+                live_chunks = cdiv(len(slot.cached_tokens), self.chunk_tokens) if slot.cached_tokens else 0
+            row = ["s" if i in slot.shared else ("m" if sid is not None else "c") if i < live_chunks else "r"
+                   for i in range(slot.mapped_chunks)] + ["."] * (per_slot - slot.mapped_chunks)
             rows.append({"seq": sid, "pages": "".join(row),
                          "live": self.sequences[sid].num_computed_tokens if sid is not None else 0,
                          "cached": slot.cached_tokens is not None and sid is None})
+        codes = "".join(r["pages"] for r in rows)
         return {"strategy": self.name, "kind": "slots_pages", "chunk_tokens": self.chunk_tokens,
                 "chunk_bytes": self.chunk_set_bytes, "slots": rows,
-                "counts": {"mapped": self.mapped_chunks, "budget": self.max_chunks}}
+                "reserved_bytes": self.layout.total_bytes, "physical_bytes": self.mapped_chunks * self.chunk_set_bytes,
+                "counts": {"mapped": self.mapped_chunks, "budget": self.max_chunks, "shared": len(self.shared_by_key),
+                           "cached": codes.count("c"), "idle": codes.count("r")}}
 
     def stats(self) -> MemoryStats:
         per_chunk = self.chunk_set_bytes

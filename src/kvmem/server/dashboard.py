@@ -15,15 +15,17 @@ only delays its own stream, never the engine.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from importlib import resources
 
-from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from kvmem.engine.async_engine import AsyncLLMEngine
+from kvmem.engine.memory_picture import dashboard_state
 
 EVENT_RATE = 10.0  # states per second, at most, per stream
 KEEPALIVE = 5.0  # seconds between comments on an idle stream (notices a page that went away)
@@ -32,19 +34,6 @@ ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 
 def _asset(name: str) -> str:
     return resources.files("kvmem.server").joinpath("dashboard", name).read_text(encoding="utf-8")
-
-
-def dashboard_state(published: dict) -> dict:
-    """The JSON one event carries, from what the engine thread published."""
-    snap, m = published["snapshot"], published["map"]
-    mem = snap.memory
-    stats = {k: v for k, v in dataclasses.asdict(mem).items() if k != "extra"}
-    stats.update(waste=mem.waste, usage=mem.usage,
-                 prefix_hit_rate=mem.prefix_cache_hits / mem.prefix_cache_queries if mem.prefix_cache_queries else 0.0,
-                 extra={k: v for k, v in mem.extra.items() if isinstance(v, (int, float, str, bool))})
-    return {"time": snap.time, "num_running": snap.num_running, "num_waiting": snap.num_waiting,
-            "num_requests": snap.num_requests, "num_preemptions": snap.num_preemptions,
-            "num_steps": snap.num_steps, "stats": stats, "map": m}
 
 
 def dashboard_router(engine: AsyncLLMEngine) -> APIRouter:
@@ -93,3 +82,31 @@ def dashboard_router(engine: AsyncLLMEngine) -> APIRouter:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return router
+
+
+def replay_app(recording: str | Path) -> FastAPI:
+    """The page alone, playing a recording (`kvmem bench memory --record FILE`): no engine, no model.
+    `GET /` opens it; the recording is served at /dashboard/recording."""
+    from kvmem.bench.memory_recording import read_recording
+
+    path = Path(recording)
+    read_recording(path)  # a clear error now, not a blank page later
+    app = FastAPI(title="kvmem dashboard (replay)")
+
+    @app.get("/")
+    async def root() -> Response:
+        return RedirectResponse("/dashboard?replay=/dashboard/recording")
+
+    @app.get("/dashboard")
+    async def page() -> Response:
+        return Response(_asset("index.html"), media_type="text/html")
+
+    @app.get("/dashboard/{name}")
+    async def asset(name: str) -> Response:
+        if name == "recording":
+            return FileResponse(path, media_type="application/x-ndjson")
+        if name not in ASSETS:
+            return Response("not found", status_code=404)
+        return Response(_asset(name), media_type=ASSETS[name])
+
+    return app
