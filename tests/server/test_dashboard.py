@@ -344,14 +344,14 @@ def test_page_in_chromium_shows_the_managers_blocks(paged_server, browser, monke
     wait_until(lambda: browser.find_element(By.ID, "stat-running").text == "0", "the engine idle")
 
 
-@pytest.mark.parametrize("kv_cache", ["static", "virtual", "hybrid"])
+@pytest.mark.parametrize("kv_cache", ["static", "virtual"])
 def test_page_in_chromium_draws_every_strategy(tiny_model_dir, browser, kv_cache):
     """Each strategy's picture is drawn without a script error, with a request in it."""
     from selenium.webdriver.common.by import By
 
-    extra = {"max_model_len": 128} if kv_cache in ("static", "virtual") else {}
     try:
-        server = start_server(EngineConfig(model=str(tiny_model_dir), kv_cache=kv_cache, **TINY_ENGINE, **extra))
+        server = start_server(EngineConfig(model=str(tiny_model_dir), kv_cache=kv_cache, **TINY_ENGINE,
+                                           max_model_len=128))
     except (ValueError, OSError) as e:
         pytest.skip(f"kv_cache={kv_cache} not available here: {e}")
     gate = threading.Event()
@@ -463,3 +463,50 @@ def test_page_in_chromium_plays_a_recording(replay_server, browser):
     browser.find_element(By.ID, "replay-file").send_keys(str(path))
     wait_until(lambda: browser.find_element(By.ID, "conn").text == "replay: events.jsonl", "the file replaying")
     wait_until(lambda: browser.find_element(By.ID, "strategy").text == "static", "the first strategy")
+
+
+def test_page_in_chromium_shows_hybrids_host_tier(tiny_model_dir, browser):
+    """hybrid with a device tier of 6 blocks: requests that do not fit it run from the host tier (KV
+    and activation blocks); clicking one outlines exactly its host blocks."""
+    from selenium.webdriver.common.by import By
+
+    server = start_server(EngineConfig(model=str(tiny_model_dir), kv_cache="hybrid", dtype="float32", max_num_seqs=64,
+                                       max_model_len=128, kv_cache_memory=300_000, host_memory="2MiB", act_ratio=0.5))
+    engine = server.engine.engine
+    manager, real_step = engine.manager, engine.step
+    gate, parked = threading.Event(), threading.Event()
+
+    def gated_step():  # park once two sequences run from the host tier, so the page can see them
+        if len(manager.host_tables) >= 2 and len(engine.scheduler.running) >= 3 and not gate.is_set():
+            parked.set()
+            gate.wait(PATIENCE)
+        return real_step()
+
+    engine.step = gated_step
+    threads = [threading.Thread(target=complete, args=(server, list(range(5 + i, 65 + 5 * i)), 40), daemon=True)
+               for i in range(6)]
+    try:
+        browser.get(f"{server.base_url}/dashboard")
+        wait_until(lambda: int(browser.find_element(By.TAG_NAME, "body").get_attribute("data-updates") or 0) >= 1,
+                   "a first state")
+        for t in threads:
+            t.start()
+        assert parked.wait(PATIENCE), "no two sequences ever ran from the host tier"
+        host = {str(sid): len(table) for sid, table in manager.host_tables.items()}
+        seq = sorted(host)[0]
+        item = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, f'#requests li[data-seq="{seq}"]'),
+                          "the host-resident request")[0]
+        assert "tier: host" in item.text and f"{host[seq]} host blocks" in item.text
+        item.click()
+        canvas = browser.find_element(By.ID, "map")
+        wait_until(lambda: canvas.get_attribute("data-highlighted") == str(host[seq]), "its host blocks outlined")
+        assert "host tier" in browser.find_element(By.ID, "map-note").text
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        if os.environ.get("KVMEM_DASHBOARD_SCREENSHOT"):
+            browser.save_screenshot(str(Path(os.environ["KVMEM_DASHBOARD_SCREENSHOT"]).parent / "dashboard-hybrid.png"))
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(PATIENCE)
+        server.stop()
