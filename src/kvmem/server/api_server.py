@@ -190,6 +190,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         check_model(body.model, settings)
         params = body.sampling_params()
         check_engine_params(engine, params)
+        await check_grammar(engine, body)
         raw_prompts = body.prompts()
         check_prompt_count(len(raw_prompts), params.n, settings)
         check_prompt_chars(raw_prompts, settings.prompt_char_limit(engine.max_model_len), engine.max_model_len)
@@ -232,6 +233,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         check_model(body.model, settings)
         params = body.sampling_params()
         check_engine_params(engine, params)
+        await check_grammar(engine, body)
         char_limit = settings.prompt_char_limit(engine.max_model_len)
         check_conversation_size(body, engine.max_model_len, char_limit)
         explicit_max_tokens = body.max_tokens is not None or body.max_completion_tokens is not None
@@ -510,6 +512,18 @@ def check_engine_params(engine: AsyncLLMEngine, params: SamplingParams) -> None:
         engine.engine.check_params(params)
     except ValueError as e:
         raise InvalidRequest(str(e), str(e).split(" ", 1)[0]) from e
+
+
+async def check_grammar(engine: AsyncLLMEngine, body: CompletionRequest | ChatCompletionRequest) -> None:
+    """Structured outputs: the grammar compiles (cached; the engine reuses it), or a 400 names the
+    request field that asked for it."""
+    grammar = body.requested_grammar()
+    if grammar is None:
+        return
+    try:
+        await engine.compile_grammar(grammar.params)
+    except ValueError as e:
+        raise InvalidRequest(grammar.rename(str(e)), grammar.field) from e
 
 
 def check_prompt_logprob_budget(params: SamplingParams, prompts: list[_Prompt]) -> None:
