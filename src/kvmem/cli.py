@@ -189,7 +189,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  max_body_bytes=args.max_body_bytes, log_level=args.log_level,
                  max_prompts_per_request=args.max_prompts_per_request, max_prompt_chars=args.max_prompt_chars,
                  health_step_timeout=args.health_step_timeout, request_read_timeout=args.request_read_timeout,
-                 timeout_keep_alive=args.timeout_keep_alive)
+                 timeout_keep_alive=args.timeout_keep_alive, tool_call_parser=args.tool_call_parser,
+                 enable_auto_tool_choice=args.enable_auto_tool_choice)
 
 
 def _json_list(value: str) -> list[str]:
@@ -296,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--timeout-keep-alive", type=float, default=5.0,
                      help="seconds an idle keep-alive connection stays open (uvicorn's option)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from kvmem.tools.parsers import TOOL_PARSERS
+
+    srv.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                     help="how tool calls are found in what the model writes: hermes (Qwen2.5, Hermes), "
+                          "llama3_json (Llama 3.x)")
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help='serve tool_choice "auto" (the default with tools); needs --tool-call-parser')
     srv.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming the answers",

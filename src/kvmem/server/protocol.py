@@ -18,13 +18,15 @@ e.g. `use_beam_search: false`), which changes nothing. A key nobody defined is a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from kvmem.sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, SamplingParams
 from kvmem.structured_outputs.params import StructuredOutputsParams
+from kvmem.tools.choice import ToolPlan, plan_tools
 
 # OpenAI's limit on samples per request; without one, `n` alone could ask for millions of sequences.
 MAX_N = 128
@@ -34,9 +36,8 @@ MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 128
 MAX_STOP_TOKEN_IDS = 64
-# The roles a chat template may see. "tool" (and the older "function") carry tool results, which only
-# follow tool calls: refused like `tools` itself.
-CHAT_ROLES = ("system", "user", "assistant", "developer")
+# The roles a chat template may see ("tool": a tool's result; the older "function" role is refused).
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 class InvalidRequest(ValueError):
@@ -57,7 +58,7 @@ _ANY = object()
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
     # OpenAI's
     "suffix": ("",), "prediction": (), "audio": (), "modalities": (["text"],), "web_search_options": (),
-    "functions": ([],), "function_call": ("none",), "reasoning_effort": (), "tools": ([],),
+    "functions": ([],), "function_call": ("none",), "reasoning_effort": (), "tools": ([],),  # tools: chat's
     # vLLM's extras
     "guided_whitespace_pattern": (),
     "use_beam_search": (False,), "length_penalty": (1, 1.0), "early_stopping": (False,),
@@ -234,8 +235,11 @@ class _SamplingFields(_Body):
 
     def requested_grammar(self) -> RequestedGrammar | None:
         """What the request constrains its output to, from whichever one field asks (two that ask is
-        a 400 naming the second)."""
+        a 400 naming the second; tool_choice "required" or named asks too)."""
         asked: list[tuple[str, dict[str, Any]]] = []
+        plan = getattr(self, "_tool_plan", None)
+        if plan is not None and plan.structured_outputs is not None:
+            asked.append(("tool_choice", {}))
         rf = self.response_format
         if rf is not None:
             if rf.type == "json_object":
@@ -266,6 +270,8 @@ class _SamplingFields(_Body):
             raise InvalidRequest(f"{asked[1][0]} cannot be combined with {asked[0][0]}: ask for one output "
                                  "constraint", asked[1][0].split(".", 1)[0])
         field, fields = asked[0]
+        if field == "tool_choice":
+            return RequestedGrammar(plan.structured_outputs, "tools")  # a bad parameters schema: the tools' fault
         try:
             params = StructuredOutputsParams(**fields)
         except ValueError as e:
@@ -347,6 +353,18 @@ class CompletionRequest(_SamplingFields):
         return params
 
 
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # the schema is always enforced where kvmem enforces it
+
+
+class ToolDefinition(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id, ... reach the template
 
@@ -362,7 +380,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[ToolDefinition] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    _tool_plan: ToolPlan | None = PrivateAttr(None)
+    _tools_planned: bool = PrivateAttr(False)
     # vLLM's extras
     add_generation_prompt: bool | None = None
     add_special_tokens: bool | None = None  # only its default (false: the template writes them)
@@ -370,23 +391,55 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def conversation(self) -> list[dict[str, Any]]:
-        return [m.model_dump(exclude_none=True) for m in self.messages]
+        messages = [m.model_dump(exclude_none=True) for m in self.messages]
+        for message in messages:
+            if message.get("tool_calls") and "content" not in message:
+                # A call without words: empty content, as vLLM renders it (templates without tool
+                # support read message['content'] of every turn).
+                message["content"] = ""
+            # OpenAI sends a call's arguments as JSON text; templates expect the object (vLLM does this too).
+            for call in message.get("tool_calls") or []:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    try:
+                        function["arguments"] = json.loads(function["arguments"])
+                    except ValueError:
+                        pass  # not JSON: the template gets the text
+        return messages
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template receives them (transformers' `tools=`)."""
+        return [t.model_dump(exclude_none=True, by_alias=True) for t in self.tools] if self.tools else None
+
+    def plan_tools(self, parser_name: str | None, auto_enabled: bool) -> ToolPlan | None:
+        """What tools and tool_choice ask for (see kvmem.tools.choice); None without tools. Call
+        before sampling_params(), which then adds what enforces the choice."""
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise InvalidRequest("tools must have distinct function names", "tools")
+        try:
+            plan = plan_tools([t.function.model_dump(exclude_none=True, by_alias=True) for t in self.tools or []],
+                              self.tool_choice, self.parallel_tool_calls is not False, parser_name, auto_enabled)
+        except ValueError as e:
+            raise InvalidRequest(str(e), "tool_choice") from e
+        self._tool_plan = plan if plan.mode != "none" else None
+        self._tools_planned = True
+        return self._tool_plan
 
     def check_roles(self) -> None:
         """OpenAI refuses an unknown role (400 naming messages[i].role); a template would render
         it as if it were a real turn."""
         for i, message in enumerate(self.messages):
             if message.role not in CHAT_ROLES:
-                why = (" (tool results need tools, which are not supported)" if message.role in ("tool", "function")
-                       else "")
+                why = " (the legacy function role: send tool results with role tool)" if message.role == "function" else ""
                 raise InvalidRequest(f"Invalid value: {message.role!r}{why}. Supported roles are: "
                                      f"{', '.join(CHAT_ROLES)}.", f"messages[{i}].role", code="invalid_value")
 
     def sampling_params(self) -> SamplingParams:
         self._check_common()
         self.check_roles()
-        if self.tool_choice not in (None, "none"):
-            raise InvalidRequest("tool_choice is not supported", "tool_choice")
+        if not self._tools_planned:
+            self.plan_tools(None, False)  # without the server's settings "auto" is refused, never ignored
         if self.add_special_tokens:
             raise InvalidRequest("add_special_tokens true is not supported on chat completions", "add_special_tokens")
         if self.echo:
