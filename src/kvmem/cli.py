@@ -131,11 +131,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     if args.compare:
+        if args.structured_output_ratio:
+            raise ValueError("--structured-output-ratio is kvmem's own measurement; it does not go with --compare")
         return _bench_throughput_compare(args)
     from kvmem.bench.throughput import run_throughput, write_json
 
     result = run_throughput(args.workload, args.num_prompts, args.input_len, args.output_len, seed=args.seed,
-                            wait_quiet_max=args.wait_quiet_max, **engine_kwargs(args))
+                            wait_quiet_max=args.wait_quiet_max, structured_output_ratio=args.structured_output_ratio,
+                            **engine_kwargs(args))
     print(f"kvmem throughput: {result.settings['workload_description']}; "
           f"kv_cache={result.settings['kv_cache']} dtype={result.settings['dtype']}")
     print(f"  elapsed            {result.elapsed_s:.2f} s")
@@ -328,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--output-len", type=int, default=128, help="random workload")
     tp.add_argument("--seed", type=int, default=0, help="seed of the workload")
     tp.add_argument("--json", default=None, help="write the result here")
+    tp.add_argument("--structured-output-ratio", type=float, default=0.0, metavar="R",
+                    help="fraction of the requests (0..1) generated under a JSON schema (structured outputs)")
     tp.add_argument("--wait-quiet-max", type=float, default=0.0,
                     help="wait up to this many seconds for other processes to go idle before timing")
     cmp_ = tp.add_argument_group("comparison with other engines (from a repository checkout; benchmarks/peers)")
