@@ -155,3 +155,16 @@ def test_close_joins_the_compile_thread(tiny_dir):
     assert mine
     llm.close()
     assert not any(t.is_alive() for t in mine)
+
+
+def test_abort_while_the_grammar_compiles_leaves_nothing_behind(tiny_dir):
+    with LLM(str(tiny_dir), dtype="float32", kv_cache_memory="4MiB") as llm:
+        engine = llm.engine
+        engine.add_request("hi", SamplingParams(max_tokens=4, structured_outputs={"regex": "[a-z]{2,5}x"}),
+                           request_id="r")
+        assert engine.load().num_waiting == 1  # waiting for its grammar, outside the scheduler
+        out = engine.abort_request("r")
+        assert out.finished and out.outputs[0].finish_reason == "abort"
+        assert not engine.has_unfinished_requests() and engine.load().num_waiting == 0
+        assert engine.step() == []
+        assert_memory_returned(llm)
