@@ -46,3 +46,20 @@ def test_sampler_picks_inside_the_grammar_greedy_and_random_in_bf16_too():
                             generator=torch.Generator().manual_seed(3))]
         tokens = [t.token_id for t in sample(logits, rows, eos_token_ids=[0])]
         assert tokens[0] in (40, 41) and tokens[1] == 7 and tokens[2] == 55
+
+
+def test_forbidden_tokens_unpack_like_the_bit_definition():
+    from kvmem.structured_outputs.bitmask import forbidden_tokens
+
+    torch.manual_seed(0)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32)
+    vocab = 100
+    expected = torch.tensor([[not (int(bitmask[r, t // 32]) >> (t % 32)) & 1 for t in range(vocab)]
+                             for r in range(3)])
+    assert torch.equal(forbidden_tokens(bitmask, vocab), expected)
+
+
+def test_every_row_constrained_masks_in_place():
+    logits = torch.randn(2, 40)
+    apply_grammar_masks(logits, [0, 1], [AllowOnly([3]), AllowOnly([39])])
+    assert torch.isfinite(logits).nonzero().tolist() == [[0, 3], [1, 39]]
