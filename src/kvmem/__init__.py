@@ -15,6 +15,7 @@ _PUBLIC = {
     "CompletionOutput": "kvmem.outputs",
     "Logprob": "kvmem.outputs",
     "MemoryStats": "kvmem.memory.base",
+    "StructuredOutputsParams": "kvmem.structured_outputs.params",
 }
 __all__ = list(_PUBLIC)
 

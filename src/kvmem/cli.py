@@ -131,11 +131,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     if args.compare:
+        if args.structured_output_ratio:
+            raise ValueError("--structured-output-ratio is kvmem's own measurement; it does not go with --compare")
         return _bench_throughput_compare(args)
     from kvmem.bench.throughput import run_throughput, write_json
 
     result = run_throughput(args.workload, args.num_prompts, args.input_len, args.output_len, seed=args.seed,
-                            wait_quiet_max=args.wait_quiet_max, **engine_kwargs(args))
+                            wait_quiet_max=args.wait_quiet_max, structured_output_ratio=args.structured_output_ratio,
+                            **engine_kwargs(args))
     print(f"kvmem throughput: {result.settings['workload_description']}; "
           f"kv_cache={result.settings['kv_cache']} dtype={result.settings['dtype']}")
     print(f"  elapsed            {result.elapsed_s:.2f} s")
@@ -189,7 +192,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  max_body_bytes=args.max_body_bytes, log_level=args.log_level,
                  max_prompts_per_request=args.max_prompts_per_request, max_prompt_chars=args.max_prompt_chars,
                  health_step_timeout=args.health_step_timeout, request_read_timeout=args.request_read_timeout,
-                 timeout_keep_alive=args.timeout_keep_alive)
+                 timeout_keep_alive=args.timeout_keep_alive, tool_call_parser=args.tool_call_parser,
+                 enable_auto_tool_choice=args.enable_auto_tool_choice)
 
 
 def _json_list(value: str) -> list[str]:
@@ -307,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--timeout-keep-alive", type=float, default=5.0,
                      help="seconds an idle keep-alive connection stays open (uvicorn's option)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from kvmem.tools.parsers import TOOL_PARSERS
+
+    srv.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                     help="how tool calls are found in what the model writes: hermes (Qwen2.5, Hermes), "
+                          "llama3_json (Llama 3.x)")
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help='serve tool_choice "auto" (the default with tools); needs --tool-call-parser')
     srv.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming the answers",
@@ -338,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--output-len", type=int, default=128, help="random workload")
     tp.add_argument("--seed", type=int, default=0, help="seed of the workload")
     tp.add_argument("--json", default=None, help="write the result here")
+    tp.add_argument("--structured-output-ratio", type=float, default=0.0, metavar="R",
+                    help="fraction of the requests (0..1) generated under a JSON schema (structured outputs)")
     tp.add_argument("--wait-quiet-max", type=float, default=0.0,
                     help="wait up to this many seconds for other processes to go idle before timing")
     cmp_ = tp.add_argument_group("comparison with other engines (from a repository checkout; benchmarks/peers)")

@@ -57,6 +57,12 @@ class LLM:
             text, token_ids = self.engine.tokenize_prompt(prompt)
             self.engine.check_prompt(token_ids)
             tokenized.append({"prompt": text, "prompt_token_ids": token_ids})
+        # Likewise every grammar (structured outputs): one that does not compile is a ValueError
+        # naming it, before anything is queued. Compiles are cached; the engine reuses them.
+        grammars = [self.engine.grammars.submit(sp.structured_outputs) for sp in params_list
+                    if sp.structured_outputs is not None]
+        for grammar in grammars:
+            grammar.result()
         request_ids = [self.engine.add_request(p, sp) for p, sp in zip(tokenized, params_list)]
         return self._run(request_ids, use_tqdm)
 

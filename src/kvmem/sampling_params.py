@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from kvmem.structured_outputs.params import StructuredOutputsParams
+
 # vLLM's default `max_logprobs`: asking for more top tokens per step than this is refused.
 MAX_LOGPROBS = 20
 
@@ -73,6 +75,10 @@ class SamplingParams:
     - `stop` strings end generation when they appear in the output text; the text is cut before
       them unless `include_stop_str_in_output`. `stop_token_ids` end it on those token ids.
     - `min_tokens` forbids EOS / `stop_token_ids` (and stop strings) until that many tokens exist.
+    - `structured_outputs` (vLLM's `StructuredOutputsParams`, or a dict of its fields) constrains the
+      output to a JSON schema, any JSON object, a regex, one of several strings, or a grammar; the
+      request ends when the grammar is complete and the model ends it (or at max_tokens, cut short).
+      It cannot be combined with `min_tokens` (the grammar says where the output may end).
     """
 
     n: int = 1
@@ -94,6 +100,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n)
@@ -153,6 +160,19 @@ class SamplingParams:
             raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.prompt_logprobs}")
 
         self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:  # a key that is not a field
+                raise ValueError(f"structured_outputs: {e}") from e
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of its fields, "
+                                 f"got {type(self.structured_outputs).__name__}")
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides "
+                                 "where the output may end")
 
     @staticmethod
     def _normalize_logit_bias(bias: Any) -> dict[int, float] | None:

@@ -115,6 +115,11 @@ class Tokenizer:
         """Text of `ids`. Incomplete UTF-8 at either end decodes to U+FFFD (the detokenizer waits those out)."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @property
+    def backend(self) -> RustTokenizer:
+        """The Rust tokenizer itself, for read-only use (a grammar compiler reads its vocabulary)."""
+        return self._tok
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary string of `token_id` (byte-level spelling, e.g. "Ġthe"), or None if out of range."""
         return self._tok.id_to_token(token_id)

@@ -119,3 +119,26 @@ def test_a_run_that_shared_the_machine_is_run_again(tmp_path):
     result = run_compare(cfg)
     assert (peers / "calls").read_text() == "2"
     assert result.runs["vllm"] == [101.0]
+
+
+def test_structured_output_ratio_spreads_constrained_requests_evenly():
+    from kvmem.bench.throughput import constrained_indices
+
+    assert constrained_indices(8, 0.0) == []
+    assert constrained_indices(8, 1.0) == list(range(8))
+    assert constrained_indices(8, 0.5) == [0, 2, 4, 6]
+    assert len(constrained_indices(7, 0.5)) in (3, 4)
+    with pytest.raises(ValueError, match="structured_output_ratio must be in"):
+        constrained_indices(8, 1.5)
+
+
+def test_throughput_with_half_the_requests_under_a_schema(tmp_path):
+    from kvmem.bench.throughput import run_throughput
+    from tests.oracle import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "llama", "llama-mha")
+    result = run_throughput("random", num_prompts=4, input_len=16, output_len=24, warmup=False,
+                            structured_output_ratio=0.5, model=str(model), dtype="float32", kv_cache_memory="4MiB")
+    # Constrained requests still generate exactly their output length (the schema never completes).
+    assert result.output_tokens == 4 * 24
+    assert result.settings["num_structured_requests"] == 2 and result.settings["structured_output_ratio"] == 0.5

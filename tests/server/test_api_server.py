@@ -257,7 +257,7 @@ def test_bad_requests_are_400_with_an_openai_error_body(tiny_server):
     assert_error(post(s, "/v1/chat/completions", {"messages": []}), 400, "messages")
     assert_error(post(s, "/v1/chat/completions", {"messages": [{"content": "hi"}]}), 400)
     assert_error(post(s, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                                  "tools": [{"type": "function"}]}), 400, "tools")
+                                                  "tools": [{"type": "function"}]}), 400, "tools[0].function")
     assert_error(post(s, "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
                  400, "messages")
 

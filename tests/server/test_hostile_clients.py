@@ -102,7 +102,7 @@ def test_json_content_types_are_accepted(server, content_type):
 
 
 # --- 2. chat roles ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("role, index", [("wizard", 1), ("tool", 0), ("function", 1), ("", 0), ("USER", 0)])
+@pytest.mark.parametrize("role, index", [("wizard", 1), ("Tool", 0), ("function", 1), ("", 0), ("USER", 0)])
 def test_an_unknown_role_is_400_naming_it(server, role, index):
     messages = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "there"}]
     messages[index]["role"] = role

@@ -77,21 +77,17 @@ def test_all_nulls_at_once_equal_the_defaults(tiny_server):
 
 # --- unknown and unsupported fields ------------------------------------------------------------------
 @pytest.mark.parametrize("path, field, value", [
-    ("/v1/completions", "guided_json", {"type": "object"}),
-    ("/v1/completions", "guided_choice", ["yes", "no"]),
-    ("/v1/completions", "guided_regex", "[a-z]+"),
-    ("/v1/completions", "guided_grammar", "root ::= 'a'"),
-    ("/v1/completions", "structured_outputs", {"choice": ["a", "b"]}),
+    ("/v1/completions", "guided_whitespace_pattern", r"\s*"),
+    ("/v1/completions", "guided_decoding_backend", "outlines"),
     ("/v1/completions", "suffix", "and the end"),
     ("/v1/completions", "use_beam_search", True),
     ("/v1/completions", "allowed_token_ids", [1, 2]),
     ("/v1/completions", "truncate_prompt_tokens", 8),
     ("/v1/completions", "a_field_nobody_defined", 1),
-    ("/v1/chat/completions", "guided_json", {"type": "object"}),
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("/v1/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("/v1/chat/completions", "tool_choice", "auto"),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
-    ("/v1/chat/completions", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("/v1/chat/completions", "response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
+    ("/v1/chat/completions", "response_format", {"type": "xml"}),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ("/v1/chat/completions", "continue_final_message", True),
     ("/v1/chat/completions", "echo", True),
@@ -119,12 +115,13 @@ def test_harmless_and_neutral_fields_are_accepted(tiny_server, extra):
 
 def test_the_openai_client_extra_body_unknown_field_is_refused(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=None, prompt="Hi", max_tokens=2, extra_body={"guided_choice": ["a"]})
-    assert e.value.body["param"] == "guided_choice"
+        client.completions.create(model=None, prompt="Hi", max_tokens=2,
+                                  extra_body={"guided_whitespace_pattern": " "})
+    assert e.value.body["param"] == "guided_whitespace_pattern"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=None, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-                                       response_format={"type": "json_object"})
-    assert e.value.body["param"] == "response_format"
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    assert e.value.body["param"] == "response_format.json_schema.schema"
 
 
 # --- /tokenize and /detokenize -------------------------------------------------------------------------
@@ -162,7 +159,7 @@ def test_tokenize_messages_as_chat_completions_render_them(tiny_server):
     ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, "messages"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
     ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
-    ("/tokenize", {"messages": [{"role": "tool", "content": "b"}]}, 400, "messages[0].role"),
+    ("/tokenize", {"messages": [{"role": "function", "content": "b"}]}, 400, "messages[0].role"),
     ("/tokenize", {"prompt": "a", "guided_json": {}}, 400, "guided_json"),
     ("/tokenize", {"prompt": "a", "model": "no-such-model"}, 404, "model"),
     ("/detokenize", {"tokens": [1, 10**9]}, 400, "tokens[1]"),

@@ -50,6 +50,7 @@ from kvmem.engine.memory_picture import memory_picture
 from kvmem.memory.base import MemoryStats
 from kvmem.outputs import RequestOutput
 from kvmem.sampling_params import SamplingParams
+from kvmem.structured_outputs.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +256,12 @@ class AsyncLLMEngine:
         text, token_ids = self.engine.tokenize_prompt(prompt)
         self.engine.check_prompt(token_ids)
         return text, token_ids
+
+    async def compile_grammar(self, structured_outputs: StructuredOutputsParams) -> None:
+        """Compile a request's grammar (cached) before the request is added, so that a spec that does
+        not compile is refused up front; raises ValueError naming the parameter. The compiler is
+        thread-safe and runs on its own thread: neither the loop nor the engine waits on it."""
+        await asyncio.wrap_future(self.engine.grammars.submit(structured_outputs))
 
     async def generate(self, prompt_text: str | None, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:

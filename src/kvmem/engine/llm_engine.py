@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from kvmem.models.source import ModelSource
 from kvmem.outputs import CompletionOutput, Logprob, RequestOutput
 from kvmem.progress import human_bytes, say
 from kvmem.sampling_params import SamplingParams
+from kvmem.structured_outputs.compiler import GrammarCompiler, new_matcher
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class Request:
     # With params.prompt_logprobs: per prompt token (None for the first), filled as prefill goes.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     prompt_logprobs_left: int = 0  # entries still to fill
+    grammar: Future | None = None  # structured outputs: the compiled grammar, once the compiler is done
 
     @property
     def finished(self) -> bool:
@@ -162,6 +166,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.counters = EngineCounters()
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
+        # Structured outputs: grammars compile on the compiler's thread; a request waits here (not in
+        # the scheduler) until its grammar is ready, so no step ever waits on a compile.
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self._awaiting_grammar: list[Sequence] = []
         self._request_counter = itertools.count()
         self._seq_ids = itertools.count()
         self.closed = False
@@ -202,6 +210,11 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(token_ids)
             request.prompt_logprobs_left = len(token_ids) - 1
+        if params.structured_outputs is not None:
+            request.grammar = self.grammars.submit(params.structured_outputs)
+            self.requests[request_id] = request
+            self._awaiting_grammar.append(seq)
+            return request_id
         self.requests[request_id] = request
         self.scheduler.add(seq)
         return request_id
@@ -245,6 +258,8 @@ class LLMEngine:
             return None
         for seq in request.seqs:
             if not seq.is_finished:
+                if seq in self._awaiting_grammar:
+                    self._awaiting_grammar.remove(seq)
                 self.scheduler.remove(seq)
                 self._finish(seq, "abort")
         return self._output(request)
@@ -264,9 +279,14 @@ class LLMEngine:
             self.kv_events.flush()  # what the step did to memory: one batch
 
     def _step(self) -> list[RequestOutput]:
+        grammar_failures = self._admit_grammar_ready() if self._awaiting_grammar else []
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return self._fail_unschedulable()
+            if self._awaiting_grammar and not grammar_failures:
+                # Idle but for compiles: wait a little for one, rather than spin on empty steps.
+                wait_futures([self.requests[s.request_id].grammar for s in self._awaiting_grammar],
+                             timeout=0.05, return_when=FIRST_COMPLETED)
+            return grammar_failures + self._fail_unschedulable()
         self.counters.num_steps += 1
         result = self.runner.execute(sched.scheduled)
         for s in sched.scheduled:
@@ -283,23 +303,23 @@ class LLMEngine:
             family = [seq] + self._fork(seq) if seq.pending_forks else [seq]
             for member in family:
                 rows.append(SamplingRow(member.params, member.prompt_token_ids, member.output_token_ids,
-                                        member.generator))
+                                        member.generator, member.grammar))
                 row_seqs.append(member)
                 logits_rows.append(i)
         if not rows:
-            return []
+            return grammar_failures
         with torch.inference_mode():  # the logits are inference tensors, which the sampler may mask in place
             logits = result.logits if len(logits_rows) == len(result.sampled_seqs) else result.logits[logits_rows]
             sampled = sample(logits, rows, self.eos_token_ids, self.generator)
 
         touched: dict[str, Request] = {}
         now = time.monotonic()
+        outputs = grammar_failures
         for seq, token in zip(row_seqs, sampled):
             request = self.requests[seq.request_id]
             request.first_token_time = request.first_token_time or now
             self._append_token(seq, token)
             touched[seq.request_id] = request
-        outputs = []
         for request in touched.values():
             outputs.append(self._output(request))
             if request.finished:
@@ -336,6 +356,29 @@ class LLMEngine:
             if not request.prompt_logprobs_left:  # complete: from now on never written, so shared by outputs
                 request.prompt_logprobs = list(entries)
 
+    def _admit_grammar_ready(self) -> list[RequestOutput]:
+        """Requests whose grammar compiled go to the scheduler, each sequence with its own matcher;
+        those whose grammar failed to compile end with that error (their outputs are returned)."""
+        failed: list[RequestOutput] = []
+        still: list[Sequence] = []
+        for seq in self._awaiting_grammar:
+            request = self.requests[seq.request_id]
+            if not request.grammar.done():
+                still.append(seq)
+                continue
+            error = request.grammar.exception()
+            if error is None:
+                seq.grammar = new_matcher(request.grammar.result())
+                self.scheduler.add(seq)
+                continue
+            request.error = str(error)
+            for s in request.seqs:
+                self._finish(s, "abort")
+            del self.requests[request.request_id]
+            failed.append(self._output(request))
+        self._awaiting_grammar = still
+        return failed
+
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """The prompt is computed: make the request's other n - 1 samples share it."""
         request = self.requests[parent.request_id]
@@ -344,6 +387,8 @@ class LLMEngine:
             child = self._new_sequence(parent.request_id, index, parent.token_ids, parent.num_prompt_tokens,
                                        parent.params, parent.max_tokens)
             child.num_computed_tokens = parent.num_computed_tokens
+            if parent.grammar is not None:  # each sample follows the grammar on its own
+                child.grammar = parent.grammar.fork()
             self.manager.fork(parent, child)
             if child.num_computed_tokens == parent.num_computed_tokens:
                 self.scheduler.add_running(child, after=children[-1] if children else parent)
@@ -364,6 +409,8 @@ class LLMEngine:
             seq.cumulative_logprob += token.logprob
         params, t = seq.params, token.token_id
         is_eos = t in self.eos_token_ids and not params.ignore_eos
+        if seq.grammar is not None and not self._advance_grammar(seq, t):
+            return
         if seq.num_output_tokens >= params.min_tokens and (is_eos or t in params.stop_token_ids):
             # The stopping token's text is not part of the output (as in vLLM) unless asked for.
             if params.include_stop_str_in_output:
@@ -375,6 +422,20 @@ class LLMEngine:
             self._finish(seq, "length")
         if seq.is_finished:
             self.scheduler.remove(seq)
+
+    def _advance_grammar(self, seq: Sequence, token_id: int) -> bool:
+        """Feed the token to the sequence's matcher; False when that ended the sequence: the grammar
+        terminated on an end token that would not stop it otherwise (ignore_eos), or refused the
+        token (which the mask rules out; kept as a guard so a bug cannot emit invalid output)."""
+        if not seq.grammar.accept_token(token_id):
+            logger.error("request %s: the grammar refused token %d; ending the sequence", seq.request_id, token_id)
+            self._finish(seq, "abort")
+        elif seq.grammar.is_terminated() and not (token_id in self.eos_token_ids and not seq.params.ignore_eos):
+            self._finish(seq, "stop", token_id if token_id in seq.params.stop_token_ids else None)
+        else:
+            return True
+        self.scheduler.remove(seq)
+        return False
 
     def _logprobs(self, token: SampledToken) -> dict[int, Logprob]:
         """vLLM's shape: the top tokens with their ranks, plus the chosen token with its own rank."""
@@ -434,7 +495,8 @@ class LLMEngine:
         return self.manager.name
 
     def load(self) -> EngineLoad:
-        return EngineLoad(len(self.requests), len(self.scheduler.running), len(self.scheduler.waiting),
+        return EngineLoad(len(self.requests), len(self.scheduler.running),
+                          len(self.scheduler.waiting) + len(self._awaiting_grammar),
                           self.scheduler.counters.num_preemptions)
 
     # --- memory -------------------------------------------------------------------------
@@ -463,6 +525,7 @@ class LLMEngine:
             self.abort_request(request_id)
         self.runner.close()  # first: its views of the caches would keep the mappings alive
         self.manager.close()
+        self.grammars.close()  # the compile worker thread
         if self.kv_events is not None:
             self.kv_events.close()  # the aborts' events, then the publisher's thread and sockets
 

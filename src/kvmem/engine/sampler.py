@@ -1,6 +1,7 @@
 """Turns a batch of next-token logits into tokens, one row per sequence, with vLLM's semantics.
 
 Order of operations for each row (same as vLLM):
+  0. rows under a grammar (structured outputs): tokens the grammar forbids next become -inf;
   1. logprobs, if asked for, from the *raw* logits (before penalties and temperature);
   2. repetition penalty over prompt + output tokens, presence/frequency penalties over output tokens;
   3. logit_bias added (OpenAI's: greedy rows too);
@@ -23,11 +24,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kvmem.attention import cpu_kernels
 from kvmem.sampling_params import SAMPLING_EPS, SamplingParams
+from kvmem.structured_outputs.bitmask import apply_grammar_masks
 
 
 @dataclass
@@ -38,6 +41,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None  # per sequence, seeded when params.seed is set; None: global RNG
+    grammar: Any = None  # an xgrammar GrammarMatcher when the row is under structured outputs
 
 
 @dataclass
@@ -70,12 +74,19 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: Sequenc
     all_greedy = True
     needs_processing = False  # penalties or min_tokens masking
     wants_logprobs = False
+    constrained = False
     for row in rows:
         p = row.params
         all_greedy &= p.greedy
         wants_logprobs |= p.logprobs is not None
         needs_processing |= (p.has_penalties or p.logit_bias is not None
                              or len(row.output_token_ids) < p.min_tokens)
+        constrained |= row.grammar is not None
+
+    if constrained:
+        # First, as in vLLM: what the grammar forbids is -inf for everything after (logprobs too).
+        index = [i for i, row in enumerate(rows) if row.grammar is not None]
+        apply_grammar_masks(logits, index, [rows[i].grammar for i in index])
 
     if all_greedy and not needs_processing and not wants_logprobs:
         # Fast path: one argmax, one device->host copy.

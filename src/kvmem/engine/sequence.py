@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +48,9 @@ class Sequence:
     pending_forks: int = 0  # samples still to fork off once the prompt is computed
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    # Structured outputs: the xgrammar matcher, advanced by every output token. A preempted sequence
+    # keeps its tokens and recomputes them, so the matcher's state stays right as it is.
+    grammar: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -54,6 +54,9 @@ from kvmem.server.dashboard import dashboard_router
 from kvmem.server.metrics import ServerMetrics
 from kvmem.server.protocol import (MAX_N, UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest,
                                    DetokenizeRequest, InvalidRequest, TokenizeRequest)
+from kvmem.tools.choice import ToolPlan
+from kvmem.tools.parsers import TOOL_PARSERS
+from kvmem.tools.streaming import ToolCallStream, call_json, new_call_id
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,10 @@ class ServerSettings:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
+    # Tool calling (vLLM's flags): the parser that finds calls in what the model wrote, and whether
+    # tool_choice "auto" (the default when a request has tools) is served at all.
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_prompts_per_request", "max_prompt_chars", "health_step_timeout",
@@ -105,6 +112,10 @@ class ServerSettings:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got {self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser (--tool-call-parser)")
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -190,6 +201,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         check_model(body.model, settings)
         params = body.sampling_params()
         check_engine_params(engine, params)
+        await check_grammar(engine, body)
         raw_prompts = body.prompts()
         check_prompt_count(len(raw_prompts), params.n, settings)
         check_prompt_chars(raw_prompts, settings.prompt_char_limit(engine.max_model_len), engine.max_model_len)
@@ -230,8 +242,10 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request, ChatCompletionRequest, settings)
         check_model(body.model, settings)
+        tool_plan = body.plan_tools(settings.tool_call_parser, settings.enable_auto_tool_choice)
         params = body.sampling_params()
         check_engine_params(engine, params)
+        await check_grammar(engine, body)
         char_limit = settings.prompt_char_limit(engine.max_model_len)
         check_conversation_size(body, engine.max_model_len, char_limit)
         explicit_max_tokens = body.max_tokens is not None or body.max_completion_tokens is not None
@@ -244,13 +258,12 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
                   "model": settings.served_model_name}
         stream = track(metrics, engine.generate(prompt.text, prompt.token_ids, params, request_id), params.n)
         if body.streaming:
-            return sse_response(stream_chat(header, stream, params, body.include_usage))
+            return sse_response(stream_chat(header, stream, params, body.include_usage, tool_plan))
         (final,) = await until_disconnected(request, gather_finals([stream]))
 
         def respond() -> JSONResponse:
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": chat_logprobs(c, params, 0), "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason} for c in final.outputs]
+            choices = [{"index": c.index, **chat_message(c, tool_plan),
+                        "logprobs": chat_logprobs(c, params, 0), "stop_reason": c.stop_reason} for c in final.outputs]
             return JSONResponse({**header, "choices": choices, "usage": usage([final]),
                                  "prompt_logprobs": prompt_logprobs_json(final)})
 
@@ -460,9 +473,10 @@ def check_conversation_size(body: ChatCompletionRequest, max_model_len: int, cha
 def render_chat(engine: AsyncLLMEngine, body: ChatCompletionRequest, params: SamplingParams,
                 explicit_max_tokens: bool, char_limit: int) -> _Prompt:
     """The conversation through the chat template, tokenized and checked (on a worker thread)."""
+    tools = {"tools": body.template_tools()} if body.tools else {}  # as transformers passes them
     try:
         text = engine.tokenizer.apply_chat_template(body.conversation(), body.add_generation_prompt is not False,
-                                                    **(body.chat_template_kwargs or {}))
+                                                    **tools, **(body.chat_template_kwargs or {}))
     except ValueError as e:
         raise InvalidRequest(str(e), "messages") from e
     except TypeError as e:  # chat_template_kwargs naming a parameter twice
@@ -510,6 +524,18 @@ def check_engine_params(engine: AsyncLLMEngine, params: SamplingParams) -> None:
         engine.engine.check_params(params)
     except ValueError as e:
         raise InvalidRequest(str(e), str(e).split(" ", 1)[0]) from e
+
+
+async def check_grammar(engine: AsyncLLMEngine, body: CompletionRequest | ChatCompletionRequest) -> None:
+    """Structured outputs: the grammar compiles (cached; the engine reuses it), or a 400 names the
+    request field that asked for it."""
+    grammar = body.requested_grammar()
+    if grammar is None:
+        return
+    try:
+        await engine.compile_grammar(grammar.params)
+    except ValueError as e:
+        raise InvalidRequest(grammar.rename(str(e)), grammar.field) from e
 
 
 def check_prompt_logprob_budget(params: SamplingParams, prompts: list[_Prompt]) -> None:
@@ -713,9 +739,25 @@ async def stream_completion(header: dict, streams: list[AsyncIterator[RequestOut
         yield {**header, "choices": [], "usage": usage([finals[i] for i in sorted(finals)])}
 
 
+def chat_message(c: CompletionOutput, plan: ToolPlan | None) -> dict:
+    """A finished choice's message and finish_reason; with tools, the calls the plan's parser finds."""
+    if plan is None:
+        return {"message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+    parsed = plan.parser.finish(c.text)
+    calls = [call_json(call, new_call_id()) for call in parsed.calls[:plan.max_calls]]
+    message: dict = {"role": "assistant", "content": parsed.content or None}
+    if calls:
+        message["tool_calls"] = calls
+    finish = plan.finish_reason_on_calls if calls and c.finish_reason == "stop" else c.finish_reason
+    return {"message": message, "finish_reason": finish or c.finish_reason}
+
+
 async def stream_chat(header: dict, stream: AsyncIterator[RequestOutput], params: SamplingParams,
-                      include_usage: bool) -> AsyncIterator[dict]:
+                      include_usage: bool, tool_plan: ToolPlan | None = None) -> AsyncIterator[dict]:
     header = {**header, "object": "chat.completion.chunk"}
+    tool_streams = {k: ToolCallStream(tool_plan.parser, tool_plan.max_calls) for k in range(params.n)} \
+        if tool_plan is not None else {}
+    texts = dict.fromkeys(range(params.n), "")
     extra = {"usage": None} if include_usage else {}
     yield {**header, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None} for k in range(params.n)], **extra}
@@ -728,8 +770,19 @@ async def stream_chat(header: dict, stream: AsyncIterator[RequestOutput], params
             sent = state.unsent(c.index, c, params)
             if sent is None:
                 continue
-            choice = {"index": c.index, "delta": {"content": c.text_delta} if c.text_delta else {},
-                      "logprobs": chat_logprobs(c, params, sent), "finish_reason": c.finish_reason,
+            finish_reason = c.finish_reason
+            if tool_plan is None:
+                delta = {"content": c.text_delta} if c.text_delta else {}
+            else:  # content and tool-call pieces, from the text so far (kvmem.tools.streaming)
+                texts[c.index] += c.text_delta
+                tools = tool_streams[c.index]
+                delta = tools.update(texts[c.index], final=c.finish_reason is not None)
+                if tools.num_calls and finish_reason == "stop":
+                    finish_reason = tool_plan.finish_reason_on_calls or finish_reason
+                if not delta and not finish_reason and params.logprobs is None:
+                    continue  # held back (a possible call's start): nothing to send yet
+            choice = {"index": c.index, "delta": delta,
+                      "logprobs": chat_logprobs(c, params, sent), "finish_reason": finish_reason,
                       "stop_reason": c.stop_reason}
             if out.prompt_logprobs is not None and c.index not in state.prompt_logprobs_sent:
                 choice["prompt_logprobs"] = prompt_logprobs_json(out)  # once per choice, in its first chunk

@@ -4,9 +4,13 @@ Types are strict (a string is not a number, a float is not an int, a bool is nei
 malformed body is a 400 naming the field, not a coerced value. `null` is accepted wherever OpenAI's
 schema allows it and means the default.
 
+Structured outputs come from OpenAI's `response_format` (json_object, json_schema) or vLLM's
+`structured_outputs` / `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`, one of
+them per request (`requested_grammar`).
+
 Unknown keys: nothing is silently ignored. A field kvmem does not implement (OpenAI's `suffix`,
-`tools`, JSON response formats, `prediction`, ...; vLLM's guided decoding, `structured_outputs`,
-beam search, ...) is refused with a 400 naming it, unless it carries its neutral value (null, or
+`tools`, `prediction`, ...; vLLM's `guided_whitespace_pattern`, beam search, ...) is refused with a
+400 naming it, unless it carries its neutral value (null, or
 e.g. `use_beam_search: false`), which changes nothing. A key nobody defined is a 400 naming it too
 (extra="forbid"). OpenAI fields that do not change the output (`user`, `metadata`, `store`,
 `service_tier`, `parallel_tool_calls`) are accepted.
@@ -14,11 +18,15 @@ e.g. `use_beam_search: false`), which changes nothing. A key nobody defined is a
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from kvmem.sampling_params import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, SamplingParams
+from kvmem.structured_outputs.params import StructuredOutputsParams
+from kvmem.tools.choice import ToolPlan, plan_tools
 
 # OpenAI's limit on samples per request; without one, `n` alone could ask for millions of sequences.
 MAX_N = 128
@@ -28,9 +36,8 @@ MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 128
 MAX_STOP_TOKEN_IDS = 64
-# The roles a chat template may see. "tool" (and the older "function") carry tool results, which only
-# follow tool calls: refused like `tools` itself.
-CHAT_ROLES = ("system", "user", "assistant", "developer")
+# The roles a chat template may see ("tool": a tool's result; the older "function" role is refused).
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 class InvalidRequest(ValueError):
@@ -51,10 +58,9 @@ _ANY = object()
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
     # OpenAI's
     "suffix": ("",), "prediction": (), "audio": (), "modalities": (["text"],), "web_search_options": (),
-    "functions": ([],), "function_call": ("none",), "reasoning_effort": (), "tools": ([],),
+    "functions": ([],), "function_call": ("none",), "reasoning_effort": (), "tools": ([],),  # tools: chat's
     # vLLM's extras
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
-    "guided_decoding_backend": (), "guided_whitespace_pattern": (), "structured_outputs": (),
+    "guided_whitespace_pattern": (),
     "use_beam_search": (False,), "length_penalty": (1, 1.0), "early_stopping": (False,),
     "allowed_token_ids": (), "bad_words": ([],), "truncate_prompt_tokens": (),
     "spaces_between_special_tokens": (True,), "return_tokens_as_token_ids": (False,),
@@ -92,10 +98,51 @@ class StreamOptions(_Body):
                                  "stream_options.continuous_usage_stats")
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # json_schema: refused with its type
+class JsonSchemaFormat(_Body):
+    """OpenAI's response_format.json_schema."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # kvmem always enforces the schema (strict or not), as vLLM does
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: "text", "json_object" (any JSON object) or "json_schema"."""
 
     type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's `structured_outputs` request field (the fields of its StructuredOutputsParams)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
+
+
+# The request fields that ask for structured outputs, and the StructuredOutputsParams kind each maps to.
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+# The grammar backends a request may name (vLLM's names): kvmem has xgrammar.
+GRAMMAR_BACKENDS = ("xgrammar", "auto")
+
+
+@dataclass
+class RequestedGrammar:
+    """Structured outputs as a request asked for them: the params, and the request field they came
+    from (what a 400 names when the spec does not compile)."""
+
+    params: StructuredOutputsParams
+    field: str
+
+    def rename(self, message: str) -> str:
+        """A compiler or params message ("structured_outputs.regex: ...") in the request's words."""
+        return message.replace(f"structured_outputs.{self.params.kind}", self.field, 1)
 
 
 class _SamplingFields(_Body):
@@ -130,6 +177,13 @@ class _SamplingFields(_Body):
     skip_special_tokens: bool | None = None
     prompt_logprobs: int | None = None
     response_format: ResponseFormat | None = None
+    # structured outputs, vLLM's ways (the OpenAI way is response_format)
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
     @property
     def num_samples(self) -> int:
@@ -172,16 +226,73 @@ class _SamplingFields(_Body):
             if not self.stream:
                 raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
             self.stream_options.check()
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequest(f"response_format {self.response_format.type!r} is not supported; "
-                                 "only 'text'", "response_format")
+        if self.guided_decoding_backend is not None and self.guided_decoding_backend not in GRAMMAR_BACKENDS:
+            raise InvalidRequest(f"guided_decoding_backend {self.guided_decoding_backend!r} is not available; "
+                                 f"kvmem has {', '.join(map(repr, GRAMMAR_BACKENDS))}", "guided_decoding_backend")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
             raise InvalidRequest(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
                                  "prompt_logprobs")
 
+    def requested_grammar(self) -> RequestedGrammar | None:
+        """What the request constrains its output to, from whichever one field asks (two that ask is
+        a 400 naming the second; tool_choice "required" or named asks too)."""
+        asked: list[tuple[str, dict[str, Any]]] = []
+        plan = getattr(self, "_tool_plan", None)
+        if plan is not None and plan.structured_outputs is not None:
+            asked.append(("tool_choice", {}))
+        rf = self.response_format
+        if rf is not None:
+            if rf.type == "json_object":
+                asked.append(("response_format", {"json_object": True}))
+            elif rf.type == "json_schema":
+                if rf.json_schema is None or rf.json_schema.schema_ is None:
+                    raise InvalidRequest("response_format of type 'json_schema' needs json_schema.schema",
+                                         "response_format.json_schema.schema" if rf.json_schema
+                                         else "response_format.json_schema")
+                asked.append(("response_format.json_schema.schema", {"json": rf.json_schema.schema_}))
+            elif rf.type != "text":
+                raise InvalidRequest(f"response_format.type must be 'text', 'json_object' or 'json_schema', "
+                                     f"got {rf.type!r}", "response_format.type")
+            elif rf.json_schema is not None:
+                raise InvalidRequest("response_format.json_schema goes with type 'json_schema'",
+                                     "response_format.json_schema")
+        if self.structured_outputs is not None:
+            fields = self.structured_outputs.model_dump(exclude_none=True)
+            if "json_" in fields:
+                fields["json"] = fields.pop("json_")
+            asked.append(("structured_outputs", fields))
+        for name, kind in GUIDED_FIELDS.items():
+            if getattr(self, name) is not None:
+                asked.append((name, {kind: getattr(self, name)}))
+        if not asked:
+            return None
+        if len(asked) > 1:
+            raise InvalidRequest(f"{asked[1][0]} cannot be combined with {asked[0][0]}: ask for one output "
+                                 "constraint", asked[1][0].split(".", 1)[0])
+        field, fields = asked[0]
+        if field == "tool_choice":
+            return RequestedGrammar(plan.structured_outputs, "tools")  # a bad parameters schema: the tools' fault
+        try:
+            params = StructuredOutputsParams(**fields)
+        except ValueError as e:
+            message = str(e)
+            if field == "structured_outputs":  # name the sub-field where the message does
+                param = message.split(" ", 1)[0].rstrip(":") if message.startswith("structured_outputs.") else field
+                raise InvalidRequest(message, param) from e
+            raise InvalidRequest(message.replace("structured_outputs." + next(iter(fields)), field, 1)
+                                 .replace("structured_outputs", field, 1), field) from e
+        if field == "structured_outputs":
+            field = f"structured_outputs.{params.kind}"
+        return RequestedGrammar(params, field)
+
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         def given(value: Any, default: Any) -> Any:
             return default if value is None else value
+
+        grammar = self.requested_grammar()
+        if grammar is not None and self.min_tokens:
+            raise InvalidRequest(f"min_tokens cannot be combined with {grammar.field}: the grammar decides where "
+                                 "the output may end", "min_tokens")
 
         try:
             return SamplingParams(
@@ -194,7 +305,8 @@ class _SamplingFields(_Body):
                 ignore_eos=given(self.ignore_eos, False),
                 include_stop_str_in_output=given(self.include_stop_str_in_output, False),
                 skip_special_tokens=given(self.skip_special_tokens, True), logprobs=logprobs,
-                prompt_logprobs=self.prompt_logprobs, logit_bias=self._logit_bias())
+                prompt_logprobs=self.prompt_logprobs, logit_bias=self._logit_bias(),
+                structured_outputs=grammar.params if grammar is not None else None)
         except ValueError as e:
             message = str(e)
             # SamplingParams' messages start with the parameter's name.
@@ -241,6 +353,18 @@ class CompletionRequest(_SamplingFields):
         return params
 
 
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # the schema is always enforced where kvmem enforces it
+
+
+class ToolDefinition(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id, ... reach the template
 
@@ -256,7 +380,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[ToolDefinition] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    _tool_plan: ToolPlan | None = PrivateAttr(None)
+    _tools_planned: bool = PrivateAttr(False)
     # vLLM's extras
     add_generation_prompt: bool | None = None
     add_special_tokens: bool | None = None  # only its default (false: the template writes them)
@@ -264,23 +391,55 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def conversation(self) -> list[dict[str, Any]]:
-        return [m.model_dump(exclude_none=True) for m in self.messages]
+        messages = [m.model_dump(exclude_none=True) for m in self.messages]
+        for message in messages:
+            if message.get("tool_calls") and "content" not in message:
+                # A call without words: empty content, as vLLM renders it (templates without tool
+                # support read message['content'] of every turn).
+                message["content"] = ""
+            # OpenAI sends a call's arguments as JSON text; templates expect the object (vLLM does this too).
+            for call in message.get("tool_calls") or []:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    try:
+                        function["arguments"] = json.loads(function["arguments"])
+                    except ValueError:
+                        pass  # not JSON: the template gets the text
+        return messages
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template receives them (transformers' `tools=`)."""
+        return [t.model_dump(exclude_none=True, by_alias=True) for t in self.tools] if self.tools else None
+
+    def plan_tools(self, parser_name: str | None, auto_enabled: bool) -> ToolPlan | None:
+        """What tools and tool_choice ask for (see kvmem.tools.choice); None without tools. Call
+        before sampling_params(), which then adds what enforces the choice."""
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise InvalidRequest("tools must have distinct function names", "tools")
+        try:
+            plan = plan_tools([t.function.model_dump(exclude_none=True, by_alias=True) for t in self.tools or []],
+                              self.tool_choice, self.parallel_tool_calls is not False, parser_name, auto_enabled)
+        except ValueError as e:
+            raise InvalidRequest(str(e), "tool_choice") from e
+        self._tool_plan = plan if plan.mode != "none" else None
+        self._tools_planned = True
+        return self._tool_plan
 
     def check_roles(self) -> None:
         """OpenAI refuses an unknown role (400 naming messages[i].role); a template would render
         it as if it were a real turn."""
         for i, message in enumerate(self.messages):
             if message.role not in CHAT_ROLES:
-                why = (" (tool results need tools, which are not supported)" if message.role in ("tool", "function")
-                       else "")
+                why = " (the legacy function role: send tool results with role tool)" if message.role == "function" else ""
                 raise InvalidRequest(f"Invalid value: {message.role!r}{why}. Supported roles are: "
                                      f"{', '.join(CHAT_ROLES)}.", f"messages[{i}].role", code="invalid_value")
 
     def sampling_params(self) -> SamplingParams:
         self._check_common()
         self.check_roles()
-        if self.tool_choice not in (None, "none"):
-            raise InvalidRequest("tool_choice is not supported", "tool_choice")
+        if not self._tools_planned:
+            self.plan_tools(None, False)  # without the server's settings "auto" is refused, never ignored
         if self.add_special_tokens:
             raise InvalidRequest("add_special_tokens true is not supported on chat completions", "add_special_tokens")
         if self.echo:
