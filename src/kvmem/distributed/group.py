@@ -1,0 +1,121 @@
+"""The ranks of one tensor-parallel model and the two channels between them (torch.distributed).
+
+- the *device* group carries the activations: one all-reduce after each row-parallel projection.
+  NCCL on CUDA, gloo on CPU, chosen from the device.
+- the *control* group (always gloo, on CPU) carries rank 0's step plans, a pickled object per
+  broadcast, and the answers to rank 0's questions (memory stats).
+
+Both are built straight from a `TCPStore` (`ProcessGroupGloo(store, rank, size)`) rather than
+through `init_process_group`: nothing process-global is set, so one process may build, close and
+build again a tensor-parallel engine (as tests do), or host other torch.distributed work beside it.
+
+Failure: a rank that dies closes its sockets, and the collectives of the others raise at once
+(gloo: "Connection reset by peer"); a rank that hangs makes them raise after `timeout_s`. Only a
+worker waiting for rank 0's next plan waits without that limit (`IDLE_TIMEOUT`): an idle server
+sends nothing for hours.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import torch
+import torch.distributed as dist
+
+# How long an idle worker waits for rank 0's next plan (a dead rank 0 still ends the wait at once).
+IDLE_TIMEOUT = datetime.timedelta(days=365)
+DEFAULT_TIMEOUT_S = 600.0  # a collective (or the start-up rendezvous) that takes longer fails
+
+
+def free_local_init_method() -> str:
+    """tcp://127.0.0.1:PORT with a port free now (ranks on one machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def parse_init_method(init_method: str) -> tuple[str, int]:
+    """(host, port) of a tcp://HOST:PORT init method; ValueError naming distributed_init_method."""
+    parts = urlsplit(init_method)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "tcp" or not parts.hostname or port is None:
+        raise ValueError(f"distributed_init_method must look like tcp://HOST:PORT, got {init_method!r}")
+    return parts.hostname, port
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@dataclass
+class GroupAddress:
+    """Where the ranks meet: rank 0 listens on `init_method` (a TCPStore), the others connect."""
+
+    init_method: str
+    world_size: int
+    rank: int
+
+
+class TensorParallelGroup:
+    def __init__(self, address: GroupAddress, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        host, port = parse_init_method(address.init_method)
+        self.rank, self.world_size = address.rank, address.world_size
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        # Rank 0 serves the store and waits (up to the timeout) until every rank has connected.
+        self.store = dist.TCPStore(host, port, self.world_size, self.rank == 0, timeout=self.timeout)
+        self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", self.store), self.rank, self.world_size,
+                                             self.timeout)
+        self.backend = backend_for(device)
+        device_store = dist.PrefixStore("device", self.store)
+        if self.backend == "nccl":
+            torch.cuda.set_device(device)
+            self.device_group = dist.ProcessGroupNCCL(device_store, self.rank, self.world_size)
+        else:
+            self.device_group = dist.ProcessGroupGloo(device_store, self.rank, self.world_size, self.timeout)
+
+    # --- the activations --------------------------------------------------------------------
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the ranks, in place; every rank ends with the same bits."""
+        self.device_group.allreduce([tensor]).wait()
+        return tensor
+
+    # --- the control channel ------------------------------------------------------------------
+    def broadcast_object(self, obj: object = None, idle: bool = False) -> object:
+        """Rank 0 sends `obj` (pickled); every other rank returns it. `idle`: the receivers may wait
+        indefinitely (a worker between steps)."""
+        timeout = IDLE_TIMEOUT if idle else self.timeout
+        if self.rank == 0:
+            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            size = torch.tensor([payload.numel()], dtype=torch.int64)
+        else:
+            size = torch.zeros(1, dtype=torch.int64)
+        self.control.broadcast(size, 0, timeout).wait()
+        if self.rank != 0:
+            payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        self.control.broadcast(payload, 0, self.timeout).wait()
+        return obj if self.rank == 0 else pickle.loads(payload.numpy().tobytes())
+
+    def gather_objects(self, obj: object) -> list[object]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        data = pickle.dumps(obj)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        self.control.allgather([sizes], [torch.tensor([len(data)], dtype=torch.int64)]).wait()
+        longest = int(max(s.item() for s in sizes))
+        mine = torch.zeros(longest, dtype=torch.uint8)
+        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        self.control.allgather([out], [mine]).wait()
+        return [pickle.loads(t[:int(s.item())].numpy().tobytes()) for t, s in zip(out, sizes)]
+
+    def close(self) -> None:
+        """Drop the groups and the store (rank 0's store closes its listening socket)."""
+        for name in ("device_group", "control", "store"):
+            if hasattr(self, name):
+                delattr(self, name)
