@@ -197,3 +197,27 @@ def test_a_rank_dying_during_a_step_fails_the_step(models):
                 engine.step()
     finally:
         llm.close()
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_over_3_ranks_matches_transformers():
+    # SmolLM2-135M: 9 heads, 3 KV heads, MLP 1536: 3 heads and 1 KV head per rank. Two prompts share
+    # a 16-token prefix block, run one after the other (max_num_seqs 1): a prefix hit on every rank.
+    from kvmem.models.loader import load_model
+    from tests.oracle import hf_default_model
+
+    tokenizer = load_model(None).tokenizer
+    texts = ["The capital of France is", "def fibonacci(n):",
+             "Once upon a time, in a small village, there lived an old clockmaker who",
+             "Once upon a time, in a small village, there lived an old clockmaker who never"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    params = SamplingParams(temperature=0, max_tokens=8, min_tokens=8)
+    llm = LLM(dtype="float32", tensor_parallel_size=3, kv_cache_memory="4MiB", max_num_seqs=1, max_model_len=256)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                             use_tqdm=False)]
+        assert llm.stats().prefix_cache_hits >= 16
+        assert all(s.bytes_allocated == 0 for s, _ in llm.engine.tp.rank_stats())
+    finally:
+        llm.close()
+    assert got == [hf_greedy(hf_default_model(), p, 8) for p in prompts]
