@@ -221,3 +221,29 @@ def test_embedded_smollm2_over_3_ranks_matches_transformers():
     finally:
         llm.close()
     assert got == [hf_greedy(hf_default_model(), p, 8) for p in prompts]
+
+
+def test_n_samples_logprobs_and_prompt_logprobs_follow_tp1(models):
+    # n > 1 forks share the prompt's blocks (copy-on-write replayed on every rank); rank 0's lm_head
+    # gives the logprobs and the prompt logprobs.
+    params = SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=8, logprobs=2, prompt_logprobs=2)
+    outs = {}
+    for tp in (1, 2):
+        llm = LLM(str(models["llama-mha"]), tensor_parallel_size=tp, dtype="float32", kv_cache_memory="1MiB",
+                  block_size=4)
+        try:
+            outs[tp] = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)[0]
+            if tp == 2:
+                assert all(s.bytes_allocated == 0 for s, _ in llm.engine.tp.rank_stats())
+        finally:
+            llm.close()
+    one, two = outs[1], outs[2]
+    assert [c.token_ids for c in two.outputs] == [c.token_ids for c in one.outputs]
+    assert len({tuple(c.token_ids) for c in one.outputs}) > 1  # the samples differ: a real n = 3
+    for a, b in zip(one.outputs, two.outputs):
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert list(la) == list(lb)
+            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)
+    for pa, pb in zip(one.prompt_logprobs[1:], two.prompt_logprobs[1:]):
+        assert list(pa) == list(pb)
+        assert all(abs(pa[t].logprob - pb[t].logprob) < 1e-4 for t in pa)
