@@ -57,6 +57,7 @@ class TensorParallelExecutor:
         self.init_method = init_method
         places = placements(config)
         self.device = torch.device(places[0].device)
+        self._threads_before = torch.get_num_threads()  # given back on close
         if self.device.type == "cpu" and config.num_threads is None:
             torch.set_num_threads(len(places[0].cores))  # rank 0's share of the cores (not pinned: see launch)
         self.failure: str | None = None
@@ -118,8 +119,17 @@ class TensorParallelExecutor:
         return self._collective(lambda: self.group.gather_objects(mine))
 
     def run(self, fn: Callable[[], object]) -> object:
-        """Run rank 0's part of a collective step (its forward pass)."""
-        return self._collective(fn)
+        """Run rank 0's part of a collective step (its forward pass). Whatever fails in it fails the
+        group: the other ranks are somewhere inside the same step, and no later plan could meet them."""
+        self.check()
+        try:
+            return fn()
+        except TensorParallelError:
+            raise
+        except BaseException as e:
+            self._fail(f"a tensor-parallel step failed on rank 0 ({self._dead_ranks() or 'no rank exited'}): "
+                       f"{type(e).__name__}: {e}")
+            raise TensorParallelError(self.failure) from e
 
     def _send(self, message: object) -> None:
         self._collective(lambda: self.group.broadcast_object(message))
@@ -131,8 +141,6 @@ class TensorParallelExecutor:
         except TensorParallelError:
             raise
         except RuntimeError as e:  # gloo / NCCL: a peer closed its connection or timed out
-            if "TensorParallel" in type(e).__name__:
-                raise
             self._fail(f"a tensor-parallel collective failed ({self._dead_ranks() or 'no rank exited'}): {e}")
             raise TensorParallelError(self.failure) from e
 
@@ -182,14 +190,17 @@ class TensorParallelExecutor:
         self._stop.set()
         if self._monitor is not threading.current_thread():
             self._monitor.join()
-        for p in self.processes:
-            try:
-                p.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
+        if self.failure is None:  # told to close: give them the time to; after a failure, no one listens
+            for p in self.processes:
+                try:
+                    p.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
         self._kill_workers()
         if hasattr(self, "group"):
-            self.group.close()
+            self.group.close()  # also what tells another machine's ranks that rank 0 is gone
+        if self.device.type == "cpu" and self.config.num_threads is None:
+            torch.set_num_threads(self._threads_before)
 
     def _kill_workers(self) -> None:
         for p in self.processes:
