@@ -247,3 +247,12 @@ def test_n_samples_logprobs_and_prompt_logprobs_follow_tp1(models):
     for pa, pb in zip(one.prompt_logprobs[1:], two.prompt_logprobs[1:]):
         assert list(pa) == list(pb)
         assert all(abs(pa[t].logprob - pb[t].logprob) < 1e-4 for t in pa)
+
+
+def test_a_model_source_object_is_refused_with_tp(models):
+    # The other ranks load the model themselves, from config.model: a ModelSource cannot reach them.
+    from kvmem.engine.llm_engine import LLMEngine
+    from kvmem.models.loader import load_model
+
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 loads the model on every rank"):
+        LLMEngine(EngineConfig(tensor_parallel_size=2, dtype="float32"), load_model(str(models["llama-mha"])))

@@ -107,6 +107,9 @@ class LLMEngine:
             raise
 
     def _build(self, config: EngineConfig, source: ModelSource | None) -> None:
+        if source is not None and config.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 loads the model on every rank from config.model; give the "
+                             "model's path or Hub id there instead of a ModelSource")
         self.config = config
         # Process-wide settings, only where an option asks: torch's thread count, glibc's malloc.
         if config.num_threads:
