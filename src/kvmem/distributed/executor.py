@@ -68,7 +68,8 @@ class TensorParallelExecutor:
         self._monitor = threading.Thread(target=self._watch, name="kvmem-tp-monitor", daemon=True)
         self._monitor.start()
         try:
-            self.group = TensorParallelGroup(GroupAddress(init_method, self.world_size, 0), self.device)
+            self.group = TensorParallelGroup(GroupAddress(init_method, self.world_size, 0), self.device,
+                                             peers_failed=lambda: self._dead_ranks() or None)
             self.group.broadcast_object(Hello(config))
         except Exception as e:
             self._stop.set()

@@ -20,6 +20,8 @@ from __future__ import annotations
 import datetime
 import pickle
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -64,12 +66,21 @@ class GroupAddress:
 
 
 class TensorParallelGroup:
-    def __init__(self, address: GroupAddress, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, address: GroupAddress, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 peers_failed: Callable[[], str | None] | None = None) -> None:
+        """`peers_failed` (rank 0): says why the ranks it started cannot come any more (they exited),
+        so that the wait for them ends with that reason instead of the timeout."""
         host, port = parse_init_method(address.init_method)
         self.rank, self.world_size = address.rank, address.world_size
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        # Rank 0 serves the store and waits (up to the timeout) until every rank has connected.
-        self.store = dist.TCPStore(host, port, self.world_size, self.rank == 0, timeout=self.timeout)
+        # Rank 0 serves the store; every other rank checks in, and rank 0 waits for all of them (up to
+        # the timeout, a slice at a time so that a worker that died on the way is noticed at once).
+        self.store = dist.TCPStore(host, port, self.world_size, self.rank == 0, timeout=self.timeout,
+                                   wait_for_workers=False)
+        if self.rank == 0:
+            self._wait_for_peers(timeout_s, peers_failed)
+        else:
+            self.store.set(f"joined/{self.rank}", "1")
         self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", self.store), self.rank, self.world_size,
                                              self.timeout)
         self.backend = backend_for(device)
@@ -79,6 +90,22 @@ class TensorParallelGroup:
             self.device_group = dist.ProcessGroupNCCL(device_store, self.rank, self.world_size)
         else:
             self.device_group = dist.ProcessGroupGloo(device_store, self.rank, self.world_size, self.timeout)
+
+    def _wait_for_peers(self, timeout_s: float, peers_failed: Callable[[], str | None] | None) -> None:
+        keys = [f"joined/{r}" for r in range(1, self.world_size)]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.store.wait(keys, datetime.timedelta(seconds=0.5))
+                return
+            except RuntimeError:  # DistStoreError: not all of them yet
+                reason = peers_failed() if peers_failed is not None else None
+                if reason:
+                    raise RuntimeError(f"tensor-parallel ranks did not start: {reason}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"tensor-parallel ranks did not all connect to {self.world_size - 1} "
+                                       f"peers within {timeout_s:.0f} s (are the other nodes started, with "
+                                       "the same --distributed-init-method?)") from None
 
     # --- the activations --------------------------------------------------------------------
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
