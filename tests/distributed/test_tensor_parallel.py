@@ -89,6 +89,7 @@ def run(path, tp: int, kv_cache: str = "paged", **kwargs) -> tuple[list[list[int
             engine.release_free_memory()
             seen["ranks_released"] = engine.tp.rank_stats()
             seen["workers"] = {p.pid for p in engine.tp.processes}
+            seen["shared_memory"] = engine.tp.group.shared_memory is not None
     finally:
         llm.close()
     assert child_pids() <= before, "a worker process outlived close()"
@@ -118,6 +119,7 @@ def test_tp2_greedy_tokens_are_tp1s_and_transformers(models, hf_tokens, kind):
     assert seen2["bytes_per_token"] * 2 == seen1["bytes_per_token"]
     assert seen2["layer_bytes"] * 2 == seen1["layer_bytes"]
     assert seen2["preemptions"] > 0 and seen2["prefix_hits"] > 0, seen2  # the paths the test claims to cover
+    assert seen2["shared_memory"]  # ranks on one CPU: the all-reduce went through shared memory
     assert_ranks_gave_back(seen2, 2)
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvmem.distributed.group import GroupAddress, TensorParallelGroup, free_local_init_method
+from kvmem.distributed.group import GroupAddress, TensorParallelGroup, free_local_init_method, uses_shared_memory
 from kvmem.distributed.launch import node_ranks, placements, resolve_init_method, spawn_workers
 from kvmem.distributed.mirror import RecordingManager
 from kvmem.distributed.parallel_model import build_parallel_model
@@ -33,6 +33,8 @@ from kvmem.memory.base import MemoryStats
 logger = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.2
+# Largest tensor the shared-memory all-reduce carries (larger ones: gloo): 2 x ranks such slots in /dev/shm.
+SHM_SLOT_CAP = 16 * 2**20
 
 
 class TensorParallelError(RuntimeError):
@@ -82,6 +84,9 @@ class TensorParallelExecutor:
     def build_model(self, model_config, max_positions: int, dtype: torch.dtype, weights, batch_invariant: bool):
         check_divisible(model_config, self.world_size)
         self.shard = TensorParallelShard(model_config, 0, self.world_size)
+        if uses_shared_memory(self.config, self.device):  # a row-parallel output, in float32 at most
+            slot_bytes = min(self.config.max_num_batched_tokens * model_config.hidden_size * 4, SHM_SLOT_CAP)
+            self._collective(lambda: self.group.enable_shared_memory(slot_bytes, lambda: self._dead_ranks() or None))
         return build_parallel_model(self.shard, self.group, max_positions, dtype, self.device, weights,
                                     pack_for_cpu=self.device.type == "cpu", batch_invariant=batch_invariant)
 

@@ -18,6 +18,7 @@ sends nothing for hours.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import socket
 import time
@@ -52,6 +53,14 @@ def parse_init_method(init_method: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
+def uses_shared_memory(config, device: torch.device) -> bool:
+    """Whether the activations' all-reduce goes through shared memory: every rank on this machine's
+    CPU (one node), on x86-64. The same answer on every rank of a node."""
+    from kvmem.distributed.shm_all_reduce import available
+
+    return device.type == "cpu" and config.nnodes == 1 and available()
+
+
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -84,6 +93,7 @@ class TensorParallelGroup:
         self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", self.store), self.rank, self.world_size,
                                              self.timeout)
         self.backend = backend_for(device)
+        self.shared_memory = None  # a SharedMemoryAllReduce once enable_shared_memory() ran
         device_store = dist.PrefixStore("device", self.store)
         if self.backend == "nccl":
             torch.cuda.set_device(device)
@@ -110,8 +120,29 @@ class TensorParallelGroup:
     # --- the activations --------------------------------------------------------------------
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; every rank ends with the same bits."""
+        if self.shared_memory is not None and self.shared_memory.fits(tensor):
+            return self.shared_memory.all_reduce_(tensor)
         self.device_group.allreduce([tensor]).wait()
         return tensor
+
+    def enable_shared_memory(self, slot_bytes: int | None, peer_failed: Callable[[], str | None]) -> None:
+        """From now on, all-reduce through shared memory (`shm_all_reduce`): every rank calls this at the
+        same point, rank 0 with the slot size, which it sends. Only where every rank runs on this
+        machine's CPU (`uses_shared_memory`)."""
+        from kvmem.distributed.shm_all_reduce import SharedMemoryAllReduce
+
+        if self.rank == 0:
+            path = SharedMemoryAllReduce.create(self.world_size, slot_bytes)
+            self.broadcast_object((path, slot_bytes))
+        else:
+            path, slot_bytes = self.broadcast_object()
+        try:
+            self.shared_memory = SharedMemoryAllReduce(path, self.rank, self.world_size, slot_bytes,
+                                                       self.timeout.total_seconds(), peer_failed)
+            self.gather_objects(None)  # every rank has mapped it: the name can go
+        finally:
+            if self.rank == 0:
+                os.unlink(path)
 
     # --- the control channel ------------------------------------------------------------------
     def broadcast_object(self, obj: object = None, idle: bool = False) -> object:
@@ -143,6 +174,9 @@ class TensorParallelGroup:
 
     def close(self) -> None:
         """Drop the groups and the store (rank 0's store closes its listening socket)."""
+        if self.shared_memory is not None:
+            self.shared_memory.close()
+            self.shared_memory = None
         for name in ("device_group", "control", "store"):
             if hasattr(self, name):
                 delattr(self, name)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmem.distributed.group import GroupAddress, TensorParallelGroup
+from kvmem.distributed.group import GroupAddress, TensorParallelGroup, uses_shared_memory
 from kvmem.distributed.mirror import ManagerReplica
 from kvmem.distributed.shard import TensorParallelShard
 
@@ -86,6 +86,9 @@ class Worker:
             shard = TensorParallelShard(source.config, self.rank, self.group.world_size)
         except Exception as e:
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        if uses_shared_memory(config, self.device):  # rank 0 sets it up while building its model
+            parent = os.getppid()
+            self.group.enable_shared_memory(None, lambda: "rank 0 exited" if os.getppid() != parent else None)
         setup = self.group.broadcast_object()
         if not isinstance(setup, KVCacheSetup):  # rank 0's engine failed before its KV cache: ("close",)
             return False
