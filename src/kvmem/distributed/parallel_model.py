@@ -28,7 +28,8 @@ class RowParallel(nn.Module):
     one-device one in the last bit. Greedy tokens still match on the models tested
     (tests/distributed/test_tensor_parallel.py), as they match transformers, whose GEMMs add in
     yet another order. What must hold exactly is that every rank gets the same bits, or the ranks'
-    shards would see different inputs: the all-reduce gives every rank the same result.
+    shards would see different inputs: the all-reduce gives every rank the same result (the
+    shared-memory one adds the partial sums in rank order on every rank).
     """
 
     def __init__(self, linear: nn.Module, group: TensorParallelGroup) -> None:
