@@ -119,3 +119,28 @@ def test_shared_memory_all_reduce_stops_when_a_peer_is_gone(tmp_path):
         late.close()
     finally:
         os.unlink(path)
+
+
+def test_a_dev_shm_too_small_leaves_every_rank_on_gloo():
+    from kvmem.distributed.shm_all_reduce import SharedMemoryAllReduce
+
+    before = set(os.listdir("/dev/shm"))
+    assert SharedMemoryAllReduce.create(2, 2**42) is None  # 16 TiB: no tmpfs holds it
+    assert set(os.listdir("/dev/shm")) == before
+    init = free_local_init_method()
+    peer = subprocess.Popen([sys.executable, "-c", PEER.replace(
+        "message = g.broadcast_object(idle=True)", "g.enable_shared_memory(None, lambda: None)\n"
+        "message = g.broadcast_object(idle=True)"), init])
+    try:
+        group = TensorParallelGroup(GroupAddress(init, 2, 0), torch.device("cpu"))
+        group.enable_shared_memory(2**42, lambda: None)
+        assert group.shared_memory is None
+        group.broadcast_object("plan")
+        t = torch.tensor([10.0, 20.0])
+        assert group.all_reduce_(t).tolist() == [11.0, 22.0]
+        assert group.gather_objects(None)[1] == {"rank": 1, "got": "plan"}
+        group.close()
+        assert peer.wait(timeout=60) == 0
+    finally:
+        if peer.poll() is None:
+            peer.kill()

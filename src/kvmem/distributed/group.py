@@ -18,6 +18,7 @@ sends nothing for hours.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import pickle
 import socket
@@ -28,6 +29,8 @@ from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 # How long an idle worker waits for rank 0's next plan (a dead rank 0 still ends the wait at once).
 IDLE_TIMEOUT = datetime.timedelta(days=365)
@@ -136,6 +139,10 @@ class TensorParallelGroup:
             self.broadcast_object((path, slot_bytes))
         else:
             path, slot_bytes = self.broadcast_object()
+        if path is None:  # /dev/shm too small: gloo it stays, on every rank
+            logger.warning("tensor parallelism: /dev/shm cannot hold %d bytes; all-reduces go through gloo",
+                           SharedMemoryAllReduce.size(self.world_size, slot_bytes))
+            return
         try:
             self.shared_memory = SharedMemoryAllReduce(path, self.rank, self.world_size, slot_bytes,
                                                        self.timeout.total_seconds(), peer_failed)

@@ -56,11 +56,16 @@ class SharedMemoryAllReduce:
         return world_size * FLAG_STRIDE * 8 + 2 * world_size * slot_bytes
 
     @staticmethod
-    def create(world_size: int, slot_bytes: int) -> str:
-        """Rank 0: the zeroed file the ranks map; its path."""
+    def create(world_size: int, slot_bytes: int) -> str | None:
+        """Rank 0: the zeroed file the ranks map; its path, or None where /dev/shm cannot hold it.
+        The pages are allocated now (posix_fallocate): a tmpfs that runs out later would kill the
+        ranks with SIGBUS in the middle of a step."""
         fd, path = tempfile.mkstemp(prefix="kvmem-tp-", dir="/dev/shm")
         try:
-            os.ftruncate(fd, SharedMemoryAllReduce.size(world_size, slot_bytes))
+            os.posix_fallocate(fd, 0, SharedMemoryAllReduce.size(world_size, slot_bytes))
+        except OSError:
+            os.unlink(path)
+            return None
         finally:
             os.close(fd)
         return path
