@@ -55,7 +55,7 @@ def _tiny_tokenizer(directory: Path) -> None:
 
 
 def make_tiny_model(directory: Path, kind: str) -> Path:
-    """kind: "llama-mha" | "llama3-gqa" (llama3 rope scaling) | "qwen2-bias". Weights drawn with a
+    """kind: "llama-mha" | "llama3-gqa" (llama3 rope scaling) | "qwen2-bias" | "llama-mqa6". Weights drawn with a
     large init range so that logits are peaked and greedy choices are not near-ties."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -73,9 +73,13 @@ def make_tiny_model(directory: Path, kind: str) -> Path:
     elif kind == "qwen2-bias":
         config = Qwen2Config(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **common)
         cls = Qwen2ForCausalLM
+    elif kind == "llama-mqa6":  # 6 heads, 1 KV head: splits over 2 and 3 ranks, its KV head replicated
+        config = LlamaConfig(num_attention_heads=6, num_key_value_heads=1, tie_word_embeddings=True,
+                             **{**common, "hidden_size": 96, "intermediate_size": 192})
+        cls = LlamaForCausalLM
     else:
         raise ValueError(kind)
-    torch.manual_seed({"llama-mha": 1, "llama3-gqa": 2, "qwen2-bias": 3}[kind])
+    torch.manual_seed({"llama-mha": 1, "llama3-gqa": 2, "qwen2-bias": 3, "llama-mqa6": 4}[kind])
     model = cls(config).eval()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)

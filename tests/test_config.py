@@ -54,7 +54,7 @@ def test_gpu_memory_utilization_is_a_share_of_all_memory_less_the_weights(monkey
 @pytest.mark.parametrize("kwargs,message", [
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"), ({"gpu_memory_utilization": 0}, "gpu_memory_util"),
     ({"gpu_memory_utilization": 0.5, "kv_cache_memory": "1GiB"}, "both size the KV cache"),
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size 2 is not supported yet"),
+    ({"tensor_parallel_size": 2, "kv_cache": "hybrid"}, "tensor_parallel_size 2 does not work with kv_cache='hybrid'"),
     ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
     ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype 'fp8' is not supported yet"),
     ({"chat_template": "no-such-file.jinja"}, "neither a file nor a Jinja template"),

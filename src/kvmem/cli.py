@@ -184,6 +184,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Start-up progress (kvmem.progress) goes through the root logger: timestamped like every line.
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.node_rank > 0:  # another machine's share of a tensor-parallel replica: its ranks, no server
+        from kvmem.distributed.launch import run_node
+
+        return run_node(EngineConfig(**engine_kwargs(args)))
     return serve(EngineConfig(**engine_kwargs(args)), host=args.host, port=args.port,
                  served_model_name=args.served_model_name, api_key=args.api_key, grace_s=args.shutdown_grace,
                  log_requests=not args.disable_log_requests, log_stats=not args.disable_log_stats,

@@ -58,7 +58,7 @@ class EngineConfig:
     # vLLM's names for what a vLLM user sets (see ENGINE_FLAGS for what each means here)
     gpu_memory_utilization: float | None = None  # share of total memory for weights + KV; excludes kv_cache_memory
     kv_cache_dtype: str = "auto"  # only "auto" (the model's dtype) for now
-    tensor_parallel_size: int = 1  # only 1 for now
+    tensor_parallel_size: int = 1  # ranks the model's heads and KV are split over (kvmem.distributed)
     chat_template: str | None = None  # a file path or an inline Jinja template; None = the model's own
     # Hugging Face Hub models (`model` = org/name or org/name:QUANT; see kvmem.models.hub)
     revision: str | None = None  # branch, tag or commit of a Hub model; None = main
@@ -66,6 +66,11 @@ class EngineConfig:
     gguf_file: str | None = None  # the .gguf file to read in a Hub repo or a directory
     # vLLM's --kv-events-config: JSON (or a dict) of kvmem.engine.kv_events.KVEventsConfig; None = no events
     kv_events_config: str | dict | None = None
+    # Tensor parallelism over several machines (kvmem.distributed): where the ranks meet, how many
+    # machines share the tensor_parallel_size ranks, and which one this is (0 runs the engine).
+    distributed_init_method: str | None = None  # tcp://HOST:PORT; None = MASTER_ADDR/PORT, or a local port
+    nnodes: int = 1
+    node_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_STRATEGIES:
@@ -118,9 +123,7 @@ class EngineConfig:
         tp = self.tensor_parallel_size
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
-        if tp > 1:
-            raise ValueError(f"tensor_parallel_size {tp} is not supported yet: kvmem runs a model on one device "
-                             "(tensor_parallel_size 1)")
+        self._check_tensor_parallel()
         if self.chat_template is not None:
             import jinja2
 
@@ -130,6 +133,25 @@ class EngineConfig:
                 compile_chat_template(self.chat_template_text())
             except jinja2.TemplateError as e:
                 raise ValueError(f"chat_template is not a valid Jinja template: {e}") from e
+
+    def _check_tensor_parallel(self) -> None:
+        tp = self.tensor_parallel_size
+        for name in ("nnodes", "node_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "nnodes" else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'nnodes' else 0}, got {value!r}")
+        if tp % self.nnodes:
+            raise ValueError(f"tensor_parallel_size {tp} must be a multiple of nnodes ({self.nnodes}): "
+                             "every node hosts as many ranks")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank} with nnodes {self.nnodes}")
+        if self.distributed_init_method is not None:
+            from kvmem.distributed.group import parse_init_method
+
+            parse_init_method(self.distributed_init_method)
+        if tp > 1 and self.kv_cache == "hybrid":
+            raise ValueError(f"tensor_parallel_size {tp} does not work with kv_cache='hybrid' (its host tier and "
+                             "recompute run on one device); use paged, static or virtual, or tensor_parallel_size 1")
 
     def chat_template_text(self) -> str | None:
         """`chat_template` as Jinja source: the file's content when it names a file, else the string
@@ -236,6 +258,7 @@ class EngineFlag:
 
 VIRTUAL_GROUP = "virtual KV cache (vAttention) optimizations, for measuring each"
 HYBRID_GROUP = "hybrid KV cache (HybridServe): --kv-cache hybrid"
+TP_GROUP = "tensor parallelism across machines: --tensor-parallel-size N over --nnodes M"
 
 # One entry per EngineConfig field (tests/test_cli.py checks): a field without one has no help line.
 ENGINE_FLAGS: dict[str, EngineFlag] = {
@@ -287,13 +310,20 @@ ENGINE_FLAGS: dict[str, EngineFlag] = {
                                          "+ the KV cache; KV budget = this x total - weights (instead of "
                                          "--kv-cache-memory)", metavar="F"),
     "kv_cache_dtype": EngineFlag("KV cache element type; only auto (the model's dtype) for now"),
-    "tensor_parallel_size": EngineFlag("devices to split the model over; only 1 for now", aliases=("-tp",)),
+    "tensor_parallel_size": EngineFlag("ranks (CPU core groups or GPUs) to split the model's heads, MLP and KV "
+                                       "cache over (gloo on CPU, NCCL on CUDA)", aliases=("-tp",)),
     "chat_template": EngineFlag("chat template to use instead of the model's: a file path or an inline Jinja "
                                 "string", metavar="FILE_OR_JINJA"),
     "kv_events_config": EngineFlag("vLLM's KV-cache events, as JSON: e.g. '{\"enable_kv_cache_events\": true, "
                                    "\"endpoint\": \"tcp://*:5557\"}' publishes BlockStored / BlockRemoved / "
                                    "AllBlocksCleared over ZMQ (fields: publisher zmq|null, endpoint, replay_endpoint, "
                                    "buffer_steps, hwm, max_queue_size, topic)", metavar="JSON"),
+    "distributed_init_method": EngineFlag("tcp://HOST:PORT where the tensor-parallel ranks meet (node 0's "
+                                          "address; default: MASTER_ADDR/MASTER_PORT, else a free local port)",
+                                          group=TP_GROUP, metavar="URL"),
+    "nnodes": EngineFlag("machines sharing the --tensor-parallel-size ranks", group=TP_GROUP),
+    "node_rank": EngineFlag("this machine's index; 0 runs the engine and the server, the others only their "
+                            "ranks (start them with the same flags)", group=TP_GROUP),
 }
 
 

@@ -102,6 +102,18 @@ class EngineCounters:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+        self.tp = None  # tensor_parallel_size > 1: the other ranks (kvmem.distributed.executor)
+        try:
+            self._build(config, source)
+        except BaseException:
+            if self.tp is not None:  # a failed start must not leave worker processes behind
+                self.tp.close()
+            raise
+
+    def _build(self, config: EngineConfig, source: ModelSource | None) -> None:
+        if source is not None and config.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 loads the model on every rank from config.model; give the "
+                             "model's path or Hub id there instead of a ModelSource")
         self.config = config
         # Process-wide settings, only where an option asks: torch's thread count, glibc's malloc.
         if config.num_threads:
@@ -125,14 +137,26 @@ class LLMEngine:
             raise ValueError(f"max_model_len ({config.max_model_len}) is longer than the model's context "
                              f"({trained_len} positions in its config)")
         max_model_len = config.max_model_len or trained_len
+        # tensor_parallel_size > 1: the other ranks start now and load their shards beside ours.
+        if config.tensor_parallel_size > 1:
+            from kvmem.distributed.executor import TensorParallelExecutor
+            from kvmem.distributed.shard import check_divisible
+
+            check_divisible(self.model_config, config.tensor_parallel_size)  # before starting anything
+            self.tp = TensorParallelExecutor(config)
         # offload_weights (hybrid only): the layers stay in host memory and stream to the device per layer.
         say("%s the weights to %s (%d layers)", "dequantizing" if source.path.suffix == ".gguf" else "loading",
             str(self.dtype).removeprefix("torch."), self.model_config.num_hidden_layers)
-        self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
-                                            torch.device("cpu") if config.offload_weights else self.device)
-        self.model.load_weights(source.weights())
+        if self.tp is not None:  # this rank's heads and MLP columns, row-parallel projections all-reduced
+            self.model = self.tp.build_model(self.model_config, max_model_len, self.dtype, source.weights(),
+                                             config.batch_invariant)
+        else:
+            self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
+                                                torch.device("cpu") if config.offload_weights else self.device)
+            self.model.load_weights(source.weights())
+            if self.device.type == "cpu":
+                self.model.pack_linear_weights_for_cpu(batch_invariant=config.batch_invariant)
         if self.device.type == "cpu":
-            self.model.pack_linear_weights_for_cpu(batch_invariant=config.batch_invariant)
             # Now rather than inside the first request: a first build takes a minute and says so.
             cpu_kernels.load()
         # A quantized GGUF becomes full-width weights: say what they take in memory, each tensor
@@ -144,11 +168,15 @@ class LLMEngine:
 
         # The KV budget is what is available once the weights are in memory.
         c = self.model_config
-        spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+        # Tensor parallel: each rank's cache holds its own KV heads, with the whole budget per rank.
+        kv_heads = self.tp.shard.num_kv_heads if self.tp is not None else c.num_key_value_heads
+        spec = KVCacheSpec(c.num_hidden_layers, kv_heads, c.head_dim, self.dtype, self.device)
         strategy = strategy_class(config.kv_cache)
         options = strategy.resolve_options(config, c, spec, max_model_len)
         budget = config.resolve_kv_budget(self.device, weight_bytes)
         self.manager = build_manager(config.kv_cache, spec, budget, max_model_len, options)
+        if self.tp is not None:  # the other ranks build the same manager; ours logs its decisions for them
+            self.manager = self.tp.start_replicas(self.manager, self.dtype, max_model_len, budget)
         self.kv_events: KVEventStream | None = None  # vLLM's KV events, when kv_events_config asks for them
         try:
             publisher = make_publisher(KVEventsConfig.parse(config.kv_events_config))
@@ -163,6 +191,8 @@ class LLMEngine:
         say("%s", describe_kv_cache(self.manager, self.max_model_len))
         self.scheduler = Scheduler(self.manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = self.manager.make_runner(self.model, self.device, config.attention_backend, options)
+        if self.tp is not None:
+            self.runner = self.tp.wrap_runner(self.runner)
         self.requests: dict[str, Request] = {}
         self.counters = EngineCounters()
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
@@ -262,6 +292,8 @@ class LLMEngine:
                     self._awaiting_grammar.remove(seq)
                 self.scheduler.remove(seq)
                 self._finish(seq, "abort")
+        if self.tp is not None and not self.closed:
+            self.tp.flush()
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -271,12 +303,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs of the requests that produced tokens or finished."""
         self._check_open()
-        if self.kv_events is None:
-            return self._step()
         try:
-            return self._step()
+            if self.kv_events is None:
+                return self._step()
+            try:
+                return self._step()
+            finally:
+                self.kv_events.flush()  # what the step did to memory: one batch
         finally:
-            self.kv_events.flush()  # what the step did to memory: one batch
+            if self.tp is not None:
+                self.tp.flush()  # sequences that ended: every rank frees their memory now
 
     def _step(self) -> list[RequestOutput]:
         grammar_failures = self._admit_grammar_ready() if self._awaiting_grammar else []

@@ -98,6 +98,11 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
                             log_config=None, timeout_graceful_shutdown=int(grace_s) + 2,
                             access_log=log_level == "debug")
     server = _GracefulServer(config, async_engine, grace_s)
+    if engine.tp is not None:  # a tensor-parallel rank died: stop serving, exit non-zero (not hang)
+        engine.tp.on_failure.append(lambda reason: setattr(server, "should_exit", True))
     server.run()
     async_engine.stop()  # in case the lifespan did not run (e.g. the port was taken)
+    if engine.tp is not None and engine.tp.failure is not None:
+        logger.error("exiting: %s", engine.tp.failure)
+        return 1
     return 0 if server.started or server.should_exit else 1
