@@ -150,3 +150,15 @@ def test_a_launcher_killed_outright_takes_its_children_with_it(tiny_model_dir):
     finally:
         for pid in descendants(running.proc.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_no_router_starts_replicas_only_for_a_router_elsewhere(tiny_model_dir):
+    running = start_fleet(str(tiny_model_dir), "--replicas", "1", "--no-pin", "--no-router",
+                          serve_args=TINY_SERVE_ARGS)
+    try:
+        assert len(running.replica_urls) == 1
+        assert complete(running.replica_urls[0], "Hello").status_code == 200
+        assert len(descendants(running.proc.pid)) == 1  # the replica, no router
+    finally:
+        running.stop()
+    assert running.proc.returncode == 0
