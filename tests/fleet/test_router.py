@@ -33,3 +33,10 @@ def test_fleet_flags_and_serve_flags_split_at_double_dash():
 def test_bad_fleet_config_is_a_value_error_naming_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FleetConfig(**kwargs)
+
+
+def test_kvmem_fleet_that_cannot_start_is_an_error_exit(capsys):
+    from kvmem.cli import main
+
+    assert main(["fleet", "--replicas", "2", "--cores-per-replica", "4096", "--", "--kv-cache", "paged"]) == 2
+    assert "kvmem: error:" in capsys.readouterr().err
