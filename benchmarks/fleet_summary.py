@@ -22,16 +22,24 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
-def main(out: Path) -> None:
-    tenants = load(out, r"tenants_(cache_aware|round_robin)_s(\d+)")
-    rounds = sorted({seed // 100 for _, seed in tenants})
+def round_of(seed: int) -> int:
+    return (seed // 100) % 10  # seeds are PART*1000 + 100*round + i
+
+
+def tenants_table(out: Path, name: str) -> None:
+    tenants = load(out, name + r"_(cache_aware|round_robin)_s(\d+)")
+    if not tenants:
+        return
+    rounds = sorted({round_of(seed) for _, seed in tenants})
+    print(f"### {name}")
+    print()
     print("| round | policy | prefix hit rate (replicas' /metrics) | requests per replica | req/s | output tok/s "
           "| TTFT p50 ms | TTFT p99 ms | failed |")
     print("|---|---|---|---|---|---|---|---|---|")
     by = {}
     for r in rounds:
         for (policy, seed), d in sorted(tenants.items()):
-            if seed // 100 != r:
+            if round_of(seed) != r:
                 continue
             m = d["server_metrics"]
             by[(policy, r)] = d
@@ -50,22 +58,29 @@ def main(out: Path) -> None:
           f"{spread([h * 100 for h in hit], '{:.1f}')} % vs {spread([h * 100 for h in hit_rr], '{:.1f}')} %; "
           f"request throughput x{spread(ratio('request_throughput'), '{:.2f}')}; "
           f"TTFT p50 x{spread(ratio('median_ttft_ms'), '{:.2f}')}; TTFT p99 x{spread(ratio('p99_ttft_ms'), '{:.2f}')}")
+    print()
+
+
+def main(out: Path) -> None:
+    tenants_table(out, "tenants")
+    tenants_table(out, "saturated")
 
     hop = load(out, r"hop_(router|direct)_s(\d+)")
-    hop_rounds = sorted({seed // 100 for _, seed in hop})
+    hop_rounds = sorted({round_of(seed) for _, seed in hop})
+    print("### router hop, batch 1")
     print()
     print("| round | TTFT p50 direct ms | TTFT p50 via router ms | E2E p50 direct ms | E2E p50 via router ms |")
     print("|---|---|---|---|---|")
     diffs_ttft, diffs_e2e, ratios_e2e = [], [], []
     for r in hop_rounds:
-        pair = {t: d for (t, seed), d in hop.items() if seed // 100 == r}
+        pair = {t: d for (t, seed), d in hop.items() if round_of(seed) == r}
         if len(pair) < 2:
             continue
         d, v = pair["direct"], pair["router"]
         diffs_ttft.append(v["median_ttft_ms"] - d["median_ttft_ms"])
         diffs_e2e.append(v["median_e2e_ms"] - d["median_e2e_ms"])
         ratios_e2e.append(v["median_e2e_ms"] / d["median_e2e_ms"])
-        print(f"| {r - 10} | {d['median_ttft_ms']:.1f} | {v['median_ttft_ms']:.1f} | {d['median_e2e_ms']:.1f} | "
+        print(f"| {r} | {d['median_ttft_ms']:.1f} | {v['median_ttft_ms']:.1f} | {d['median_e2e_ms']:.1f} | "
               f"{v['median_e2e_ms']:.1f} |")
     if diffs_ttft:
         print()

@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Loaded here, not between fork and exec: the child may then only call it (no dlopen, no locks that
+# another thread of the parent might have held at the fork).
+_LIBC = ctypes.CDLL(None, use_errno=True)
 _TAIL_LINES = 40  # lines of a child's output kept, to say why it died
 
 
 def _child_setup(parent_pid: int, cores: Sequence[int] | None) -> None:
     """Runs in the child between fork and exec: die with the parent; pin to `cores`."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl: nobody would signal us
         os._exit(1)
     if cores:

@@ -25,10 +25,13 @@ from collections.abc import Sequence
 POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash", "random")
 
 # Health checks every few seconds, not the router's default minute: a dead or draining replica
-# leaves the rotation within seconds. A request that fails on one worker is retried on another
-# (the router's default, kept).
+# leaves the rotation within seconds. Between two checks, a request sent to a replica that just died
+# fails and is retried (the router's default: up to 5 times); the policy may pick the same replica
+# again, so its circuit opens after 2 failures (default 10) and the retries go to the others; after
+# 5 s (default 60) one request tries it again.
 DEFAULT_ROUTER_ARGS = ("--health-check-interval-secs", "2", "--health-failure-threshold", "2",
-                       "--health-success-threshold", "1", "--worker-startup-check-interval", "1")
+                       "--health-success-threshold", "1", "--worker-startup-check-interval", "1",
+                       "--cb-failure-threshold", "2", "--cb-timeout-duration-secs", "5")
 
 
 def check_installed() -> None:
