@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -67,7 +68,11 @@ def test_sigterm_of_a_replica_behind_the_router_loses_no_request(tiny_model_dir)
         assert not thread.is_alive()
         assert results == [(200, MAX_TOKENS, "length")] * 16
         assert wait_gone([victim], PATIENCE) == []
-        fleet.stop()
+        # The launcher reaps it and says how it ended (its watch loop polls every 0.5 s).
+        deadline = time.monotonic() + PATIENCE
+        while not any("replica-1 exited with status" in line for line in fleet.output):
+            assert time.monotonic() < deadline, "\n".join(fleet.output[-30:])
+            time.sleep(0.1)
         assert any("replica-1 exited with status 0" in line for line in fleet.output), "\n".join(fleet.output[-30:])
     finally:
         fleet.stop()
