@@ -190,6 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run_node(EngineConfig(**engine_kwargs(args)))
     return serve(EngineConfig(**engine_kwargs(args)), host=args.host, port=args.port,
                  served_model_name=args.served_model_name, api_key=args.api_key, grace_s=args.shutdown_grace,
+                 drain_timeout=args.drain_timeout,
                  log_requests=not args.disable_log_requests, log_stats=not args.disable_log_stats,
                  allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
                  allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
@@ -265,6 +266,57 @@ def cmd_bench_hybrid(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    import logging
+
+    from kvmem.fleet.launcher import FleetConfig, run_fleet
+
+    logging.basicConfig(level=logging.INFO, datefmt="%m-%d %H:%M:%S",
+                        format="%(levelname)s %(asctime)s.%(msecs)03d %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check
+    serve_args = list(args.serve_args)
+    if args.model_arg:
+        serve_args.insert(0, args.model_arg)
+    return run_fleet(FleetConfig(
+        replicas=args.replicas, policy=args.policy, host=args.host, port=args.port, replica_host=args.replica_host,
+        replica_base_port=args.replica_base_port, metrics_port=args.router_metrics_port, pin=not args.no_pin,
+        cores_per_replica=args.cores_per_replica, serve_args=serve_args, worker_urls=args.worker_urls or [],
+        router=not args.no_router, router_args=args.router_args.split() if args.router_args else [],
+        startup_timeout=args.startup_timeout, stop_timeout=args.stop_timeout))
+
+
+def add_fleet_args(p: argparse.ArgumentParser) -> None:
+    from kvmem.fleet.router import POLICIES
+
+    p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                   help="the model every replica serves (same as kvmem serve's; default: the embedded one)")
+    p.add_argument("--replicas", type=int, default=2, help="kvmem serve processes to start on this machine")
+    p.add_argument("--policy", default="cache_aware", choices=POLICIES,
+                   help="the router's policy: cache_aware sends a prompt where its prefix was sent before "
+                        "(balanced against load); round_robin ignores prefixes")
+    p.add_argument("--host", default="127.0.0.1", help="the router's address (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=8000, help="the router's port: the fleet's OpenAI endpoint")
+    p.add_argument("--replica-host", default="127.0.0.1",
+                   help="what replicas bind (0.0.0.0 when a router on another machine fronts them)")
+    p.add_argument("--replica-base-port", type=int, default=None,
+                   help="replica i listens on this + i (default: --port + 1; 0: any free ports)")
+    p.add_argument("--router-metrics-port", type=int, default=29000,
+                   help="the router's Prometheus /metrics port (0: a free one)")
+    p.add_argument("--cores-per-replica", type=int, default=None,
+                   help="cores pinned to each replica, disjoint (default: an equal share of the usable cores)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin replicas to cores")
+    p.add_argument("--worker-urls", nargs="+", default=None, metavar="URL",
+                   help="front these running replicas (e.g. on other machines) instead of starting any")
+    p.add_argument("--no-router", action="store_true",
+                   help="start the replicas only (a router on another machine fronts them)")
+    p.add_argument("--router-args", default=None, metavar='"FLAGS"',
+                   help='more vllm-router flags, in one string, e.g. "--cache-threshold 0.5"')
+    p.add_argument("--startup-timeout", type=float, default=600.0,
+                   help="seconds to wait for every replica, then the router, to answer /health")
+    p.add_argument("--stop-timeout", type=float, default=60.0,
+                   help="on SIGTERM/SIGINT: seconds the replicas (draining) and the router get before SIGKILL")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvmem import __version__
 
@@ -303,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no periodic stats line (running, waiting, KV usage, throughput)")
     srv.add_argument("--shutdown-grace", type=float, default=5.0,
                      help="seconds in-flight requests get to finish after SIGINT/SIGTERM before being aborted")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on SIGTERM, first drain for up to this many seconds: /health and new requests answer 503 "
+                          "(a router sends them elsewhere) while requests in flight finish; 0: no drain")
     srv.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="larger request bodies get a 413")
     srv.add_argument("--max-prompts-per-request", type=int, default=128,
                      help="prompts one completions request may hold; n x prompts may be at most max(128, this)")
@@ -323,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--enable-auto-tool-choice", action="store_true",
                      help='serve tool_choice "auto" (the default with tools); needs --tool-call-parser')
     srv.set_defaults(func=cmd_serve)
+
+    fleet = sub.add_parser("fleet", help="several kvmem serve replicas behind vLLM's cache-aware router "
+                                         "(kvmem fleet [flags] [MODEL] -- [kvmem serve flags])",
+                           formatter_class=HelpFormatter)
+    add_fleet_args(fleet)
+    fleet.set_defaults(func=cmd_fleet, serve_args=[])
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming the answers",
                           formatter_class=HelpFormatter)
@@ -392,7 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    serve_args: list[str] = []
+    if argv[:1] == ["fleet"]:  # kvmem fleet [fleet flags] -- [kvmem serve flags]
+        from kvmem.fleet.launcher import split_serve_args
+
+        argv, serve_args = split_serve_args(argv)
     args = build_parser().parse_args(argv)
+    if serve_args:
+        args.serve_args = serve_args
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -44,7 +44,8 @@ def start_cli_server(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_with_a_stream_in_flight_ends_it_and_exits_0(tiny_model_dir, sig):
-    proc, url = start_cli_server(tiny_model_dir, "--shutdown-grace", "0.2")
+    # --drain-timeout 0: the stop without a drain (tests/server/test_drain.py has the drain)
+    proc, url = start_cli_server(tiny_model_dir, "--shutdown-grace", "0.2", "--drain-timeout", "0")
     first_chunk = threading.Event()
     events: list[str] = []
 

@@ -39,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvmem.bench.serving_datasets import WORDS, TokenCounter, random_text_prompts, sharegpt_prompts
+from kvmem.bench import server_metrics
+from kvmem.bench.serving_datasets import (WORDS, TokenCounter, prefix_repetition_prompts, random_text_prompts,
+                                          sharegpt_prompts)
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 MAX_ERRORS_KEPT = 10
@@ -90,6 +92,12 @@ class ServeBenchConfig:
     vocab_size: int | None = None  # set: token ids below it, as `bench throughput`; None: text via /tokenize
     num_warmups: int = 1
     show_progress: bool = True
+    # vLLM's prefix_repetition dataset (--dataset-name prefix_repetition), with vLLM's defaults
+    prefix_len: int = 256
+    suffix_len: int = 256
+    num_prefixes: int = 10
+    prefix_output_len: int = 128
+    metrics_urls: tuple[str, ...] = ()  # servers whose /metrics counters are read before and after
 
     @property
     def chat(self) -> bool:
@@ -134,6 +142,8 @@ class ServeBenchResult:
     request_e2e_ms: list[float] = field(default_factory=list)
     request_prompt_tokens: list[int] = field(default_factory=list)
     request_output_tokens: list[int] = field(default_factory=list)
+    # From --metrics-url's /metrics (bench/server_metrics.py): prefix hit rate, requests per server.
+    server_metrics: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -316,13 +326,16 @@ def summarize(cfg: ServeBenchConfig, model: str, outputs: list[RequestResult], d
     itl = _stats_ms([gap for o in ok for gap in o.itl_s])
     e2e = _stats_ms([o.latency_s for o in ok])
     per_s = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: 0.0)
-    random_workload = not (cfg.dataset or cfg.dataset_name == "sharegpt")
+    random_workload = not (cfg.dataset or cfg.dataset_name in ("sharegpt", "prefix_repetition"))
     settings = dict(input_len=cfg.input_len if random_workload else None, output_len=cfg.output_len,
                     dataset=cfg.dataset, dataset_name=cfg.dataset_name, dataset_path=cfg.dataset_path,
                     sharegpt_output_len=cfg.sharegpt_output_len, seed=cfg.seed, ignore_eos=cfg.ignore_eos,
                     timeout_s=cfg.timeout_s,
                     num_warmups=cfg.num_warmups, vocab_size=cfg.vocab_size, client_python=platform.python_version(),
                     client_machine=platform.machine())
+    if cfg.dataset_name == "prefix_repetition":
+        settings.update(prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len, num_prefixes=cfg.num_prefixes,
+                        output_len=cfg.prefix_output_len)
     return ServeBenchResult(
         label=cfg.label, base_url=cfg.base_url, model=model, endpoint=cfg.endpoint, num_prompts=len(outputs),
         request_rate="inf" if cfg.request_rate == float("inf") else cfg.request_rate,
@@ -342,8 +355,8 @@ def summarize(cfg: ServeBenchConfig, model: str, outputs: list[RequestResult], d
 
 def workload_kind(cfg: ServeBenchConfig) -> str:
     """jsonl | sharegpt | random-ids | random-text, checking the flags fit together."""
-    if cfg.dataset_name not in ("random", "sharegpt"):
-        raise ValueError("--dataset-name must be random or sharegpt")
+    if cfg.dataset_name not in ("random", "sharegpt", "prefix_repetition"):
+        raise ValueError("--dataset-name must be random, sharegpt or prefix_repetition")
     if cfg.dataset:
         if cfg.dataset_path or cfg.dataset_name != "random":
             raise ValueError("--dataset (kvmem JSONL) and --dataset-name/--dataset-path are alternatives")
@@ -355,6 +368,10 @@ def workload_kind(cfg: ServeBenchConfig) -> str:
         return "sharegpt"
     if cfg.dataset_path:
         raise ValueError("--dataset-path needs --dataset-name sharegpt (a JSONL of prompts: --dataset)")
+    if cfg.dataset_name == "prefix_repetition":
+        if cfg.prefix_output_len < 1:
+            raise ValueError("--prefix-repetition-output-len must be >= 1")
+        return "prefix_repetition"
     if cfg.input_len < 1 or cfg.output_len < 1:
         raise ValueError("--input-len and --output-len must be >= 1")
     return "random-ids" if cfg.vocab_size is not None and not cfg.chat else "random-text"
@@ -370,6 +387,13 @@ async def build_requests(cfg: ServeBenchConfig, counter: TokenCounter | None = N
         return reqs, f"random token ids below {cfg.vocab_size} (as kvmem bench throughput)"
     if counter is None:
         raise ValueError("this workload needs the server's /tokenize (a TokenCounter)")
+    if kind == "prefix_repetition":
+        prompts = await prefix_repetition_prompts(counter, cfg.num_prompts, cfg.num_prefixes, cfg.prefix_len,
+                                                  cfg.suffix_len, cfg.seed)
+        how = "/tokenize" if counter.available else f"words ({counter.reason})"
+        return ([RequestInput(p.text, cfg.prefix_output_len, p.tokens) for p in prompts],
+                f"prefix_repetition: {cfg.num_prefixes} prefixes of {cfg.prefix_len} tokens, each request one of "
+                f"them + its own {cfg.suffix_len}-token suffix, lengths by {how}")
     if kind == "sharegpt":
         rows = await sharegpt_prompts(cfg.dataset_path, cfg.num_prompts, cfg.seed, counter, cfg.sharegpt_output_len)
         how = "/tokenize" if counter.available else f"estimated from words ({counter.reason})"
@@ -404,7 +428,8 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
                                limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
     async with client:
         model = cfg.model or await fetch_model(client, cfg.base_url)
-        counter = TokenCounter(client, cfg.base_url, model) if kind in ("random-text", "sharegpt") else None
+        counter = (TokenCounter(client, cfg.base_url, model) if kind in ("random-text", "sharegpt", "prefix_repetition")
+                   else None)
         requests, prompt_source = await build_requests(cfg, counter)
         if counter is not None and not counter.available:
             print(f"kvmem bench serve: the server has no usable /tokenize ({counter.reason}); prompt lengths "
@@ -443,6 +468,7 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
             bar.update(1)
             return out
 
+        counters_before = await server_metrics.scrape(client, list(cfg.metrics_urls)) if cfg.metrics_urls else None
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         start = time.perf_counter()
         tasks = []
@@ -455,8 +481,11 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
         outputs = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
+        counters_after = await server_metrics.scrape(client, list(cfg.metrics_urls)) if cfg.metrics_urls else None
     result = summarize(cfg, model, list(outputs), duration, started_at)
     result.settings["prompts"] = prompt_source
+    if counters_before is not None:
+        result.server_metrics = server_metrics.report(counters_before, counters_after)
     return result
 
 
@@ -482,8 +511,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", type=_rate, default=float("inf"),
                    help="requests/s, Poisson arrivals (default inf: all at once)")
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
-    p.add_argument("--dataset-name", default=None, choices=("random", "sharegpt"),
-                   help="random (default) or sharegpt (with --dataset-path)")
+    p.add_argument("--dataset-name", default=None, choices=("random", "sharegpt", "prefix_repetition"),
+                   help="random (default), sharegpt (with --dataset-path), or prefix_repetition (vLLM's: shared "
+                        "prefixes, e.g. the system prompts of several tenants, each request one + its own suffix)")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON (ShareGPT_V3_unfiltered_cleaned_split.json)")
     p.add_argument("--sharegpt-output-len", type=int, default=None,
                    help="sharegpt: this many output tokens per request instead of each answer's length")
@@ -493,6 +523,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="max_tokens per request (random workload; JSONL default)")
     p.add_argument("--dataset", default=None,
                    help='JSONL of {"prompt": str | [ids], "output_len": int}; replaces the random workload')
+    p.add_argument("--prefix-repetition-prefix-len", dest="prefix_len", type=int, default=256,
+                   help="prefix_repetition: tokens of each shared prefix")
+    p.add_argument("--prefix-repetition-suffix-len", dest="suffix_len", type=int, default=256,
+                   help="prefix_repetition: tokens of each request's own suffix")
+    p.add_argument("--prefix-repetition-num-prefixes", dest="num_prefixes", type=int, default=10,
+                   help="prefix_repetition: distinct prefixes (tenants), requests spread evenly over them")
+    p.add_argument("--prefix-repetition-output-len", dest="prefix_output_len", type=int, default=128,
+                   help="prefix_repetition: max_tokens per request")
+    p.add_argument("--metrics-url", dest="metrics_urls", nargs="+", default=[], metavar="URL",
+                   help="servers (e.g. a fleet's replicas) whose /metrics are read before and after the run: "
+                        "prefix cache hit rate over all of them, requests each served")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly max_tokens (default on)")
@@ -523,7 +564,9 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
                             dataset_path=args.dataset_path, sharegpt_output_len=args.sharegpt_output_len,
                             seed=args.seed, ignore_eos=args.ignore_eos, api_key=args.api_key, timeout_s=args.timeout,
                             label=args.label, vocab_size=args.vocab_size, num_warmups=args.num_warmups,
-                            show_progress=args.show_progress)
+                            show_progress=args.show_progress, prefix_len=args.prefix_len,
+                            suffix_len=args.suffix_len, num_prefixes=args.num_prefixes,
+                            prefix_output_len=args.prefix_output_len, metrics_urls=tuple(args.metrics_urls))
 
 
 def result_paths(args: argparse.Namespace, result: ServeBenchResult) -> list[Path]:
@@ -570,6 +613,12 @@ def format_summary(r: ServeBenchResult) -> str:
         lines.append(rule(title))
         for stat, shown in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
             lines.append(row(f"{shown} {name} (ms):", getattr(r, f"{stat}_{key}_ms")))
+    if r.server_metrics:
+        m = r.server_metrics
+        rate = m["prefix_cache_hit_rate"]
+        lines += [rule(" Servers (/metrics) "),
+                  row("Prefix cache hit rate:", "n/a" if rate is None else f"{rate:.1%}"),
+                  row("Requests per server:", " ".join(f"{n:.0f}" for n in m["requests_per_server"]))]
     lines.append("=" * 50)
     return "\n".join(lines)
 

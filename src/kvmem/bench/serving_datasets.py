@@ -144,6 +144,27 @@ async def random_text_prompts(counter: TokenCounter, num_prompts: int, input_len
     return list(await asyncio.gather(*(fit_text_prompt(counter.count, row, fill, input_len) for row in rows)))
 
 
+async def prefix_repetition_prompts(counter: TokenCounter, num_prompts: int, num_prefixes: int, prefix_len: int,
+                                    suffix_len: int, seed: int) -> list[TextPrompt]:
+    """vLLM's `prefix_repetition` dataset: `num_prefixes` shared prefixes of `prefix_len` tokens (say
+    the system prompts of as many tenants), each request one of them followed by its own suffix of
+    `suffix_len` tokens (the user's turn); the same number of requests per prefix (the first ones
+    one more where it does not divide), in a seeded shuffle. Lengths by the server's tokenizer as for
+    random prompts (words without /tokenize); `tokens` is the whole prompt's count."""
+    if num_prefixes < 1 or prefix_len < 1 or suffix_len < 1:
+        raise ValueError("--prefix-repetition-num-prefixes, -prefix-len and -suffix-len must be >= 1")
+    prefixes = await random_text_prompts(counter, num_prefixes, prefix_len, seed)
+    suffixes = await random_text_prompts(counter, num_prompts, suffix_len, seed + 1)
+    owners = [i % num_prefixes for i in range(num_prompts)]
+    np.random.default_rng(seed).shuffle(owners)
+    texts = [prefixes[o].text + " " + s.text for o, s in zip(owners, suffixes)]
+    if not counter.available:
+        return [TextPrompt(t, prefixes[o].tokens + s.tokens) for t, o, s in zip(texts, owners, suffixes)]
+    counts = await asyncio.gather(*(counter.count(t) for t in texts))
+    return [TextPrompt(t, n if n is not None else prefixes[o].tokens + s.tokens)
+            for t, n, o, s in zip(texts, counts, owners, suffixes)]
+
+
 # --- ShareGPT --------------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
     POST /v1/completions        POST /v1/chat/completions      (stream or not)
     POST /tokenize   POST /detokenize                           (vLLM's)
     GET  /v1/models   GET /health   GET /version   GET /metrics
+    GET  /get_load   GET /get_server_info                       (what a router reads; see drain.py too)
 
 Every request handler runs on the event loop: it validates the body (a 400 names the field),
 tokenizes, and adds one engine request per prompt (per prompt, not per sample: `n` samples share
@@ -51,6 +52,7 @@ from kvmem.engine.async_engine import AsyncLLMEngine, EngineStoppedError
 from kvmem.outputs import CompletionOutput, Logprob, RequestOutput
 from kvmem.sampling_params import SamplingParams
 from kvmem.server.dashboard import dashboard_router
+from kvmem.server.drain import Drain, DrainMiddleware
 from kvmem.server.metrics import ServerMetrics
 from kvmem.server.protocol import (MAX_N, UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest,
                                    DetokenizeRequest, InvalidRequest, TokenizeRequest)
@@ -146,6 +148,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     strategy = engine.kv_cache_strategy
     metrics = ServerMetrics(engine, settings.served_model_name, strategy)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    drain = app.state.drain = Drain()  # set draining by the launcher on SIGTERM
     created = int(time.time())
 
     # --- errors: always OpenAI's body, never FastAPI's {"detail": ...} ----------------------------
@@ -168,10 +171,13 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
                            allow_methods=list(settings.allowed_methods), allow_headers=list(settings.allowed_headers),
                            allow_credentials=settings.allow_credentials)
+    app.add_middleware(DrainMiddleware, drain=drain)  # outermost: a draining server refuses before anything
 
     # --- plain endpoints -------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> Response:
+        if drain.draining:
+            return error_response(503, "the server is draining (shutting down)", code="draining")
         problem = engine_problem(engine, settings.health_step_timeout)
         if problem is not None:
             return error_response(503, problem, code="engine_unhealthy")
@@ -184,6 +190,25 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # --- what routers read from a worker (SGLang's and vLLM's routers: /get_load, /get_server_info) --
+    @app.get("/get_load")
+    async def get_load() -> dict:
+        # `load` (an integer) is the field the routers parse; the rest says what it is made of.
+        s = engine.snapshot
+        return {"load": s.num_running + s.num_waiting, "num_running_reqs": s.num_running,
+                "num_waiting_reqs": s.num_waiting, "kv_cache_usage": s.memory.usage, "http_requests_in_flight": drain.in_flight,
+                "draining": drain.draining}
+
+    @app.get("/get_server_info")
+    async def get_server_info() -> dict:
+        llm = engine.engine
+        block_size = int(getattr(llm.manager, "block_size", None) or llm.config.block_size)
+        return {"model_path": settings.model_path or settings.served_model_name,
+                "served_model_name": settings.served_model_name, "version": __version__,
+                "kv_cache": strategy, "kv_block_size": block_size, "block_size": block_size,
+                "enable_prefix_caching": bool(llm.config.enable_prefix_caching),
+                "max_model_len": engine.max_model_len, "draining": drain.draining}
 
     app.include_router(dashboard_router(engine))  # /dashboard and its event stream (server/dashboard.py)
 

@@ -1,7 +1,10 @@
 """`kvmem serve`: build the engine and the app, run uvicorn, shut down cleanly on SIGINT/SIGTERM.
 
-Shutdown: the first signal stops accepting connections; requests in flight get `grace_s` seconds to
-finish, then are aborted (their streams end with finish_reason "abort") and the process exits 0.
+Shutdown: SIGTERM first *drains* (server/drain.py: /health and new requests answer 503, requests in
+flight run on) for up to `drain_timeout` seconds, ending as soon as nothing is in flight; SIGINT (and
+SIGTERM with drain_timeout 0, or a second SIGTERM) skips that. Then the server stops accepting
+connections; requests still in flight get `grace_s` seconds to finish, then are aborted (their
+streams end with finish_reason "abort") and the process exits 0.
 uvicorn by default re-raises the signal after its own shutdown, which would turn a clean stop into
 a "killed by signal" exit status; `_GracefulServer` does not. A second Ctrl-C forces the exit.
 """
@@ -24,21 +27,37 @@ from kvmem.engine.llm_engine import LLMEngine
 from kvmem.progress import human_bytes
 from kvmem.server.api_server import ServerSettings, build_app
 from kvmem.server.connection import uvicorn_config
+from kvmem.server.drain import Drain
 
 logger = logging.getLogger(__name__)
 
 
 class _GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, grace_s: float, drain: Drain | None = None,
+                 drain_timeout: float = 0.0) -> None:
         super().__init__(config)
         self.engine = engine
         self.grace_s = grace_s
+        self.drain = drain
+        self.drain_timeout = drain_timeout
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
+        elif (sig == signal.SIGTERM and self.drain is not None and self.drain_timeout > 0
+              and not self.drain.draining):
+            logger.info("SIGTERM: draining (new requests get 503; %d in flight may run for up to %g s)",
+                        self.drain.in_flight, self.drain_timeout)
+            self.drain.start()  # on_tick ends the drain
         else:
             self.should_exit = True  # and, unlike uvicorn, no re-raise of the signal afterwards
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn's main loop calls this every 0.1 s; True ends it (then `shutdown` runs).
+        if self.drain is not None and self.drain.done(self.drain_timeout) and not self.should_exit:
+            logger.info("drain over (%d requests still in flight)", self.drain.in_flight)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets=None) -> None:
         # In-flight requests may finish within the grace period; then they are aborted, which ends
@@ -65,7 +84,8 @@ def kv_capacity_lines(engine: LLMEngine) -> list[str]:
 
 
 def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
-          served_model_name: str | Sequence[str] | None = None, grace_s: float = 5.0, log_level: str = "info",
+          served_model_name: str | Sequence[str] | None = None, grace_s: float = 5.0, drain_timeout: float = 30.0,
+          log_level: str = "info",
           log_requests: bool = True, log_stats: bool = True, stats_interval: float = 10.0,
           **settings_kwargs: object) -> int:
     """`served_model_name`: one name or several (the first is the one responses report; all are
@@ -97,7 +117,9 @@ def serve(engine_config: EngineConfig, host: str = "127.0.0.1", port: int = 8000
     config = uvicorn_config(app, settings, host=host, port=port, log_level=log_level, lifespan="on",
                             log_config=None, timeout_graceful_shutdown=int(grace_s) + 2,
                             access_log=log_level == "debug")
-    server = _GracefulServer(config, async_engine, grace_s)
+    if not drain_timeout >= 0:
+        raise ValueError(f"--drain-timeout must be >= 0 seconds, got {drain_timeout}")
+    server = _GracefulServer(config, async_engine, grace_s, app.state.drain, drain_timeout)
     if engine.tp is not None:  # a tensor-parallel rank died: stop serving, exit non-zero (not hang)
         engine.tp.on_failure.append(lambda reason: setattr(server, "should_exit", True))
     server.run()

@@ -67,6 +67,10 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "return_token_ids": (False,), "prompt_embeds": (), "logits_processors": (), "vllm_xargs": (),
     "kv_transfer_params": (), "cache_salt": (), "priority": (0,), "mm_processor_kwargs": (),
     "documents": (), "chat_template": (), "continue_final_message": (False,), "thinking_token_budget": (),
+    # SGLang's, which its router and vLLM's router (a fork of it) add to every request they forward
+    "no_stop_trim": (False,), "return_hidden_states": (False,),
+    # reasoning output: kvmem has no reasoning parser, so either value asks for the same text
+    "separate_reasoning": (True, False), "stream_reasoning": (True, False), "include_reasoning": (True, False),
 }
 # OpenAI fields that do not change what is generated: accepted, and not used.
 ACCEPTED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "request_id")
