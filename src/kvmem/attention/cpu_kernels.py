@@ -77,6 +77,14 @@ def decode_attention_kernel():
     return None if module is None else module.decode_attention
 
 
+def quantized_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, scale: float):
+    """The compiled attention over an int8 / float8 cache (`kv_quant`); callers check `load()` first."""
+    from kvmem.attention import kv_quant
+
+    return load().quantized_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, scale,
+                                      kv_quant.FP8_SCALE)
+
+
 def _name() -> str:
     return f"kvmem_cpu_kernels_{_cpu_tag()}_{_source_tag()}"
 

@@ -17,6 +17,11 @@
 #include <type_traits>
 #include <vector>
 
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+
+#include <array>
+
 #include "vec_avx512.h"
 
 
@@ -453,7 +458,176 @@ bool try_decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int
   return false;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantized caches (kv_cache_dtype int8 / fp8; kvmem/attention/kv_quant.py): the same loops as
+// `decode`, with each stored row widened to float32 as it is read: int8 times its (token, head)
+// scale, float8 through a 256-entry table of its values times the per-tensor scale. Written as
+// plain loops over bytes that -march=native vectorizes (AVX-512 here: sign-extend + convert for
+// int8, a gather for the table); no row is ever widened outside this loop.
+// ---------------------------------------------------------------------------------------------
+
+template <typename F8>
+std::array<float, 256> fp8_values() {
+  std::array<float, 256> t{};
+  for (int i = 0; i < 256; ++i) t[i] = static_cast<float>(F8(static_cast<uint8_t>(i), F8::from_bits()));
+  return t;
+}
+
+const float* fp8_table(bool e5m2) {
+  static const std::array<float, 256> e4m3_values = fp8_values<c10::Float8_e4m3fn>();
+  static const std::array<float, 256> e5m2_values = fp8_values<c10::Float8_e5m2>();
+  return e5m2 ? e5m2_values.data() : e4m3_values.data();
+}
+
+// One stored row of n elements to float32: int8 (lut == nullptr) or float8 bytes (lut).
+inline void widen_stored(const uint8_t* src, const float* lut, float row_scale, float* dst, int64_t n) {
+  if (lut == nullptr) {
+    const int8_t* s = reinterpret_cast<const int8_t*>(src);
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(s[d]) * row_scale;
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = lut[src[d]] * row_scale;
+  }
+}
+
+struct QuantizedCache {
+  const uint8_t* k;
+  const uint8_t* v;
+  const float* k_scales;  // int8: [KVH, blocks, block_size] with the strides below; fp8: nullptr
+  const float* v_scales;
+  const float* lut;  // fp8: the format's table; int8: nullptr
+  float tensor_scale;  // fp8's per-tensor scale
+  int64_t head_stride, block_stride, token_stride;  // of k and v (element = byte)
+  int64_t scale_head_stride, scale_block_stride, scale_token_stride;
+
+  inline float row_scale(const float* scales, int64_t kvh, int64_t block, int64_t i) const {
+    return scales == nullptr ? tensor_scale
+                             : scales[kvh * scale_head_stride + block * scale_block_stride + i * scale_token_stride];
+  }
+};
+
+template <typename T, int DIM>
+void decode_quantized(const T* q, const QuantizedCache& c, const int64_t* tables, const int64_t* lens, T* out,
+                      int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t dim, int64_t block_size,
+                      int64_t table_width, int64_t q_seq_stride, int64_t q_head_stride, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  if (DIM > 0) dim = DIM;
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), acc(group * dim), scores, row(dim);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / num_kv_heads, kvh = item % num_kv_heads;
+      const int64_t len = lens[seq];
+      const int64_t* table = tables + seq * table_width;
+      for (int64_t g = 0; g < group; ++g) {
+        const T* qh = q + seq * q_seq_stride + (kvh * group + g) * q_head_stride;
+        for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = to_float(qh[d]) * scale;
+      }
+      scores.assign(group * len, 0.f);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = std::min(block_size, len - start), block = table[start / block_size];
+        const uint8_t* kb = c.k + kvh * c.head_stride + block * c.block_stride;
+        for (int64_t i = 0; i < n; ++i) {
+          widen_stored(kb + i * c.token_stride, c.lut, c.row_scale(c.k_scales, kvh, block, i), row.data(),
+                       DIM > 0 ? DIM : dim);
+          for (int64_t g = 0; g < group; ++g) scores[g * len + start + i] = dot<DIM>(qf.data() + g * dim, row.data(), dim);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) sg[t] = std::exp(sg[t] - m);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < len; ++t) total += sg[t];
+        const float inv = 1.f / total;
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const float* pg = scores.data() + g * len;
+        float* ag = acc.data() + g * dim;
+        constexpr int64_t kLocal = DIM > 0 ? DIM : 1;
+        float local[kLocal] = {};
+        float* a = DIM > 0 ? local : ag;
+        const int64_t n_dim = DIM > 0 ? DIM : dim;
+        std::fill(a, a + n_dim, 0.f);
+        for (int64_t start = 0; start < len; start += block_size) {
+          const int64_t n = std::min(block_size, len - start), block = table[start / block_size];
+          const uint8_t* vb = c.v + kvh * c.head_stride + block * c.block_stride;
+          for (int64_t i = 0; i < n; ++i) {
+            widen_stored(vb + i * c.token_stride, c.lut, c.row_scale(c.v_scales, kvh, block, i), row.data(), n_dim);
+            const float p = pg[start + i];
+#pragma omp simd
+            for (int64_t d = 0; d < n_dim; ++d) a[d] += p * row[d];
+          }
+        }
+        if (DIM > 0) std::copy(a, a + n_dim, ag);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        T* o = out + seq * num_heads * dim + (kvh * group + g) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[g * dim + d]);
+      }
+    }
+  });
+}
+
 }  // namespace
+
+// Attention over a quantized cache: k_cache / v_cache int8, float8_e4m3fn or float8_e5m2
+// [KVH, blocks, block_size, D] (D contiguous); int8 takes scales [KVH, blocks, block_size] float32
+// (any strides, the same for K and V), fp8 takes none and multiplies by fp8_scale. The rest as
+// decode_attention. Returns [B, H, D] in q's dtype.
+torch::Tensor quantized_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                  c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales,
+                                  torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                                  double fp8_scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(),
+              "the head dimension must be contiguous");
+  const auto kind = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == kind, "K and V caches must share a dtype");
+  const bool is_int8 = kind == at::kChar;
+  TORCH_CHECK(is_int8 || kind == at::kFloat8_e4m3fn || kind == at::kFloat8_e5m2,
+              "kv_cache_dtype: the cache must be int8, float8_e4m3fn or float8_e5m2");
+  auto tables = block_tables.to(torch::kInt64).contiguous();
+  auto lens = context_lens.to(torch::kInt64).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(0);
+  TORCH_CHECK(H % KVH == 0 && k_cache.size(3) == D && tables.size(0) == B && lens.size(0) == B, "bad shapes");
+  QuantizedCache c{};
+  c.k = reinterpret_cast<const uint8_t*>(k_cache.data_ptr());
+  c.v = reinterpret_cast<const uint8_t*>(v_cache.data_ptr());
+  c.lut = is_int8 ? nullptr : fp8_table(kind == at::kFloat8_e5m2);
+  c.tensor_scale = static_cast<float>(fp8_scale);
+  c.head_stride = k_cache.stride(0);
+  c.block_stride = k_cache.stride(1);
+  c.token_stride = k_cache.stride(2);
+  if (is_int8) {
+    TORCH_CHECK(k_scales.has_value() && v_scales.has_value(), "an int8 cache needs its scales");
+    const auto& ks = *k_scales;
+    const auto& vs = *v_scales;
+    TORCH_CHECK(ks.scalar_type() == at::kFloat && vs.scalar_type() == at::kFloat && ks.dim() == 3 &&
+                    ks.size(0) == KVH && ks.size(1) == k_cache.size(1) && ks.size(2) == k_cache.size(2) &&
+                    vs.sizes() == ks.sizes() && vs.strides() == ks.strides(),
+                "scales must be float32 [kv_heads, blocks, block_size], the same layout for K and V");
+    c.k_scales = ks.data_ptr<float>();
+    c.v_scales = vs.data_ptr<float>();
+    c.scale_head_stride = ks.stride(0);
+    c.scale_block_stride = ks.stride(1);
+    c.scale_token_stride = ks.stride(2);
+  }
+  auto out = torch::empty({B, H, D}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "kvmem_quantized_attention", [&] {
+    auto run = D == 64 ? decode_quantized<scalar_t, 64> : D == 128 ? decode_quantized<scalar_t, 128>
+                                                                   : decode_quantized<scalar_t, 0>;
+    run(q.data_ptr<scalar_t>(), c, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+        B, H, KVH, D, k_cache.size(2), tables.size(1), q.stride(0), q.stride(1), static_cast<float>(scale));
+  });
+  return out;
+}
 
 // q [B, H, D] (D contiguous); caches [KVH, blocks, block_size, D] (D contiguous, any other strides);
 // block_tables [B, W] int64; context_lens [B] int64 (each >= 1). Returns [B, H, D] in q's dtype.
@@ -493,6 +667,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "decode attention over a block-addressed KV cache (CPU)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("scale"), py::arg("use_vector_kernel") = true);
+  m.def("quantized_attention", &quantized_attention,
+        "attention over an int8 / float8 KV cache, widened row by row (CPU)", py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("k_scales"), py::arg("v_scales"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("scale"), py::arg("fp8_scale") = 1.0);
   m.def("has_vector_kernel", [] {
 #if KVMEM_HAVE_AVX512
     return true;
