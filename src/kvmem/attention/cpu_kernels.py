@@ -81,6 +81,8 @@ def quantized_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, c
     """The compiled attention over an int8 / float8 cache (`kv_quant`); callers check `load()` first."""
     from kvmem.attention import kv_quant
 
+    if not kv_quant.is_quantized(k_cache.dtype) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"kv_cache_dtype: the native kernel reads int8 or float8 caches here, not {k_cache.dtype}")
     return load().quantized_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, scale,
                                       kv_quant.FP8_SCALE)
 

@@ -263,14 +263,3 @@ def check_backend(name: str) -> None:
             raise ValueError(f"attention_backend='triton' needs the triton package ({e}); "
                              "it comes with CUDA builds of torch") from e
 
-
-def check_backend_reads(name: str, cache_dtype: torch.dtype, device: torch.device) -> None:
-    """Raise a ValueError naming kv_cache_dtype where backend `name` cannot read a cache stored as
-    `cache_dtype` on `device`. The torch and reference backends read every format (the torch one
-    through the native kernel where it is built); Triton reads int8 and fp8 on CUDA, where float8
-    loads exist (its CPU interpreter is for tests only)."""
-    if not kv_quant.is_quantized(cache_dtype):
-        return
-    if name == "triton" and device.type != "cuda":
-        raise ValueError(f"kv_cache_dtype {cache_dtype} with attention_backend='triton' needs a CUDA device; "
-                         f"use attention_backend='torch' on {device.type}")

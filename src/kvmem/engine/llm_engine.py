@@ -24,7 +24,6 @@ from kvmem.engine.sampler import SampledToken, SamplingRow, prompt_logprobs, sam
 from kvmem.engine.scheduler import Scheduler
 from kvmem.engine.sequence import Sequence, SequenceStatus
 from kvmem.attention.kv_quant import storage_dtype
-from kvmem.attention.torch_attention import check_backend_reads
 from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
 from kvmem.memory.registry import build_manager, strategy_class
 from kvmem.models.llama import LlamaForCausalLM
@@ -145,7 +144,6 @@ class LLMEngine:
         # The KV budget is what is available once the weights are in memory.
         c = self.model_config
         cache_dtype = storage_dtype(config.kv_cache_dtype, self.dtype)
-        check_backend_reads(config.attention_backend, cache_dtype, self.device)
         spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype, self.device,
                            None if cache_dtype == self.dtype else cache_dtype)
         strategy = strategy_class(config.kv_cache)
