@@ -125,8 +125,8 @@ def test_generate_seed_seeds_the_engine_too_and_bench_seed_does_not():
 def test_unsupported_vllm_options_fail_clearly(capsys):
     assert main(["generate", "--prompt", "x", "--tensor-parallel-size", "2"]) == 2
     assert "not supported yet" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "x", "--kv-cache-dtype", "fp8"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--kv-cache-dtype", "fp4"]) == 2
+    assert "kv_cache_dtype must be one of" in capsys.readouterr().err
 
 
 def test_version_and_python_dash_m(capsys):
