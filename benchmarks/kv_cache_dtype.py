@@ -71,7 +71,7 @@ def cmd_capacity(args) -> None:
         stored = storage_dtype(dt, torch.bfloat16)
         spec = KVCacheSpec(30, 3, 64, torch.bfloat16, torch.device("cpu"), None if dt == "auto" else stored)
         rows[dt] = {"bytes_per_token": spec.bytes_per_token,
-                    **{name: token_capacity(name, spec, budget) for name in ("static", "paged", "virtual", "hybrid")}}
+                    **{name: token_capacity(name, spec, budget, max_num_seqs=8192) for name in ("static", "paged", "virtual", "hybrid")}}
     (OUT / "capacity.json").write_text(json.dumps({"budget_bytes": budget, "model": "SmolLM2-135M KV shape, bf16 model",
                                                    "tokens": rows}, indent=2) + "\n")
     print(json.dumps(rows, indent=2))
@@ -130,7 +130,7 @@ def cmd_table(args) -> None:
     cap = _load("capacity.json")
     if cap:
         lines += ["Tokens a 1 GiB KV budget holds (SmolLM2-135M's KV shape, bf16 model; managers built by the "
-                  "registry; hybrid: 1 GiB device + 1 GiB host, KV only):", "",
+                  "registry, sequences of up to 256 tokens; hybrid: 1 GiB device + 1 GiB host, KV only):", "",
                   "| kv_cache_dtype | bytes/token | static | paged | virtual | hybrid | paged vs auto |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         base = cap["tokens"]["auto"]["paged"]

@@ -122,12 +122,15 @@ def spec(dtype: torch.dtype, cache_dtype: torch.dtype | None) -> KVCacheSpec:
     return KVCacheSpec(30, 3, 64, dtype, torch.device("cpu"), cache_dtype)
 
 
-def token_capacity(name: str, s: KVCacheSpec, budget: int) -> int:
-    options = StrategyOptions(block_size=16, max_num_seqs=256)
+def token_capacity(name: str, s: KVCacheSpec, budget: int, max_num_seqs: int = 256) -> int:
+    """Tokens the strategy's manager holds at `budget` (hybrid: as much again in the host tier);
+    sequences of up to 256 tokens. benchmarks/kv_cache_dtype.py reports it too."""
+    options = StrategyOptions(block_size=16, max_num_seqs=max_num_seqs)
     if name == "hybrid":
         shape = ModelShape("smol", 30, 576, 9, 3, 64, 1536, 49152, dtype_bytes=s.dtype.itemsize,
                            kv_token_head_bytes=s.token_head_bytes)
-        options = HybridOptions(block_size=16, max_num_seqs=256, host_budget_bytes=budget, act_ratio=0.0, shape=shape)
+        options = HybridOptions(block_size=16, max_num_seqs=max_num_seqs, host_budget_bytes=budget, act_ratio=0.0,
+                                shape=shape)
     manager = registry.build_manager(name, s, budget, 256, options)
     try:
         if name == "paged":
