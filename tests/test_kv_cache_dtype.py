@@ -186,3 +186,23 @@ def test_int8_virtual_on_cuda_is_refused_naming_kv_cache_dtype():
     # Refused before any driver is opened, so this runs without a GPU.
     with pytest.raises(ValueError, match="kv_cache_dtype='int8'"):
         VirtualKVCacheManager(KVCacheSpec(2, 2, 16, torch.float16, torch.device("cuda"), torch.int8), 2, 64, 2**20)
+
+
+@pytest.mark.parametrize("strategy", ["paged", "virtual"])
+def test_the_torch_paths_read_what_the_native_kernel_reads(tiny, strategy, monkeypatch):
+    """Without the native kernel, decodes gather blocks (paged), read slot runs in place or gather
+    chunks of a ragged batch (virtual, its int8 scales token-major in their own reservation), and
+    prefills gather their cached prefix: the same greedy tokens."""
+    batch = prompts() + [p[:5] for p in prompts()]  # ragged: many runs of slots
+    with engine(tiny, strategy, "int8", kv_cache_memory="4MiB", max_num_seqs=16) as llm:
+        native = ids(llm, batch)
+    from kvmem.attention import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "decode_attention_kernel", lambda: None)
+    with engine(tiny, strategy, "int8", kv_cache_memory="4MiB", max_num_seqs=16) as llm:
+        assert ids(llm, batch) == native
+        assert_memory_back(llm)
+    if strategy == "virtual":  # every decode batch gathers chunks instead of reading runs in place
+        monkeypatch.setattr("kvmem.attention.metadata.IN_PLACE_MAX_RUNS", 0)
+        with engine(tiny, strategy, "int8", kv_cache_memory="4MiB", max_num_seqs=16) as llm:
+            assert ids(llm, batch) == native
