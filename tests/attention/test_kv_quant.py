@@ -176,3 +176,31 @@ def test_native_kernel_refuses_a_cache_it_cannot_read_naming_kv_cache_dtype():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         cpu_kernels.quantized_attention(q, cache, cache, None, None, torch.zeros(1, 1, dtype=torch.long),
                                         torch.ones(1, dtype=torch.long), 1.0)
+
+
+@pytest.mark.skipif(not cpu_kernels.has_vector_kernel(), reason="no AVX-512 kernel on this CPU")
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_the_avx512_kernel_reads_quantized_rows_as_the_portable_loops_do(dtype, dim):
+    """Head dims 64 and 128 take the AVX-512 path: scores 16 tokens at a time with the row factors
+    applied to the tile, value factors folded into the probabilities."""
+    g = torch.Generator().manual_seed(dim)
+    kv_heads, heads, block, blocks = 2, 6, 16, 24
+    full = torch.randn(2, kv_heads, blocks, block, dim, generator=g)
+    full[0, 0, 0, 0, :3] = torch.tensor([1e-3, -2e-5, 0.0])  # float8 subnormals and zero
+    stored, scales = kv_quant.quantize(full, dtype)
+    ks, vs = (None, None) if scales is None else (scales[0], scales[1])
+    lens = torch.tensor([1, 17, 100, 200, 33])
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:13] for _ in lens])
+    q = torch.randn(len(lens), heads, dim, generator=g).to(torch.bfloat16)
+    vector = cpu_kernels.quantized_attention(q, stored[0], stored[1], ks, vs, tables, lens, dim ** -0.5)
+    portable = cpu_kernels.quantized_attention(q, stored[0], stored[1], ks, vs, tables, lens, dim ** -0.5,
+                                               use_vector_kernel=False)
+    torch.testing.assert_close(vector.float(), portable.float(), atol=2e-2, rtol=2e-2)  # bf16 output rounding
+    meta = AttentionMetadata.build(tables.tolist(), (lens - 1).tolist(), [1] * len(lens), block, torch.device("cpu"),
+                                   native_kernel=False)
+    dq = kv_quant.dequantize(stored, scales, torch.float32)
+    k_now = dq[0].view(kv_heads, -1, dim)[:, meta.slot_mapping].transpose(0, 1)
+    v_now = dq[1].view(kv_heads, -1, dim)[:, meta.slot_mapping].transpose(0, 1)
+    ref = reference_attention(q.float(), k_now, v_now, dq[0].clone(), dq[1].clone(), meta, dim ** -0.5)
+    torch.testing.assert_close(vector.float(), ref, atol=2e-2, rtol=2e-2)
