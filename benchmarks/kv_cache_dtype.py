@@ -193,6 +193,30 @@ def cmd_table(args) -> None:
             lines.append(f"| {dt} | {100 * same / total:.1f}% | {whole}/{len(ref['tokens'])} | {r['perplexity']:.3f} "
                          f"| {r['perplexity'] / ref['perplexity']:.4f}x |")
         lines.append("")
+    v = {dt: _load(f"vllm_quality_{dt}.json") for dt in ("auto", "fp8", "fp8_e5m2")}
+    if v.get("auto") and "tokens" in v["auto"]:
+        ref = v["auto"]
+        lines += [f"The same for {ref['engine']} (CPU build, same weights exported to a HF directory, its own "
+                  "tokenizer; against its own float32 KV):", "",
+                  "| kv_cache_dtype | tokens identical before the first divergence | prompts identical throughout "
+                  "| perplexity | vs auto |", "|---|---:|---:|---:|---:|"]
+        for dt, r in v.items():
+            if not r:
+                continue
+            if "error" in r:
+                lines.append(f"| {dt} | refused: {r['error'][:120]} | | | |")
+                continue
+            same = total = whole = 0
+            for a, b in zip(ref["tokens"], r["tokens"]):
+                n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                same, total, whole = same + n, total + len(a), whole + (n == len(a))
+            lines.append(f"| {dt} | {100 * same / total:.1f}% | {whole}/{len(ref['tokens'])} | {r['perplexity']:.3f} "
+                         f"| {r['perplexity'] / ref['perplexity']:.4f}x |")
+        if q.get("auto"):
+            same = sum(a == b for a, b in zip(ref["tokens"], q["auto"]["tokens"]))
+            lines.append(f"\n(vLLM float32 KV vs kvmem float32 KV: {same}/{len(ref['tokens'])} prompts give identical "
+                         "greedy tokens.)")
+        lines.append("")
     print("\n".join(lines))
 
 
