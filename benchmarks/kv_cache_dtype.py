@@ -89,6 +89,48 @@ def cmd_throughput(args) -> None:
                      "--json", str(OUT / f"throughput__{budget}__{dt}__r{r}.json")])
 
 
+# --- attention: the native decode kernel alone, per stored format --------------------------------------
+def cmd_attention(args) -> None:
+    """Decode attention of the native CPU kernel, batch 32 x 1,024 tokens of context, SmolLM2's heads
+    (9 query, 3 KV, dim 64), paged blocks of 16: bf16 cache vs int8 / fp8 caches; rounds alternate the
+    formats. Run it under the gate: `flock -x /work/cpu.gate python benchmarks/kv_cache_dtype.py attention`."""
+    import time
+
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from kvmem.attention import cpu_kernels, kv_quant
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, block, ctx = 32, 9, 3, 64, 16, 1024
+    full = torch.randn(2, kv_heads, batch * ctx // block, block, dim)
+    q = torch.randn(batch, heads, dim).bfloat16()
+    tables = torch.arange(batch * ctx // block).view(batch, -1)
+    lens = torch.full((batch,), ctx)
+    calls = {"auto (bf16)": lambda k=full[0].bfloat16(), v=full[1].bfloat16(): cpu_kernels.load().decode_attention(
+        q, k, v, tables, lens, dim ** -0.5)}
+    for name, dtype in (("int8", torch.int8), ("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+        stored, scales = kv_quant.quantize(full, dtype)
+        ks, vs = (None, None) if scales is None else (scales[0], scales[1])
+        calls[name] = lambda st=stored, ks=ks, vs=vs: cpu_kernels.quantized_attention(q, st[0], st[1], ks, vs, tables,
+                                                                                     lens, dim ** -0.5)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for f in calls.values():
+        f()  # warm-up
+    for _ in range(args.rounds * 3):
+        for name, f in calls.items():
+            start = time.perf_counter()
+            for _ in range(5):
+                f()
+            times[name].append((time.perf_counter() - start) / 5 * 1e3)
+    base = statistics.median(times["auto (bf16)"])
+    result = {name: {"ms": t, "median_ms": statistics.median(t), "vs_bf16": statistics.median(t) / base}
+              for name, t in times.items()}
+    (OUT / "attention.json").write_text(json.dumps(result, indent=2) + "\n")
+    for name, r in result.items():
+        print(f"{name}: {r['median_ms']:.2f} ms ({min(r['ms']):.2f}-{max(r['ms']):.2f}), {r['vs_bf16']:.2f}x bf16")
+
+
 # --- quality: fp32 model, each KV dtype against fp32 KV ----------------------------------------------------
 def cmd_quality(args) -> None:
     """Run in one process per KV dtype (children under the gate): greedy tokens of PROMPTS and the
@@ -137,6 +179,14 @@ def cmd_table(args) -> None:
         for dt, r in cap["tokens"].items():
             lines.append(f"| {dt} | {r['bytes_per_token']:,} | {r['static']:,} | {r['paged']:,} | {r['virtual']:,} | "
                          f"{r['hybrid']:,} | {r['paged'] / base:.2f}x |")
+        lines.append("")
+    att = _load("attention.json")
+    if att:
+        lines += ["Decode attention in the native CPU kernel alone (batch 32 x 1,024 tokens, SmolLM2's heads, "
+                  "paged blocks of 16; 5 calls per sample, formats alternating):", "",
+                  "| stored as | ms per call, median (min-max) | vs bf16 |", "|---|---:|---:|"]
+        for name, r in att.items():
+            lines.append(f"| {name} | {r['median_ms']:.2f} ({min(r['ms']):.2f}-{max(r['ms']):.2f}) | {r['vs_bf16']:.2f}x |")
         lines.append("")
     mem = {dt: _load(f"memory_{dt}.json") for dt in DTYPES}
     if any(mem.values()):
@@ -222,7 +272,8 @@ def cmd_table(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["memory", "capacity", "throughput", "quality", "quality-one", "table"])
+    p.add_argument("what", choices=["memory", "capacity", "attention", "throughput", "quality", "quality-one",
+                                    "table"])
     p.add_argument("--dtypes", type=lambda s: tuple(s.split(",")), default=DTYPES)
     p.add_argument("--dtype-one", default="auto")
     p.add_argument("--num-requests", type=int, default=300)
@@ -235,7 +286,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    {"memory": cmd_memory, "capacity": cmd_capacity, "throughput": cmd_throughput, "quality": cmd_quality,
+    {"memory": cmd_memory, "capacity": cmd_capacity, "attention": cmd_attention, "throughput": cmd_throughput,
+     "quality": cmd_quality,
      "quality-one": cmd_quality_one, "table": cmd_table}[args.what](args)
 
 
