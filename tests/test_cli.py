@@ -126,8 +126,8 @@ def test_unsupported_vllm_options_fail_clearly(capsys):
     # the embedded SmolLM2 has 9 heads: 2 ranks cannot split them
     assert main(["generate", "--prompt", "x", "--tensor-parallel-size", "2"]) == 2
     assert "tensor_parallel_size 2 does not divide the model's 9 attention heads" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "x", "--kv-cache-dtype", "fp8"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--kv-cache-dtype", "fp4"]) == 2
+    assert "kv_cache_dtype must be one of" in capsys.readouterr().err
 
 
 def test_version_and_python_dash_m(capsys):

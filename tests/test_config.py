@@ -56,7 +56,7 @@ def test_gpu_memory_utilization_is_a_share_of_all_memory_less_the_weights(monkey
     ({"gpu_memory_utilization": 0.5, "kv_cache_memory": "1GiB"}, "both size the KV cache"),
     ({"tensor_parallel_size": 2, "kv_cache": "hybrid"}, "tensor_parallel_size 2 does not work with kv_cache='hybrid'"),
     ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
-    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype 'fp8' is not supported yet"),
+    ({"kv_cache_dtype": "fp4"}, "kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2, int8"),
     ({"chat_template": "no-such-file.jinja"}, "neither a file nor a Jinja template"),
     ({"chat_template": "{% if %}"}, "chat_template is not a valid Jinja template"),
 ])

@@ -57,7 +57,7 @@ class EngineConfig:
     hybrid_profile: str | None = None  # hardware profile JSON for the cost model; None = measured when needed
     # vLLM's names for what a vLLM user sets (see ENGINE_FLAGS for what each means here)
     gpu_memory_utilization: float | None = None  # share of total memory for weights + KV; excludes kv_cache_memory
-    kv_cache_dtype: str = "auto"  # only "auto" (the model's dtype) for now
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 | fp8_e4m3 | fp8_e5m2 | int8 (kvmem.attention.kv_quant)
     tensor_parallel_size: int = 1  # ranks the model's heads and KV are split over (kvmem.distributed)
     chat_template: str | None = None  # a file path or an inline Jinja template; None = the model's own
     # Hugging Face Hub models (`model` = org/name or org/name:QUANT; see kvmem.models.hub)
@@ -117,9 +117,9 @@ class EngineConfig:
             given = [n for n in ("kv_cache_memory", "device_memory") if getattr(self, n) is not None]
             if given:
                 raise ValueError(f"gpu_memory_utilization and {given[0]} both size the KV cache: set one")
-        if self.kv_cache_dtype != "auto":
-            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported yet: only 'auto' "
-                             "(the KV cache in the model's dtype)")
+        from kvmem.attention.kv_quant import check_kv_cache_dtype
+
+        check_kv_cache_dtype(self.kv_cache_dtype)
         tp = self.tensor_parallel_size
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
@@ -309,7 +309,9 @@ ENGINE_FLAGS: dict[str, EngineFlag] = {
     "gpu_memory_utilization": EngineFlag("vLLM's: share (0-1] of all device memory (of RAM on CPU) for the weights "
                                          "+ the KV cache; KV budget = this x total - weights (instead of "
                                          "--kv-cache-memory)", metavar="F"),
-    "kv_cache_dtype": EngineFlag("KV cache element type; only auto (the model's dtype) for now"),
+    "kv_cache_dtype": EngineFlag("KV cache element type: auto (the model's dtype), fp8 (= fp8_e4m3), fp8_e5m2 "
+                                 "(1 byte, per-tensor scale 1.0) or int8 (1 byte + a scale per token and head): "
+                                 "about twice the tokens of bf16 in the same memory"),
     "tensor_parallel_size": EngineFlag("ranks (CPU core groups or GPUs) to split the model's heads, MLP and KV "
                                        "cache over (gloo on CPU, NCCL on CUDA)", aliases=("-tp",)),
     "chat_template": EngineFlag("chat template to use instead of the model's: a file path or an inline Jinja "

@@ -98,3 +98,34 @@ def test_engine_on_the_triton_backend_gives_transformers_greedy_tokens(tmp_path,
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0, min_tokens=6, max_tokens=6), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 6) for p in prompts]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_quantized_caches_are_widened_in_the_kernel(dtype):
+    """int8 (per-token scales) and float8 caches (decoded from their bits): the kernel gives attention
+    over the values they hold, as the reference computes it on a float32 copy."""
+    from kvmem.attention import kv_quant
+
+    torch.manual_seed(2)
+    heads, kv_heads, dim, block_size, num_blocks = 6, 2, 16, 8, 12
+    full = torch.randn(2, kv_heads, num_blocks, block_size, dim, device=DEVICE) * 4
+    full[0, 0, 0, 0, :4] = torch.tensor([1e-3, -3e-5, 0.0, 500.0])  # subnormal, zero and clamped values
+    stored, scales = kv_quant.quantize(full, dtype)
+    plain = kv_quant.dequantize(stored, scales, torch.float32)
+    lens, tables = [1, 9, 40], [[0], [3, 5], [1, 2, 4, 6, 7]]
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=DEVICE)
+    q = torch.randn(len(lens), heads, dim, device=DEVICE)
+    ks, vs = (None, None) if scales is None else (scales[0], scales[1])
+    got = triton_decode_attention(q, stored[0], stored[1], padded, torch.tensor(lens, device=DEVICE), dim ** -0.5,
+                                  block_n=16, k_scales=ks, v_scales=vs)
+    torch.testing.assert_close(got, reference(q, plain[0].clone(), plain[1].clone(), tables, lens), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_a_cache_dtype_the_kernel_cannot_read_is_refused_naming_kv_cache_dtype():
+    q = torch.zeros(1, 2, 8, device=DEVICE)
+    cache = torch.zeros(2, 1, 4, 8, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        triton_decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE),
+                                torch.ones(1, dtype=torch.int32, device=DEVICE), 1.0)

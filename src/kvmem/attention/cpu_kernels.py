@@ -77,6 +77,18 @@ def decode_attention_kernel():
     return None if module is None else module.decode_attention
 
 
+def quantized_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, scale: float,
+                        use_vector_kernel: bool = True):
+    """The compiled attention over an int8 / float8 cache (`kv_quant`); callers check `load()` first.
+    `use_vector_kernel=False` forces the portable loops (tests compare the two)."""
+    from kvmem.attention import kv_quant
+
+    if not kv_quant.is_quantized(k_cache.dtype) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"kv_cache_dtype: the native kernel reads int8 or float8 caches here, not {k_cache.dtype}")
+    return load().quantized_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, scale,
+                                      kv_quant.FP8_SCALE, use_vector_kernel)
+
+
 def _name() -> str:
     return f"kvmem_cpu_kernels_{_cpu_tag()}_{_source_tag()}"
 

@@ -129,6 +129,8 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", type=_rate, default=math.inf,
                    help="Poisson arrivals in requests per step (default inf: all at step 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="what the simulated cache stores: auto (bf16), fp8, fp8_e4m3, fp8_e5m2 or int8")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of static,paged,virtual")
     p.add_argument("--skip-latency", action="store_true", help="skip the second virtual run without background mapping")
     p.add_argument("--skip-attention", action="store_true", help="skip the decode attention microbenchmark")
@@ -153,7 +155,8 @@ def config_from_args(args: argparse.Namespace) -> MemoryBenchConfig:
     return MemoryBenchConfig(
         stream=StreamConfig(num_requests=args.num_requests, request_rate=args.request_rate, seed=args.seed),
         sim=SimConfig(budget_bytes=args.budget, max_model_len=args.max_model_len, block_size=args.block_size,
-                      max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
+                      max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                      kv_cache_dtype=args.kv_cache_dtype),
         attention=AttentionConfig(batch=args.attention_batch, contexts=args.attention_contexts,
                                   repeats=args.attention_repeats, seed=args.seed),
         strategies=strategies, run_latency=not args.skip_latency, run_attention=not args.skip_attention,

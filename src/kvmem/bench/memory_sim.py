@@ -61,10 +61,15 @@ class SimConfig:
     num_kv_heads: int = 3
     head_dim: int = 64
     dtype: str = "bfloat16"
+    kv_cache_dtype: str = "auto"  # what the cache stores (kvmem.attention.kv_quant): auto | fp8* | int8
 
     def spec(self) -> KVCacheSpec:
-        return KVCacheSpec(self.num_layers, self.num_kv_heads, self.head_dim, getattr(torch, self.dtype),
-                           torch.device("cpu"))
+        from kvmem.attention.kv_quant import storage_dtype
+
+        model_dtype = getattr(torch, self.dtype)
+        stored = storage_dtype(self.kv_cache_dtype, model_dtype)
+        return KVCacheSpec(self.num_layers, self.num_kv_heads, self.head_dim, model_dtype, torch.device("cpu"),
+                           None if stored == model_dtype else stored)
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -334,6 +339,10 @@ def _simulate(manager, strategy, stream, sim, label, progress, kernel_check_ever
 def _kernel_check(manager, step: int) -> dict:
     kernel = manager.kernel_resident_bytes()  # drains queued background maps first
     ours = manager.stats().bytes_physical
+    if getattr(manager, "scales", None) is not None:
+        # int8: the manager counts its scales per mapped token; their pages are backed on first
+        # write, and nothing writes KV here, so the kernel sees the KV pages alone: compare those.
+        ours -= manager.mapped_chunks * manager.layout.page_tokens * manager.spec.scale_bytes_per_token
     method = "mincore" if getattr(manager, "pool", None) is None else "smaps Anonymous + shared pool"
     return {"step": step, "kernel_resident_bytes": int(kernel), "manager_bytes_physical": int(ours),
             "match": kernel == ours, "method": method}

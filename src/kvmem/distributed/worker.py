@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvmem.attention.kv_quant import storage_dtype
 from kvmem.distributed.group import GroupAddress, TensorParallelGroup, uses_shared_memory
 from kvmem.distributed.mirror import ManagerReplica
 from kvmem.distributed.shard import TensorParallelShard
@@ -101,7 +102,9 @@ class Worker:
                 if self.device.type == "cpu":
                     cpu_kernels.load()
                 c = source.config
-                spec = KVCacheSpec(c.num_hidden_layers, shard.num_kv_heads, c.head_dim, dtype, self.device)
+                cache_dtype = storage_dtype(config.kv_cache_dtype, dtype)  # as rank 0's (LLMEngine)
+                spec = KVCacheSpec(c.num_hidden_layers, shard.num_kv_heads, c.head_dim, dtype, self.device,
+                                   None if cache_dtype == dtype else cache_dtype)
                 strategy = strategy_class(config.kv_cache)
                 options = strategy.resolve_options(config, c, spec, setup.max_model_len)
                 manager = build_manager(config.kv_cache, spec, setup.budget_bytes, setup.max_model_len, options)

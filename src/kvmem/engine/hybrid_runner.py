@@ -237,7 +237,8 @@ class HybridModelRunner(ModelRunner):
         # Resident weights: each layer's K,V projection rows, made once (views, or a dense copy of
         # oneDNN-packed weights). Streamed weights: made from the buffer holding the layer.
         self.projections = None if offload_weights else [KVProjection.from_attention(l.self_attn) for l in model.layers]
-        self.shape = ModelShape.from_model_config(model.config, dtype_bytes=manager.host_act.element_size())
+        self.shape = ModelShape.from_model_config(model.config, dtype_bytes=manager.host_act.element_size(),
+                                                  kv_token_head_bytes=manager.spec.token_head_bytes)
 
     def close(self) -> None:
         self.worker.close()
@@ -324,7 +325,7 @@ class HybridModelRunner(ModelRunner):
         step.staged[k] = self.worker.submit(copy, step.buffer_free[k % 2])
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, step: _Step, scale: float) -> torch.Tensor:
+                   v_cache: torch.Tensor, step: _Step, scale: float, *kv_scales: torch.Tensor) -> torch.Tensor:
         """The attention call of layer `step.layer`, group by group: the device group on the device
         tier's cache; each host mini-batch on its staging buffer once its transfer is in, after the
         staged activations were turned back into K,V; then its new tokens go back to the host."""
@@ -333,7 +334,7 @@ class HybridModelRunner(ModelRunner):
         for g in step.groups:
             rows = slice(g.start, g.end)
             if not g.on_host:
-                out[rows] = self.attention(q[rows], k[rows], v[rows], k_cache, v_cache, g.meta, scale)
+                out[rows] = self.attention(q[rows], k[rows], v[rows], k_cache, v_cache, g.meta, scale, *kv_scales)
                 continue
             job = step.next_job
             step.staged.pop(job).result()
@@ -343,8 +344,8 @@ class HybridModelRunner(ModelRunner):
                     step.projection = KVProjection.from_attention(step.layer_module.self_attn)
                 key, value = recompute_kv(buffer.act[:t.num_act_tokens], step.projection, t.act_positions_dev,
                                           self.model.rope)
-                write_kv(key, value, *buffer.cache, t.act_dst_dev)
-            out[rows] = self.attention(q[rows], k[rows], v[rows], *buffer.cache, g.meta, scale)
+                write_kv(key, value, *buffer.cache, t.act_dst_dev, *buffer.scales)
+            out[rows] = self.attention(q[rows], k[rows], v[rows], *buffer.cache, g.meta, scale, *buffer.scales)
             self.counters.bytes_to_host += manager.write_back(j, t, buffer, step.activations[rows])
             step.buffer_free[job % 2] = self.worker.mark()
             step.next_job += 1

@@ -25,6 +25,7 @@ from kvmem.engine.kv_events import KVEventsConfig, KVEventStream, make_publisher
 from kvmem.engine.sampler import SampledToken, SamplingRow, prompt_logprobs, sample
 from kvmem.engine.scheduler import Scheduler
 from kvmem.engine.sequence import Sequence, SequenceStatus
+from kvmem.attention.kv_quant import storage_dtype
 from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
 from kvmem.memory.registry import build_manager, strategy_class
 from kvmem.models.llama import LlamaForCausalLM
@@ -58,7 +59,9 @@ def describe_kv_cache(manager: KVCacheManager, max_model_len: int) -> str:
     stats = manager.stats()
     budget = stats.bytes_capacity or stats.bytes_reserved
     tokens = budget // manager.spec.bytes_per_token
-    return (f"KV cache: {manager.name}, {human_bytes(budget)} for {tokens:,} tokens "
+    stored = manager.spec.storage_dtype
+    kind = "" if stored == manager.spec.dtype else f" as {str(stored).removeprefix('torch.')}"
+    return (f"KV cache: {manager.name}{kind}, {human_bytes(budget)} for {tokens:,} tokens "
             f"({manager.spec.bytes_per_token:,} bytes each); max_model_len {max_model_len:,}, "
             f"{tokens / max_model_len:.1f}x that in all")
 
@@ -170,7 +173,9 @@ class LLMEngine:
         c = self.model_config
         # Tensor parallel: each rank's cache holds its own KV heads, with the whole budget per rank.
         kv_heads = self.tp.shard.num_kv_heads if self.tp is not None else c.num_key_value_heads
-        spec = KVCacheSpec(c.num_hidden_layers, kv_heads, c.head_dim, self.dtype, self.device)
+        cache_dtype = storage_dtype(config.kv_cache_dtype, self.dtype)
+        spec = KVCacheSpec(c.num_hidden_layers, kv_heads, c.head_dim, self.dtype, self.device,
+                           None if cache_dtype == self.dtype else cache_dtype)
         strategy = strategy_class(config.kv_cache)
         options = strategy.resolve_options(config, c, spec, max_model_len)
         budget = config.resolve_kv_budget(self.device, weight_bytes)

@@ -67,7 +67,7 @@ class ModelRunner:
         self.attention = BACKENDS[attention_backend]
         # None: per-row tables where the native CPU kernel runs (AttentionMetadata.build decides).
         self.row_tables = True if attention_backend in ROW_TABLE_BACKENDS else None
-        self.caches = [manager.layer_cache(i) for i in range(model.config.num_hidden_layers)]
+        self.caches = [manager.layer_kv(i) for i in range(model.config.num_hidden_layers)]
 
     def close(self) -> None:
         """Drop the views of the manager's caches, so that closing the manager can unmap them."""

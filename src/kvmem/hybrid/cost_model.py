@@ -81,6 +81,9 @@ class ModelShape:
     dtype_bytes: int = 2
     mlp_matrices: int = 3  # SwiGLU gate, up, down = 3; OPT's fc1, fc2 = 2
     tie_word_embeddings: bool = False
+    # Bytes of one token of one KV head in K (or V) as the cache stores it; None = head_dim * dtype_bytes.
+    # A quantized KV cache (kv_cache_dtype int8 / fp8) makes KV blocks smaller, activations not.
+    kv_token_head_bytes: int | None = None
 
     @classmethod
     def opt_30b(cls) -> "ModelShape":
@@ -96,11 +99,12 @@ class ModelShape:
         return cls("Llama-3-8B", 32, 4096, 32, 8, 128, 14336, 128256)
 
     @classmethod
-    def from_model_config(cls, config, dtype_bytes: int = 2) -> "ModelShape":
+    def from_model_config(cls, config, dtype_bytes: int = 2, kv_token_head_bytes: int | None = None) -> "ModelShape":
         """From a `kvmem.models.config.ModelConfig` (a Llama-family model: SwiGLU MLP)."""
         return cls(config.name, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                    config.num_key_value_heads, config.head_dim, config.intermediate_size, config.vocab_size,
-                   dtype_bytes=dtype_bytes, mlp_matrices=3, tie_word_embeddings=config.tie_word_embeddings)
+                   dtype_bytes=dtype_bytes, mlp_matrices=3, tie_word_embeddings=config.tie_word_embeddings,
+                   kv_token_head_bytes=kv_token_head_bytes)
 
     # --- per token, per layer -------------------------------------------------------------------
     @property
@@ -113,6 +117,8 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token_per_layer(self) -> int:
+        if self.kv_token_head_bytes is not None:
+            return 2 * self.num_kv_heads * self.kv_token_head_bytes
         return 2 * self.kv_size * self.dtype_bytes
 
     @property

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from kvmem.attention import kv_quant
+
 if TYPE_CHECKING:
     from kvmem.config import EngineConfig
     from kvmem.engine.model_runner import ModelRunner
@@ -95,14 +97,39 @@ class KVCacheSpec:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's: what attention computes in
     device: torch.device
+    # What the cache stores (`kv_cache_dtype`, `kvmem.attention.kv_quant`): None = `dtype`; int8 or a
+    # float8 type = quantized (int8 with a float32 scale per token and KV head beside the blocks).
+    cache_dtype: torch.dtype | None = None
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self.dtype if self.cache_dtype is None else self.cache_dtype
+
+    @property
+    def quantized(self) -> bool:
+        return kv_quant.is_quantized(self.storage_dtype)
+
+    @property
+    def has_scales(self) -> bool:
+        """Whether a scale per (token, KV head) is stored beside the blocks (int8)."""
+        return kv_quant.has_token_scales(self.storage_dtype)
+
+    @property
+    def token_head_bytes(self) -> int:
+        """One token of one KV head in K (or V): its elements and, for int8, its scale."""
+        return self.head_dim * self.storage_dtype.itemsize + kv_quant.scale_bytes_per_head_token(self.storage_dtype)
+
+    @property
+    def scale_bytes_per_token(self) -> int:
+        """The part of `bytes_per_token` that is scales (int8; 0 otherwise)."""
+        return 2 * self.num_layers * self.num_kv_heads * kv_quant.scale_bytes_per_head_token(self.storage_dtype)
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token across all layers."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        """K and V of one token across all layers, scales included."""
+        return 2 * self.num_layers * self.num_kv_heads * self.token_head_bytes
 
 
 @dataclass(frozen=True)
@@ -198,6 +225,16 @@ class KVCacheManager(ABC):
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) caches of one layer, each `[kv_heads, num_blocks, block_size, head_dim]`."""
 
+    def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """int8 caches: (K, V) scales of one layer, each `[kv_heads, num_blocks, block_size]` float32,
+        addressed as `layer_cache`'s blocks; None for caches without per-token scales."""
+        return None
+
+    def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, ...]:
+        """What attention gets for one layer: (K, V), followed by (K scales, V scales) for int8."""
+        scales = self.layer_scales(layer_idx)
+        return self.layer_cache(layer_idx) + (() if scales is None else tuple(scales))
+
     @abstractmethod
     def block_table(self, seq: SequenceView) -> list[int]:
         """Block ids holding `seq`'s tokens, in order."""
@@ -214,7 +251,7 @@ class KVCacheManager(ABC):
         src = torch.tensor([s for s, _ in pairs], device=self.spec.device)
         dst = torch.tensor([d for _, d in pairs], device=self.spec.device)
         for layer in range(self.spec.num_layers):
-            for cache in self.layer_cache(layer):
+            for cache in self.layer_kv(layer):  # int8: the scales travel with their blocks
                 cache[:, dst] = cache[:, src]
 
     # --- capacity and accounting ----------------------------------------------------------

@@ -81,12 +81,18 @@ class StagingBuffer:
     """One layer's worth of a host mini-batch on the device: K,V blocks the attention backend reads
     as an ordinary layer cache, and the activations staged for recompute."""
 
-    kv: torch.Tensor  # [2, kv_heads, blocks, block_size, head_dim]
-    act: torch.Tensor  # [blocks * block_size, hidden]
+    kv: torch.Tensor  # [2, kv_heads, blocks, block_size, head_dim], in the cache's storage dtype
+    act: torch.Tensor  # [blocks * block_size, hidden], in the model's dtype
+    kv_scales: torch.Tensor | None = None  # int8 caches: [2, kv_heads, blocks, block_size] float32
 
     @property
     def cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[0], self.kv[1]
+
+    @property
+    def scales(self) -> tuple[torch.Tensor, ...]:
+        """(K scales, V scales) for an int8 cache; () otherwise (splice after the other arguments)."""
+        return () if self.kv_scales is None else (self.kv_scales[0], self.kv_scales[1])
 
     @property
     def num_blocks(self) -> int:
@@ -94,7 +100,7 @@ class StagingBuffer:
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size() + self.act.numel() * self.act.element_size()
+        return self.kv.nbytes + self.act.nbytes + (0 if self.kv_scales is None else self.kv_scales.nbytes)
 
 
 @dataclass
@@ -141,8 +147,12 @@ class HybridKVCacheManager(KVCacheManager):
         pin = spec.device.type == "cuda"  # page-locked, so copies to the GPU run asynchronously
         L, heads, dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
         # zeros, not empty: every page touched now, so physical = reserved (as for the device tier).
-        self.host_kv = torch.zeros((L, 2, heads, plan.num_kv_blocks, block_size, dim), dtype=spec.dtype,
+        # KV blocks in the cache's storage dtype (a quantized cache shrinks the host tier and its
+        # transfers too; int8's scales travel beside), activations in the model's.
+        self.host_kv = torch.zeros((L, 2, heads, plan.num_kv_blocks, block_size, dim), dtype=spec.storage_dtype,
                                    pin_memory=pin)
+        self.host_kv_scales = torch.zeros((L, 2, heads, plan.num_kv_blocks, block_size), dtype=torch.float32,
+                                          pin_memory=pin) if spec.has_scales else None
         self.host_act = torch.zeros((L, plan.num_act_blocks, block_size, hidden_size), dtype=spec.dtype,
                                     pin_memory=pin)
         self.free_kv = list(range(plan.num_kv_blocks - 1, -1, -1))  # pop() hands out block 0 first
@@ -150,10 +160,12 @@ class HybridKVCacheManager(KVCacheManager):
         self.host_tables: dict[int, list[HostBlock]] = {}
         self.host_seqs: dict[int, SequenceView] = {}
         self.on_device: set[int] = set()  # sequences placed in the device tier
-        self.staging = [StagingBuffer(torch.zeros((2, heads, staging_blocks, block_size, dim), dtype=spec.dtype,
-                                                  device=spec.device),
+        self.staging = [StagingBuffer(torch.zeros((2, heads, staging_blocks, block_size, dim),
+                                                  dtype=spec.storage_dtype, device=spec.device),
                                       torch.zeros((staging_blocks * block_size, hidden_size), dtype=spec.dtype,
-                                                  device=spec.device))
+                                                  device=spec.device),
+                                      torch.zeros((2, heads, staging_blocks, block_size), dtype=torch.float32,
+                                                  device=spec.device) if spec.has_scales else None)
                         for _ in range(2)]
         self.counters = HybridCounters()
 
@@ -245,8 +257,11 @@ class HybridKVCacheManager(KVCacheManager):
         host_ids = [self.free_kv.pop() for _ in device_ids]
         if device_ids and seq.num_computed_tokens > 0:
             src = torch.tensor(device_ids, dtype=torch.long, device=self.spec.device)
+            dst = torch.tensor(host_ids, dtype=torch.long)
             blocks = self.device_tier.kv.index_select(3, src).to(self.host_device)  # all layers, K and V
-            self.host_kv.index_copy_(3, torch.tensor(host_ids, dtype=torch.long), blocks)
+            _index_copy(self.host_kv, 3, dst, blocks)
+            if self.host_kv_scales is not None:
+                self.host_kv_scales.index_copy_(3, dst, self.device_tier.kv_scales.index_select(3, src).to(self.host_device))
             self.counters.num_offloaded += 1
         self.device_tier.free(seq)
         self.on_device.discard(seq.seq_id)
@@ -297,6 +312,9 @@ class HybridKVCacheManager(KVCacheManager):
     # --- what the model runner reads -----------------------------------------------------
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.device_tier.layer_cache(layer_idx)
+
+    def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.device_tier.layer_scales(layer_idx)
 
     def block_table(self, seq: SequenceView) -> list[int]:
         """Device-tier blocks; a host-resident sequence gets staging blocks per step instead."""
@@ -372,13 +390,16 @@ class HybridKVCacheManager(KVCacheManager):
         moved = 0
         n = transfers.num_kv_blocks
         if n:  # into staging blocks 0..n-1
-            src = self.host_kv[layer]  # [2, heads, blocks, block_size, head_dim]
-            if buffer.kv.device == src.device:  # one gather per (K|V, head), no temporary
-                for kind in range(2):
-                    for head in range(src.shape[1]):
-                        torch.index_select(src[kind, head], 0, transfers.kv_src_host, out=buffer.kv[kind, head, :n])
-            else:
-                buffer.kv[:, :, :n].copy_(src.index_select(2, transfers.kv_src_host), non_blocking=True)
+            pairs = [(self.host_kv[layer], buffer.kv)]  # [2, heads, blocks, block_size, head_dim]
+            if self.host_kv_scales is not None:  # int8: the blocks' scales with them
+                pairs.append((self.host_kv_scales[layer], buffer.kv_scales))
+            for src, dst in pairs:
+                if dst.device == src.device:  # one gather per (K|V, head), no temporary
+                    for kind in range(2):
+                        for head in range(src.shape[1]):
+                            torch.index_select(src[kind, head], 0, transfers.kv_src_host, out=dst[kind, head, :n])
+                else:
+                    dst[:, :, :n].copy_(src.index_select(2, transfers.kv_src_host), non_blocking=True)
             moved += n * self.block_size * self.kv_bytes_per_token_per_layer
         n = transfers.num_act_tokens
         if n:
@@ -399,8 +420,12 @@ class HybridKVCacheManager(KVCacheManager):
         moved = 0
         if transfers.wb_kv_dst_host.numel():
             new = buffer.kv.view(2, heads, -1, dim).index_select(2, transfers.wb_kv_src_dev).to(self.host_device)
-            self.host_kv[layer].view(2, heads, -1, dim).index_copy_(2, transfers.wb_kv_dst_host, new)
-            moved += new.numel() * new.element_size()
+            _index_copy(self.host_kv[layer].view(2, heads, -1, dim), 2, transfers.wb_kv_dst_host, new)
+            moved += new.nbytes
+            if self.host_kv_scales is not None:
+                new = buffer.kv_scales.view(2, heads, -1).index_select(2, transfers.wb_kv_src_dev).to(self.host_device)
+                self.host_kv_scales[layer].view(2, heads, -1).index_copy_(2, transfers.wb_kv_dst_host, new)
+                moved += new.nbytes
         if transfers.wb_act_dst_host.numel():
             new = activations.index_select(0, transfers.wb_act_rows_dev).to(self.host_device)
             self.host_act[layer].view(-1, self.hidden_size).index_copy_(0, transfers.wb_act_dst_host, new)
@@ -434,7 +459,7 @@ class HybridKVCacheManager(KVCacheManager):
                 n = min(bs, max(computed - i * bs, 0))
                 host_live += n * (act_token if block.is_act else kv_token)
         staging = sum(b.nbytes for b in self.staging)
-        host_kv = self.host_kv.numel() * self.host_kv.element_size()
+        host_kv = self.host_kv.nbytes + (0 if self.host_kv_scales is None else self.host_kv_scales.nbytes)
         host_act = self.host_act.numel() * self.host_act.element_size()
         device_physical = d.bytes_physical + staging
         total = device_physical + host_kv + host_act
@@ -471,6 +496,13 @@ class HybridKVCacheManager(KVCacheManager):
 
     def release_free_memory(self) -> int:
         return self.device_tier.release_free_memory()
+
+
+def _index_copy(dst: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> None:
+    """index_copy_ for every storage dtype (it has no float8 kernel: those copy as bytes)."""
+    if dst.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+    dst.index_copy_(dim, index, src)
 
 
 # --- construction from the engine's configuration ---------------------------------------------
@@ -521,7 +553,7 @@ def resolve_hybrid_options(config: EngineConfig, model_config: ModelConfig, spec
     host_budget = resolve_memory_bytes(config.host_memory, torch.device("cpu"), DEFAULT_HOST_FRACTION, "host_memory")
     host_budget = usable_budget(host_budget, spec.bytes_per_token, max_model_len, config.max_num_seqs)
     elem = torch.empty((), dtype=spec.dtype).element_size()
-    shape = ModelShape.from_model_config(model_config, dtype_bytes=elem)
+    shape = ModelShape.from_model_config(model_config, dtype_bytes=elem, kv_token_head_bytes=spec.token_head_bytes)
     ratio, reason = choose_act_ratio(config, shape, host_budget, spec.device, spec.dtype)
     return HybridOptions(**StrategyOptions.common_from_config(config), host_budget_bytes=host_budget,
                          act_ratio=ratio, act_ratio_reason=reason, shape=shape,

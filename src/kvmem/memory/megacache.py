@@ -82,7 +82,7 @@ class MegacacheLayout:
     @classmethod
     def build(cls, spec: KVCacheSpec, num_slots: int, max_model_len: int, page_size: int,
               typical_tokens: int | None = None) -> MegacacheLayout:
-        head_bytes = spec.head_dim * spec.dtype.itemsize
+        head_bytes = spec.head_dim * spec.storage_dtype.itemsize
         kv_heads = 2 * spec.num_layers * spec.num_kv_heads
         typical = typical_tokens if typical_tokens is not None else max(max_model_len // 2, 1)
 
@@ -97,7 +97,7 @@ class MegacacheLayout:
     @property
     def token_bytes(self) -> int:
         """One token's row: K and V of every layer and head, plus padding."""
-        return self.row_heads * self.spec.head_dim * self.spec.dtype.itemsize
+        return self.row_heads * self.spec.head_dim * self.spec.storage_dtype.itemsize
 
     @property
     def padding_fraction(self) -> float:

@@ -29,7 +29,9 @@ class PagedKVCacheManager(KVCacheManager):
         self.pool.medium = medium_of(spec.device)
         # zeros, not empty: every page is touched now, so physical memory = reserved, as on a GPU.
         shape = (spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
-        self.kv = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self.kv = torch.zeros(shape, dtype=spec.storage_dtype, device=spec.device)
+        # int8: a scale per (token, KV head), in the blocks' addressing (kvmem.attention.kv_quant).
+        self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=spec.device) if spec.has_scales else None
         self.tables: dict[int, list[KVBlock]] = {}
         self.sequences: dict[int, SequenceView] = {}  # holders of the tables, for live-token accounting
         self.hashes: dict[int, list[BlockHash]] = {}  # hashes of each sequence's full, computed blocks
@@ -56,6 +58,14 @@ class PagedKVCacheManager(KVCacheManager):
 
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+
+    def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.kv_scales is None else (self.kv_scales[layer_idx, 0], self.kv_scales[layer_idx, 1])
+
+    @property
+    def nbytes(self) -> int:
+        """The KV tensor and its scales."""
+        return self.kv.nbytes + (0 if self.kv_scales is None else self.kv_scales.nbytes)
 
     def block_table(self, seq: SequenceView) -> list[int]:
         return [b.block_id for b in self.tables.get(seq.seq_id, ())]
@@ -172,7 +182,7 @@ class PagedKVCacheManager(KVCacheManager):
             for i, block in enumerate(table):
                 n = min(self.block_size, max(computed - i * self.block_size, 0))
                 filled[block.block_id] = max(filled.get(block.block_id, 0), n)
-        total = self.kv.numel() * self.kv.element_size()
+        total = self.nbytes
         return MemoryStats(
             strategy=self.name,
             bytes_reserved=total,

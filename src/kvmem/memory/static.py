@@ -22,7 +22,9 @@ class StaticKVCacheManager(KVCacheManager):
         self.spec = spec
         self.block_size = max_model_len
         shape = (spec.num_layers, 2, spec.num_kv_heads, num_slots, max_model_len, spec.head_dim)
-        self.kv = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self.kv = torch.zeros(shape, dtype=spec.storage_dtype, device=spec.device)
+        # int8: a scale per (token, KV head) beside each slot (kvmem.attention.kv_quant).
+        self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=spec.device) if spec.has_scales else None
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.slots: dict[int, int] = {}  # seq_id -> slot
         self.sequences: dict[int, SequenceView] = {}
@@ -46,6 +48,9 @@ class StaticKVCacheManager(KVCacheManager):
 
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+
+    def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.kv_scales is None else (self.kv_scales[layer_idx, 0], self.kv_scales[layer_idx, 1])
 
     def block_table(self, seq: SequenceView) -> list[int]:
         return [self.slots[seq.seq_id]]
@@ -83,7 +88,7 @@ class StaticKVCacheManager(KVCacheManager):
 
     def stats(self) -> MemoryStats:
         slot_bytes = self.block_size * self.spec.bytes_per_token
-        total = self.kv.numel() * self.kv.element_size()
+        total = self.kv.nbytes + (0 if self.kv_scales is None else self.kv_scales.nbytes)
         live = sum(s.num_computed_tokens for s in self.sequences.values())
         return MemoryStats(
             strategy=self.name,

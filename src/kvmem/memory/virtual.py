@@ -117,9 +117,14 @@ class Slot:
         return max(self.mapped_chunks - self.needed_chunks, 0)
 
 
+def _chunk_set_bytes(layout: SlotLayout) -> int:
+    """One chunk in every region, and (int8 caches) the chunk's tokens' scales."""
+    return layout.chunk_bytes * layout.num_regions + layout.page_tokens * layout.spec.scale_bytes_per_token
+
+
 def _budget_chunks(layout: SlotLayout, physical_budget_bytes: int) -> int:
     """Chunk sets (one chunk in every region) the physical budget holds; at least one."""
-    chunk_set_bytes = layout.chunk_bytes * layout.num_regions
+    chunk_set_bytes = _chunk_set_bytes(layout)
     max_chunks = physical_budget_bytes // chunk_set_bytes
     if max_chunks < 1:
         raise ValueError(f"kv_cache_memory ({physical_budget_bytes} bytes) holds less than one mapping chunk "
@@ -134,6 +139,9 @@ def _open_backend(spec: KVCacheSpec, num_slots: int, max_model_len: int, physica
     place the manager asks which device it runs on. A reservation the system refuses is a
     VirtualMemoryError / CudaVmmError, both ValueErrors."""
     if spec.device.type == "cuda":
+        if spec.has_scales:
+            raise ValueError("kv_cache_dtype='int8' with kv_cache='virtual' runs on CPU only (its per-token scales "
+                             "live in CPU virtual memory); use kv_cache_dtype='fp8' on CUDA")
         from kvmem.memory import vmm_cuda
         from kvmem.memory.megacache import MegacacheLayout
 
@@ -154,6 +162,43 @@ def _open_backend(spec: KVCacheSpec, num_slots: int, max_model_len: int, physica
     raise ValueError(f"kv_cache='virtual' runs on cpu or cuda, not {spec.device}")
 
 
+class _SlotScales:
+    """int8's scales per (token, KV head) for the virtual cache (CPU): one more reservation, each slot
+    a contiguous range of `max_len` rows of `[layers, 2, kv_heads]` float32 (token-major, so a
+    sequence of n tokens touches ceil(n * row / 4 KiB) pages, not a page per layer and head). The
+    kernel backs a page on first write; pages past a slot's cut are released with it. Views per
+    layer are `[kv_heads, slots, max_len]`, the addressing of the KV views."""
+
+    def __init__(self, memory, tensor: torch.Tensor, row_bytes: int, max_len: int) -> None:
+        self.memory, self.tensor, self.row_bytes, self.max_len = memory, tensor, row_bytes, max_len
+
+    @classmethod
+    def open(cls, spec: KVCacheSpec, num_slots: int, max_len: int) -> _SlotScales:
+        from kvmem.memory import vmm_cpu
+
+        L, H = spec.num_layers, spec.num_kv_heads
+        row = 2 * L * H  # floats per token
+        memory = vmm_cpu.CpuVirtualMemory(num_slots * max_len * row * 4)
+        tensor = memory.tensor(torch.float32, (L, 2, H, num_slots, max_len), (2 * H, H, 1, max_len * row, row))
+        return cls(memory, tensor, row * 4, max_len)
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensor[layer_idx, 0], self.tensor[layer_idx, 1]
+
+    def release(self, slot: int, first_token: int) -> None:
+        """Give back the whole pages of `slot`'s rows from `first_token` on."""
+        page = self.memory.page_size
+        start = slot * self.max_len * self.row_bytes + first_token * self.row_bytes
+        end = (slot + 1) * self.max_len * self.row_bytes
+        start, end = -(-start // page) * page, end // page * page
+        if end > start:
+            self.memory.release(start, end - start)
+
+    def close(self) -> None:
+        self.tensor = None
+        self.memory.close()
+
+
 class VirtualKVCacheManager(KVCacheManager):
     name = "virtual"
     contiguous_slots = True  # attention reads cache[:, slot, :len] in place, never past len
@@ -170,10 +215,11 @@ class VirtualKVCacheManager(KVCacheManager):
                                                  self.options, cuda_driver)
         self.block_size = self.layout.max_len
         self.chunk_tokens = self.layout.page_tokens
-        self.chunk_set_bytes = self.layout.chunk_bytes * self.layout.num_regions  # one chunk in every region
+        self.chunk_set_bytes = _chunk_set_bytes(self.layout)  # one chunk in every region (+ int8 scales)
         self.max_chunks = _budget_chunks(self.layout, physical_budget_bytes)
         self.chunk_pages = self.layout.chunk_bytes // self.memory.page_size
-        self.kv = self.memory.tensor(spec.dtype, self.layout.shape, self.layout.strides)
+        self.kv = self.memory.tensor(spec.storage_dtype, self.layout.shape, self.layout.strides)
+        self.scales = _SlotScales.open(spec, num_slots, self.layout.max_len) if spec.has_scales else None
         self.mapper = Mapper(self.memory, self.layout, self.options.background_mapping)
         self.slots = [Slot(i) for i in range(num_slots)]
         # Free slots, least recently freed first: trimmed in that order under memory pressure.
@@ -225,6 +271,9 @@ class VirtualKVCacheManager(KVCacheManager):
     def layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
 
+    def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.scales is None else self.scales.layer(layer_idx)
+
     def block_table(self, seq: SequenceView) -> list[int]:
         return [self.owned[seq.seq_id].index]
 
@@ -250,7 +299,9 @@ class VirtualKVCacheManager(KVCacheManager):
             return 0
         reuse = self.enable_prefix_caching and reuse_prefix
         slot, hit = self._pick_slot(seq) if reuse else (self._best_fit(seq), 0)
-        sources = self.sharing.find(seq) if reuse else []
+        # int8: no physical sharing between running slots (a slot's scales are its own, not in the
+        # shared pages); a free slot's own leftovers, scales included, are still reused.
+        sources = self.sharing.find(seq) if reuse and self.scales is None else []
         if len(sources) * self.layout.page_tokens > hit and self.sharing.may_share():
             slot = self._best_fit(seq)
             self._map_shared_prefix(slot, sources, seq)
@@ -347,6 +398,8 @@ class VirtualKVCacheManager(KVCacheManager):
         # Release [position, mapped) at once: ranges of dropped shared chunks are already fresh
         # anonymous memory (on CUDA: already unmapped or retired), so releasing them again costs nothing.
         self.mapper.unmap_soon(slot.index, position, slot.mapped_chunks - position)
+        if self.scales is not None:
+            self.scales.release(slot.index, position * self.layout.page_tokens)
         self.mapped_chunks -= private
         slot.mapped_chunks = position
 
@@ -522,7 +575,7 @@ class VirtualKVCacheManager(KVCacheManager):
         extra.update(self.memory.extra_stats())  # CUDA: device memory held beyond the mapped pages
         return MemoryStats(
             strategy=self.name,
-            bytes_reserved=self.layout.total_bytes,
+            bytes_reserved=self.layout.total_bytes + (0 if self.scales is None else self.scales.memory.size),
             bytes_physical=self.mapped_chunks * per_chunk,
             bytes_allocated=allocated * per_chunk,
             bytes_live=live * self.spec.bytes_per_token,
@@ -541,7 +594,8 @@ class VirtualKVCacheManager(KVCacheManager):
         distinct handles the driver has mapped, once retired pages are unmapped
         (`VirtualMemoryBackend.physical_bytes`)."""
         self.mapper.drain()
-        return self.memory.physical_bytes(self.pool)
+        scales = 0 if self.scales is None else self.scales.memory.resident_bytes()
+        return self.memory.physical_bytes(self.pool) + scales
 
     def close(self) -> None:
         """Stop the mapping worker and unmap the reservation (tensors still viewing it read zeros on
@@ -552,6 +606,8 @@ class VirtualKVCacheManager(KVCacheManager):
         self.kv = None
         self.memory.close()
         self.sharing.close()
+        if self.scales is not None:
+            self.scales.close()
 
     def release_free_memory(self) -> int:
         """Unmap every idle page: free slots' (deferred reclamation's keep, cached prefixes) and

@@ -95,14 +95,14 @@ class VirtualLayout:
 
     @classmethod
     def build(cls, spec: KVCacheSpec, num_slots: int, max_model_len: int, page_size: int) -> VirtualLayout:
-        token_bytes = spec.head_dim * spec.dtype.itemsize
+        token_bytes = spec.head_dim * spec.storage_dtype.itemsize
         page_tokens = page_size // math.gcd(page_size, token_bytes)
         return cls(spec, num_slots, cdiv(max_model_len, page_tokens) * page_tokens, page_size)
 
     @property
     def token_bytes(self) -> int:
         """One token of one head in one region."""
-        return self.spec.head_dim * self.spec.dtype.itemsize
+        return self.spec.head_dim * self.spec.storage_dtype.itemsize
 
     @property
     def page_tokens(self) -> int:

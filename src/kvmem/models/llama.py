@@ -22,7 +22,7 @@ from kvmem.models import fused
 from kvmem.models.config import ModelConfig, RopeScaling
 
 AttentionFn = Callable[..., torch.Tensor]
-LayerCache = tuple[torch.Tensor, torch.Tensor]
+LayerCache = tuple[torch.Tensor, ...]  # (K, V), or (K, V, K scales, V scales) for an int8 cache
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin) of this step's positions
 
 
@@ -169,7 +169,8 @@ class Attention(nn.Module):
                                                                           self.head_dim), *rope)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        out = attention(q, k, v, cache[0], cache[1], meta, self.scale)
+        # cache[2:]: an int8 cache's (K scales, V scales), which the backend reads with it.
+        out = attention(q, k, v, cache[0], cache[1], meta, self.scale, *cache[2:])
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -453,7 +453,343 @@ bool try_decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int
   return false;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantized caches (kv_cache_dtype int8 / fp8; kvmem/attention/kv_quant.py): each stored row is
+// widened to float32 as it is read, never outside the loop that uses it. int8: sign-extend and
+// convert, times the (token, head) scale. float8: no table; in the portable loops the byte's
+// exponent and mantissa bits are moved to their float32 places (e4m3: << 20, e5m2: << 21) and the
+// sign to bit 31, which gives the value times 2^-(127 - bias) for normals and subnormals alike (a
+// float8 subnormal lands on a float32 subnormal of the same mantissa), and the multiplication by
+// the row's factor (2^(127 - bias) times the per-tensor scale) follows at once. Two paths: plain
+// loops that -march=native vectorizes (any head dimension, any CPU), and with AVX-512 the vector
+// kernel above with these rows (head dimensions 64 and 128; float8 through float16 there).
+// ---------------------------------------------------------------------------------------------
+
+// The storage formats, one byte each.
+struct Fp8E4M3 { uint8_t bits; };
+struct Fp8E5M2 { uint8_t bits; };
+enum class KVFormat { kInt8, kFp8E4M3, kFp8E5M2 };
+
+// Float32 bits of a float8 byte's magnitude, off by 2^(127 - bias) (see above); sign in bit 31.
+template <int SHIFT>
+inline uint32_t fp8_bits(uint8_t b) {
+  return (static_cast<uint32_t>(b & 0x7F) << SHIFT) | (static_cast<uint32_t>(b & 0x80) << 24);
+}
+
+// What multiplies a row's widened elements besides its own scale: 2^(127 - bias) for float8.
+inline float format_factor(KVFormat f) {
+  return f == KVFormat::kFp8E4M3 ? std::ldexp(1.f, 120) : f == KVFormat::kFp8E5M2 ? std::ldexp(1.f, 112) : 1.f;
+}
+
+// One stored row of n elements to float32, times row_scale (which includes format_factor).
+inline void widen_stored(const uint8_t* src, KVFormat format, float row_scale, float* dst, int64_t n) {
+  if (format == KVFormat::kInt8) {
+    const int8_t* s = reinterpret_cast<const int8_t*>(src);
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(s[d]) * row_scale;
+    return;
+  }
+  // Bit casts through memcpy (the compiler turns them into register moves): writing the bits
+  // through a uint32_t* and reading them back as float would break the aliasing rules.
+  if (format == KVFormat::kFp8E4M3) {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) {
+      const uint32_t bits = fp8_bits<20>(src[d]);
+      float value;
+      std::memcpy(&value, &bits, sizeof value);
+      dst[d] = value * row_scale;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) {
+      const uint32_t bits = fp8_bits<21>(src[d]);
+      float value;
+      std::memcpy(&value, &bits, sizeof value);
+      dst[d] = value * row_scale;
+    }
+  }
+}
+
+struct QuantizedCache {
+  const uint8_t* k;
+  const uint8_t* v;
+  const float* k_scales;  // int8: [KVH, blocks, block_size] with the strides below; fp8: nullptr
+  const float* v_scales;
+  KVFormat format;
+  float tensor_scale;  // fp8: the per-tensor scale times format_factor; int8: unused
+  int64_t head_stride, block_stride, token_stride;  // of k and v (element = byte)
+  int64_t scale_head_stride, scale_block_stride, scale_token_stride;
+
+  inline float row_scale(const float* scales, int64_t kvh, int64_t block, int64_t i) const {
+    return scales == nullptr ? tensor_scale
+                             : scales[kvh * scale_head_stride + block * scale_block_stride + i * scale_token_stride];
+  }
+};
+
+template <typename T, int DIM>
+void decode_quantized(const T* q, const QuantizedCache& c, const int64_t* tables, const int64_t* lens, T* out,
+                      int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t dim, int64_t block_size,
+                      int64_t table_width, int64_t q_seq_stride, int64_t q_head_stride, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  if (DIM > 0) dim = DIM;
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), acc(group * dim), scores, row(dim);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / num_kv_heads, kvh = item % num_kv_heads;
+      const int64_t len = lens[seq];
+      const int64_t* table = tables + seq * table_width;
+      for (int64_t g = 0; g < group; ++g) {
+        const T* qh = q + seq * q_seq_stride + (kvh * group + g) * q_head_stride;
+        for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = to_float(qh[d]) * scale;
+      }
+      scores.assign(group * len, 0.f);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = std::min(block_size, len - start), block = table[start / block_size];
+        const uint8_t* kb = c.k + kvh * c.head_stride + block * c.block_stride;
+        for (int64_t i = 0; i < n; ++i) {
+          widen_stored(kb + i * c.token_stride, c.format, c.row_scale(c.k_scales, kvh, block, i), row.data(),
+                       DIM > 0 ? DIM : dim);
+          for (int64_t g = 0; g < group; ++g) scores[g * len + start + i] = dot<DIM>(qf.data() + g * dim, row.data(), dim);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) sg[t] = std::exp(sg[t] - m);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < len; ++t) total += sg[t];
+        const float inv = 1.f / total;
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const float* pg = scores.data() + g * len;
+        float* ag = acc.data() + g * dim;
+        constexpr int64_t kLocal = DIM > 0 ? DIM : 1;
+        float local[kLocal] = {};
+        float* a = DIM > 0 ? local : ag;
+        const int64_t n_dim = DIM > 0 ? DIM : dim;
+        std::fill(a, a + n_dim, 0.f);
+        for (int64_t start = 0; start < len; start += block_size) {
+          const int64_t n = std::min(block_size, len - start), block = table[start / block_size];
+          const uint8_t* vb = c.v + kvh * c.head_stride + block * c.block_stride;
+          for (int64_t i = 0; i < n; ++i) {
+            widen_stored(vb + i * c.token_stride, c.format, c.row_scale(c.v_scales, kvh, block, i), row.data(), n_dim);
+            const float p = pg[start + i];
+#pragma omp simd
+            for (int64_t d = 0; d < n_dim; ++d) a[d] += p * row[d];
+          }
+        }
+        if (DIM > 0) std::copy(a, a + n_dim, ag);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        T* o = out + seq * num_heads * dim + (kvh * group + g) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[g * dim + d]);
+      }
+    }
+  });
+}
+
+#if KVMEM_HAVE_AVX512
+// 16 stored elements to 16 floats (before the row's factor).
+inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// float8 through float16, whose conversion instruction takes subnormals in its stride: e5m2 is
+// float16's top byte; e4m3's exponent and mantissa move to float16's places (<< 7), which reads
+// as its value times 2^-8 (see kAvx512Fp8Factor). Widening straight to float32 bits instead
+// (as the portable loops do) would make every element a tiny float32 and the products subnormal,
+// which this CPU computes many times slower and less exactly.
+inline __m512 widen16(const Fp8E5M2* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_cvtph_ps(_mm256_slli_epi16(b, 8));
+}
+inline __m512 widen16(const Fp8E4M3* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i magnitude = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7);
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
+  return _mm512_cvtph_ps(_mm256_or_si256(magnitude, sign));
+}
+// What the vector path's float8 rows are off by (the role format_factor plays for the loops).
+inline float avx512_format_factor(KVFormat f) { return f == KVFormat::kFp8E4M3 ? 256.f : 1.f; }
+
+// Quantized rows for decode_avx512's score and value loops: the query in float32, 16 elements per
+// piece. The row factors (scales) are applied outside: to the 16 scores of a tile at once, and to
+// the probabilities before the values are accumulated.
+template <typename S, int DIM>
+struct QuantizedRowOps {
+  static constexpr int NV = DIM / 16;
+  using Query = __m512;
+  static void load_query(const float* q, Query (&out)[NV]) {
+    for (int c = 0; c < NV; ++c) out[c] = _mm512_loadu_ps(q + 16 * c);
+  }
+  static __m512 dot_partial(const Query (&q)[NV], const S* row) {
+    __m512 s = _mm512_mul_ps(q[0], widen16(row));
+    for (int c = 1; c < NV; ++c) s = _mm512_fmadd_ps(q[c], widen16(row + 16 * c), s);
+    return s;
+  }
+  static constexpr int kPiece = 16, kPieceVectors = 1;
+  static void widen_piece(const S* piece, __m512 (&out)[kPieceVectors]) { out[0] = widen16(piece); }
+  static int element(int v, int j) { return j; }
+};
+template <int DIM>
+struct RowOps<int8_t, DIM> : QuantizedRowOps<int8_t, DIM> {};
+template <int DIM>
+struct RowOps<Fp8E4M3, DIM> : QuantizedRowOps<Fp8E4M3, DIM> {};
+template <int DIM>
+struct RowOps<Fp8E5M2, DIM> : QuantizedRowOps<Fp8E5M2, DIM> {};
+
+// decode_avx512's structure over a quantized cache: q and out float32 [B, H, DIM] (contiguous).
+template <typename S, int DIM>
+void decode_avx512_quantized(const float* q, const QuantizedCache& c, const int64_t* tables, const int64_t* lens,
+                             float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
+                             int64_t table_width, float scale) {
+  using Ops = RowOps<S, DIM>;
+  constexpr int NV = Ops::NV;
+  constexpr int kMaxTile = DIM == 64 ? 4 : 2;
+  const int64_t group = num_heads / num_kv_heads;
+  const S* k_cache = reinterpret_cast<const S*>(c.k);
+  const S* v_cache = reinterpret_cast<const S*>(c.v);
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> rows;
+    std::vector<float> scores, acc(group * DIM), totals(group), k_factor, v_factor;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / num_kv_heads, kvh = item % num_kv_heads;
+      const int64_t len = lens[seq], padded = (len + 31) / 32 * 32;
+      const int64_t* table = tables + seq * table_width;
+      rows.resize(padded);
+      k_factor.assign(padded, 0.f);
+      v_factor.assign(padded, 0.f);
+      for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
+        const int64_t base = kvh * c.head_stride + table[b] * c.block_stride;
+        for (int64_t t = start, end_t = std::min(len, start + block_size); t < end_t; ++t) {
+          rows[t] = base + (t - start) * c.token_stride;
+          k_factor[t] = c.row_scale(c.k_scales, kvh, table[b], t - start) * scale;
+          v_factor[t] = c.row_scale(c.v_scales, kvh, table[b], t - start);
+        }
+      }
+      scores.resize(group * padded);
+      for (int64_t g = 0; g < group; ++g) {
+        typename Ops::Query qv[NV];
+        Ops::load_query(q + (seq * num_heads + kvh * group + g) * DIM, qv);
+        float* sg = scores.data() + g * padded;
+        for (int64_t start = 0; start < len; start += 16) {
+          const int64_t n = std::min<int64_t>(16, len - start);
+          __m512 part[16];
+#pragma GCC unroll 16
+          for (int i = 0; i < 16; ++i)
+            part[i] = i < n ? Ops::dot_partial(qv, k_cache + rows[start + i]) : _mm512_setzero_ps();
+          _mm512_storeu_ps(sg + start, _mm512_mul_ps(sum_lanes_16(part), _mm512_loadu_ps(k_factor.data() + start)));
+        }
+        totals[g] = softmax_numerators(sg, len, padded);
+        for (int64_t t = 0; t < padded; t += 16)  // each value row's factor goes with its probability
+          _mm512_storeu_ps(sg + t, _mm512_mul_ps(_mm512_loadu_ps(sg + t), _mm512_loadu_ps(v_factor.data() + t)));
+      }
+      for (int64_t g0 = 0; g0 < group; g0 += kMaxTile) {
+        const float* p = scores.data() + g0 * padded;
+        float* a = acc.data() + g0 * DIM;
+        switch (std::min<int64_t>(kMaxTile, group - g0)) {
+          case 1: accumulate_values<S, DIM, 1>(v_cache, rows.data(), len, p, padded, a); break;
+          case 2: accumulate_values<S, DIM, 2>(v_cache, rows.data(), len, p, padded, a); break;
+          case 3: accumulate_values<S, DIM, 3>(v_cache, rows.data(), len, p, padded, a); break;
+          default: accumulate_values<S, DIM, kMaxTile>(v_cache, rows.data(), len, p, padded, a); break;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const float inv = 1.f / totals[g];
+        float* o = out + (seq * num_heads + kvh * group + g) * DIM;
+        for (int64_t d = 0; d < DIM; ++d) o[d] = acc[g * DIM + d] * inv;
+      }
+    }
+  });
+}
+
+template <int DIM>
+void run_avx512_quantized(const float* q, const QuantizedCache& c, const int64_t* tables, const int64_t* lens,
+                          float* out, int64_t B, int64_t H, int64_t KVH, int64_t block_size, int64_t width,
+                          float scale) {
+  switch (c.format) {
+    case KVFormat::kInt8:
+      decode_avx512_quantized<int8_t, DIM>(q, c, tables, lens, out, B, H, KVH, block_size, width, scale);
+      break;
+    case KVFormat::kFp8E4M3:
+      decode_avx512_quantized<Fp8E4M3, DIM>(q, c, tables, lens, out, B, H, KVH, block_size, width, scale);
+      break;
+    case KVFormat::kFp8E5M2:
+      decode_avx512_quantized<Fp8E5M2, DIM>(q, c, tables, lens, out, B, H, KVH, block_size, width, scale);
+      break;
+  }
+}
+#endif  // KVMEM_HAVE_AVX512
+
 }  // namespace
+
+// Attention over a quantized cache: k_cache / v_cache int8, float8_e4m3fn or float8_e5m2
+// [KVH, blocks, block_size, D] (D contiguous); int8 takes scales [KVH, blocks, block_size] float32
+// (any strides, the same for K and V), fp8 takes none and multiplies by fp8_scale. The rest as
+// decode_attention. Returns [B, H, D] in q's dtype.
+torch::Tensor quantized_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                  c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales,
+                                  torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                                  double fp8_scale, bool use_vector_kernel) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(),
+              "the head dimension must be contiguous");
+  const auto kind = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == kind, "K and V caches must share a dtype");
+  const bool is_int8 = kind == at::kChar;
+  TORCH_CHECK(is_int8 || kind == at::kFloat8_e4m3fn || kind == at::kFloat8_e5m2,
+              "kv_cache_dtype: the cache must be int8, float8_e4m3fn or float8_e5m2");
+  auto tables = block_tables.to(torch::kInt64).contiguous();
+  auto lens = context_lens.to(torch::kInt64).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(0);
+  TORCH_CHECK(H % KVH == 0 && k_cache.size(3) == D && tables.size(0) == B && lens.size(0) == B, "bad shapes");
+  QuantizedCache c{};
+  c.k = reinterpret_cast<const uint8_t*>(k_cache.data_ptr());
+  c.v = reinterpret_cast<const uint8_t*>(v_cache.data_ptr());
+  c.format = is_int8 ? KVFormat::kInt8 : kind == at::kFloat8_e5m2 ? KVFormat::kFp8E5M2 : KVFormat::kFp8E4M3;
+  c.tensor_scale = static_cast<float>(fp8_scale) * format_factor(c.format);
+  c.head_stride = k_cache.stride(0);
+  c.block_stride = k_cache.stride(1);
+  c.token_stride = k_cache.stride(2);
+  if (is_int8) {
+    TORCH_CHECK(k_scales.has_value() && v_scales.has_value(), "an int8 cache needs its scales");
+    const auto& ks = *k_scales;
+    const auto& vs = *v_scales;
+    TORCH_CHECK(ks.scalar_type() == at::kFloat && vs.scalar_type() == at::kFloat && ks.dim() == 3 &&
+                    ks.size(0) == KVH && ks.size(1) == k_cache.size(1) && ks.size(2) == k_cache.size(2) &&
+                    vs.sizes() == ks.sizes() && vs.strides() == ks.strides(),
+                "scales must be float32 [kv_heads, blocks, block_size], the same layout for K and V");
+    c.k_scales = ks.data_ptr<float>();
+    c.v_scales = vs.data_ptr<float>();
+    c.scale_head_stride = ks.stride(0);
+    c.scale_block_stride = ks.stride(1);
+    c.scale_token_stride = ks.stride(2);
+  }
+#if KVMEM_HAVE_AVX512
+  if (use_vector_kernel && (D == 64 || D == 128)) {
+    c.tensor_scale = static_cast<float>(fp8_scale) * avx512_format_factor(c.format);
+    auto qf = q.to(torch::kFloat).contiguous();  // B x H x D: small next to the cache it reads
+    auto outf = torch::empty({B, H, D}, qf.options());
+    auto run = D == 64 ? run_avx512_quantized<64> : run_avx512_quantized<128>;
+    run(qf.data_ptr<float>(), c, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), outf.data_ptr<float>(), B, H,
+        KVH, k_cache.size(2), tables.size(1), static_cast<float>(scale));
+    return outf.to(q.scalar_type());
+  }
+#endif
+  auto out = torch::empty({B, H, D}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "kvmem_quantized_attention", [&] {
+    auto run = D == 64 ? decode_quantized<scalar_t, 64> : D == 128 ? decode_quantized<scalar_t, 128>
+                                                                   : decode_quantized<scalar_t, 0>;
+    run(q.data_ptr<scalar_t>(), c, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+        B, H, KVH, D, k_cache.size(2), tables.size(1), q.stride(0), q.stride(1), static_cast<float>(scale));
+  });
+  return out;
+}
 
 // q [B, H, D] (D contiguous); caches [KVH, blocks, block_size, D] (D contiguous, any other strides);
 // block_tables [B, W] int64; context_lens [B] int64 (each >= 1). Returns [B, H, D] in q's dtype.
@@ -493,6 +829,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "decode attention over a block-addressed KV cache (CPU)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("scale"), py::arg("use_vector_kernel") = true);
+  m.def("quantized_attention", &quantized_attention,
+        "attention over an int8 / float8 KV cache, widened row by row (CPU)", py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("k_scales"), py::arg("v_scales"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("scale"), py::arg("fp8_scale") = 1.0, py::arg("use_vector_kernel") = true);
   m.def("has_vector_kernel", [] {
 #if KVMEM_HAVE_AVX512
     return true;
