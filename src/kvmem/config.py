@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from kvmem.memory.registry import STRATEGY_NAMES as KV_CACHE_STRATEGIES  # noqa: E402  the one list
-ATTENTION_BACKENDS = ("torch", "reference", "triton")  # kvmem.attention.torch_attention.BACKENDS
+ATTENTION_BACKENDS = ("torch", "reference", "triton")
+QUANTIZATIONS = ("none", "gguf", "auto")  # --quantization (vLLM's flag); see EngineConfig.quantization  # kvmem.attention.torch_attention.BACKENDS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -66,6 +67,10 @@ class EngineConfig:
     gguf_file: str | None = None  # the .gguf file to read in a Hub repo or a directory
     # vLLM's --kv-events-config: JSON (or a dict) of kvmem.engine.kv_events.KVEventsConfig; None = no events
     kv_events_config: str | dict | None = None
+    # vLLM's --quantization, for GGUF files: gguf keeps Q8_0/Q4_0/Q4_1 weights in their blocks (native
+    # CPU kernels; other types dequantized at load), auto does so where it can (a GGUF on the CPU),
+    # none dequantizes every weight at load (float32 greedy output identical to transformers').
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_STRATEGIES:
@@ -98,6 +103,7 @@ class EngineConfig:
         self._check_hybrid()
         self._check_model_source()
         self._check_vllm_options()
+        self._check_quantization()
         if self.kv_events_config is not None:
             from kvmem.engine.kv_events import KVEventsConfig
 
@@ -130,6 +136,23 @@ class EngineConfig:
                 compile_chat_template(self.chat_template_text())
             except jinja2.TemplateError as e:
                 raise ValueError(f"chat_template is not a valid Jinja template: {e}") from e
+
+    def _check_quantization(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quantization == "gguf":
+            if self.device != "cpu":
+                raise ValueError(f"quantization 'gguf' runs on the CPU only (device is {self.device!r}); use "
+                                 "quantization 'auto' or 'none' to dequantize the weights at load")
+            if self.kv_cache == "hybrid":
+                raise ValueError("quantization 'gguf' does not combine with kv_cache='hybrid' yet (its K,V "
+                                 "recomputation reads full-width weights); use quantization 'none'")
+
+    def keeps_quantized_weights(self) -> bool:
+        """Whether GGUF blocks stay quantized in memory: gguf, or auto where the kernels run (CPU,
+        not the hybrid cache)."""
+        return self.quantization == "gguf" or (self.quantization == "auto" and self.device == "cpu"
+                                                and self.kv_cache != "hybrid")
 
     def chat_template_text(self) -> str | None:
         """`chat_template` as Jinja source: the file's content when it names a file, else the string
@@ -294,6 +317,10 @@ ENGINE_FLAGS: dict[str, EngineFlag] = {
                                    "\"endpoint\": \"tcp://*:5557\"}' publishes BlockStored / BlockRemoved / "
                                    "AllBlocksCleared over ZMQ (fields: publisher zmq|null, endpoint, replay_endpoint, "
                                    "buffer_steps, hwm, max_queue_size, topic)", metavar="JSON"),
+    "quantization": EngineFlag("none | gguf | auto (vLLM's flag). gguf: keep a GGUF's Q8_0/Q4_0/Q4_1 weights in "
+                               "their blocks (native CPU kernels; memory about the file's size; other types "
+                               "dequantized at load); auto: gguf where possible (a GGUF on the CPU), else none; "
+                               "none (default): dequantize every weight at load", aliases=("-q",)),
 }
 
 

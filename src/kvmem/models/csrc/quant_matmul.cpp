@@ -1,0 +1,253 @@
+// Linear layers over GGUF-quantized weights, read in their blocks (Q8_0, Q4_0, Q4_1), never
+// dequantized into a full-width copy.
+//
+// Each weight row is K / 32 blocks of llama.cpp's layout:
+//   Q8_0: fp16 d, int8 q[32]                       w = q * d
+//   Q4_0: fp16 d, uint8 qs[16] (two nibbles each)  w = (q - 8) * d
+//   Q4_1: fp16 d, fp16 m, uint8 qs[16]             w = q * d + m
+// where element j < 16 is the low nibble of qs[j] and element j + 16 its high nibble.
+//
+// A block's 32 weights are dequantized in registers exactly as the gguf package does it
+// (a multiply, then an add: built with -ffp-contract=off so the compiler fuses nothing), then
+// multiplied into float32 accumulators with FMAs. So y = x W^T differs from "dequantize, then a
+// float32 matmul" only in the order of its additions. Activations are float32 (bfloat16 ones are
+// widened first, exactly); outputs are rounded once to the activations' dtype.
+//
+// Batch invariance: every output element is computed by the same sequence of operations whatever
+// the number of rows N and whichever tile a row falls in (a row's accumulators are its own), so a
+// greedy answer does not depend on what runs beside it.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define KVMEM_QUANT_AVX512 1
+#else
+#define KVMEM_QUANT_AVX512 0
+#endif
+
+namespace {
+
+constexpr int kBlock = 32;
+// GGML's type ids (gguf.GGMLQuantizationType)
+constexpr int64_t kQ4_0 = 2;
+constexpr int64_t kQ4_1 = 3;
+constexpr int64_t kQ8_0 = 8;
+
+int64_t block_bytes(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return 18;
+    case kQ4_1: return 20;
+    case kQ8_0: return 34;
+    default: TORCH_CHECK(false, "quantized type ", qtype, " has no native kernel");
+  }
+  return 0;
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(bits);
+}
+
+// --- scalar dequantization of one block (portable path and the dequantize op) ----------------
+template <int64_t Q>
+inline void dequant_block_scalar(const uint8_t* b, float* out) {
+  const float d = half_at(b);
+  if constexpr (Q == kQ8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+    for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(q[j]) * d;
+  } else if constexpr (Q == kQ4_0) {
+    const uint8_t* qs = b + 2;
+    for (int j = 0; j < 16; ++j) {
+      out[j] = static_cast<float>(static_cast<int>(qs[j] & 0xF) - 8) * d;
+      out[j + 16] = static_cast<float>(static_cast<int>(qs[j] >> 4) - 8) * d;
+    }
+  } else {
+    const float m = half_at(b + 2);
+    const uint8_t* qs = b + 4;
+    for (int j = 0; j < 16; ++j) {
+      float lo = static_cast<float>(qs[j] & 0xF) * d;
+      float hi = static_cast<float>(qs[j] >> 4) * d;
+      out[j] = lo + m;
+      out[j + 16] = hi + m;
+    }
+  }
+}
+
+#if KVMEM_QUANT_AVX512
+// The block's weights 0..15 in `lo`, 16..31 in `hi`, as float32.
+template <int64_t Q>
+inline void dequant_block(const uint8_t* b, __m512& lo, __m512& hi) {
+  const __m512 d = _mm512_set1_ps(half_at(b));
+  if constexpr (Q == kQ8_0) {
+    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
+    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18));
+    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
+    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
+  } else {
+    const uint8_t* qs = b + (Q == kQ4_1 ? 4 : 2);
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m512i ql = _mm512_cvtepu8_epi32(_mm_and_si128(packed, mask));
+    __m512i qh = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), mask));
+    if constexpr (Q == kQ4_0) {
+      const __m512i eight = _mm512_set1_epi32(8);
+      lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ql, eight)), d);
+      hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(qh, eight)), d);
+    } else {
+      const __m512 m = _mm512_set1_ps(half_at(b + 2));
+      lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ql), d), m);
+      hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(qh), d), m);
+    }
+  }
+}
+
+// R rows of x (row stride ldx) times one weight row of `nblocks` blocks -> R dot products.
+template <int64_t Q, int R>
+inline void dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t nblocks, float* out) {
+  constexpr int64_t BB = Q == kQ8_0 ? 34 : Q == kQ4_1 ? 20 : 18;
+  __m512 acc_lo[R], acc_hi[R];
+  for (int r = 0; r < R; ++r) {
+    acc_lo[r] = _mm512_setzero_ps();
+    acc_hi[r] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < nblocks; ++b) {
+    __m512 lo, hi;
+    dequant_block<Q>(w + b * BB, lo, hi);
+    const float* xb = x + b * kBlock;
+    for (int r = 0; r < R; ++r) {
+      acc_lo[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + r * ldx), lo, acc_lo[r]);
+      acc_hi[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + r * ldx + 16), hi, acc_hi[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]));
+}
+#else
+template <int64_t Q, int R>
+inline void dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t nblocks, float* out) {
+  constexpr int64_t BB = Q == kQ8_0 ? 34 : Q == kQ4_1 ? 20 : 18;
+  float acc[R][kBlock] = {};
+  float wb[kBlock];
+  for (int64_t b = 0; b < nblocks; ++b) {
+    dequant_block_scalar<Q>(w + b * BB, wb);
+    const float* xb = x + b * kBlock;
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kBlock; ++j) acc[r][j] += xb[r * ldx + j] * wb[j];
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int j = 0; j < kBlock; ++j) s += acc[r][j];
+    out[r] = s;
+  }
+}
+#endif
+
+// Rows of x in tiles of up to kTile share each dequantized weight block; a tile's x rows stay in L1.
+constexpr int kTile = 8;
+
+template <int64_t Q>
+void dot_tile(const float* x, int64_t ldx, int rows, const uint8_t* w, int64_t nblocks, float* out) {
+  switch (rows) {
+    case 8: return dot_rows<Q, 8>(x, ldx, w, nblocks, out);
+    case 7: return dot_rows<Q, 7>(x, ldx, w, nblocks, out);
+    case 6: return dot_rows<Q, 6>(x, ldx, w, nblocks, out);
+    case 5: return dot_rows<Q, 5>(x, ldx, w, nblocks, out);
+    case 4: return dot_rows<Q, 4>(x, ldx, w, nblocks, out);
+    case 3: return dot_rows<Q, 3>(x, ldx, w, nblocks, out);
+    case 2: return dot_rows<Q, 2>(x, ldx, w, nblocks, out);
+    default: return dot_rows<Q, 1>(x, ldx, w, nblocks, out);
+  }
+}
+
+template <int64_t Q, typename OutT>
+void linear_impl(const float* x, int64_t N, int64_t K, const uint8_t* w, int64_t O, int64_t row_bytes,
+                 OutT* y) {
+  const int64_t nblocks = K / kBlock;
+  // Output rows per task: enough work to amortize a task, small enough to spread over the threads.
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, O / (4 * at::get_num_threads())));
+  at::parallel_for(0, O, grain, [&](int64_t o_begin, int64_t o_end) {
+    float tile_out[kTile];
+    for (int64_t n0 = 0; n0 < N; n0 += kTile) {
+      const int rows = static_cast<int>(std::min<int64_t>(kTile, N - n0));
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        dot_tile<Q>(x + n0 * K, K, rows, w + o * row_bytes, nblocks, tile_out);
+        for (int r = 0; r < rows; ++r) y[(n0 + r) * O + o] = static_cast<OutT>(tile_out[r]);
+      }
+    }
+  });
+}
+
+void check_weight(const torch::Tensor& w, int64_t qtype, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(),
+              "quantized weight must be a contiguous CPU uint8 matrix [out_features, row bytes]");
+  TORCH_CHECK(K % kBlock == 0, "in_features (", K, ") must be a multiple of ", kBlock);
+  TORCH_CHECK(w.size(1) == K / kBlock * block_bytes(qtype), "weight rows hold ", w.size(1), " bytes; type ",
+              qtype, " with in_features ", K, " needs ", K / kBlock * block_bytes(qtype));
+}
+
+// y [N, O] = x [N, K] W^T, W the quantized matrix `w` [O, K / 32 * block bytes] of type `qtype`.
+torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2, "x must be a CPU matrix [rows, in_features]");
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16,
+              "x must be float32 or bfloat16");
+  const int64_t N = x_in.size(0), K = x_in.size(1), O = w.size(0);
+  check_weight(w, qtype, K);
+  const torch::Tensor x = x_in.to(torch::kFloat).contiguous();  // bfloat16 -> float32 is exact
+  torch::Tensor y = torch::empty({N, O}, x_in.options());
+  if (N == 0 || O == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t rb = w.size(1);
+  auto run = [&](auto* yp) {
+    using OutT = std::remove_pointer_t<decltype(yp)>;
+    switch (qtype) {
+      case kQ8_0: return linear_impl<kQ8_0, OutT>(xp, N, K, wp, O, rb, yp);
+      case kQ4_0: return linear_impl<kQ4_0, OutT>(xp, N, K, wp, O, rb, yp);
+      case kQ4_1: return linear_impl<kQ4_1, OutT>(xp, N, K, wp, O, rb, yp);
+      default: TORCH_CHECK(false, "quantized type ", qtype, " has no native kernel");
+    }
+  };
+  if (y.scalar_type() == torch::kFloat) run(y.data_ptr<float>());
+  else run(y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+// The rows of quantized matrix `w` as float32 [R, K] (the embedding lookup: `w` is the gathered rows).
+torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t K) {
+  check_weight(w, qtype, K);
+  const int64_t R = w.size(0), nblocks = K / kBlock, rb = w.size(1), bb = block_bytes(qtype);
+  torch::Tensor out = torch::empty({R, K}, torch::kFloat);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const uint8_t* blk = wp + r * rb + b * bb;
+        float* dst = op + r * K + b * kBlock;
+        switch (qtype) {
+          case kQ8_0: dequant_block_scalar<kQ8_0>(blk, dst); break;
+          case kQ4_0: dequant_block_scalar<kQ4_0>(blk, dst); break;
+          default: dequant_block_scalar<kQ4_1>(blk, dst); break;
+        }
+      }
+  });
+  return out;
+}
+
+bool has_vector_kernel() { return KVMEM_QUANT_AVX512; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_linear", &quant_linear, "y = x W^T over GGUF-quantized W (Q8_0, Q4_0, Q4_1)");
+  m.def("dequantize", &dequantize, "GGUF-quantized rows as float32");
+  m.def("has_vector_kernel", &has_vector_kernel, "whether the AVX-512 path was built");
+}
