@@ -150,6 +150,139 @@ inline void dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t nblo
 }
 #endif
 
+
+// --- bfloat16 activations: AVX512-BF16 dot products over weights rounded to bfloat16 ---------
+// The weights are dequantized exactly (as above), then rounded to bfloat16 (round to nearest even,
+// as torch's .to(torch.bfloat16)): exactly the weights that dequantizing at load into a bfloat16
+// model gives. Each output (row n, output o) is one chain: acc = 0; for each block of 32 in order,
+// acc = dpbf16(acc, w_block, x_block); y = hsum(acc) in a fixed tree. The small-batch path reads
+// the blocks directly; the large-batch path first dequantizes a tile of 16 weight rows into a
+// bfloat16 scratch buffer (once per call, shared by every row of x), then runs a 4x4 register
+// tile. Both compute each output by the same operations, so results do not depend on N.
+#if KVMEM_QUANT_AVX512 && defined(__AVX512BF16__)
+#define KVMEM_QUANT_BF16 1
+
+inline float hsum(__m512 v) {
+  __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+
+template <int64_t Q>
+inline __m512bh dequant_block_bf16(const uint8_t* b) {
+  __m512 lo, hi;
+  dequant_block<Q>(b, lo, hi);
+  return _mm512_cvtne2ps_pbh(hi, lo);  // [lo (values 0..15), hi (16..31)]
+}
+
+inline __m512bh load_bf16(const at::BFloat16* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+
+template <int64_t Q, int R>
+inline void dot_rows_bf16(const at::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t nblocks, float* out) {
+  constexpr int64_t BB = Q == kQ8_0 ? 34 : Q == kQ4_1 ? 20 : 18;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const __m512bh wb = dequant_block_bf16<Q>(w + b * BB);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wb, load_bf16(x + r * ldx + b * kBlock));
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+// R rows of x times T dequantized bfloat16 weight rows (row stride K) -> out[r * ldo + t].
+template <int R, int T>
+inline void tile_bf16(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out,
+                      int64_t ldo) {
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kBlock) {
+    __m512bh wt[T];
+    for (int t = 0; t < T; ++t) wt[t] = load_bf16(w + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xr = load_bf16(x + r * ldx + k);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wt[t], xr);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r * ldo + t] = hsum(acc[r][t]);
+}
+
+template <int R>
+inline void tile_bf16_t(int T, const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out,
+                        int64_t ldo) {
+  switch (T) {
+    case 4: return tile_bf16<R, 4>(x, ldx, w, K, out, ldo);
+    case 3: return tile_bf16<R, 3>(x, ldx, w, K, out, ldo);
+    case 2: return tile_bf16<R, 2>(x, ldx, w, K, out, ldo);
+    default: return tile_bf16<R, 1>(x, ldx, w, K, out, ldo);
+  }
+}
+
+inline void tile_bf16_rt(int R, int T, const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K,
+                         float* out, int64_t ldo) {
+  switch (R) {
+    case 4: return tile_bf16_t<4>(T, x, ldx, w, K, out, ldo);
+    case 3: return tile_bf16_t<3>(T, x, ldx, w, K, out, ldo);
+    case 2: return tile_bf16_t<2>(T, x, ldx, w, K, out, ldo);
+    default: return tile_bf16_t<1>(T, x, ldx, w, K, out, ldo);
+  }
+}
+
+// Below this many rows the blocks are read directly; from it on, through the scratch tile.
+constexpr int64_t kScratchRows = 4;
+constexpr int64_t kOutTile = 16;
+
+template <int64_t Q>
+void linear_bf16_impl(const at::BFloat16* x, int64_t N, int64_t K, const uint8_t* w, int64_t O, int64_t row_bytes,
+                      at::BFloat16* y) {
+  constexpr int64_t BB = Q == kQ8_0 ? 34 : Q == kQ4_1 ? 20 : 18;
+  const int64_t nblocks = K / kBlock;
+  if (N < kScratchRows) {
+    const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, O / (4 * at::get_num_threads())));
+    at::parallel_for(0, O, grain, [&](int64_t o_begin, int64_t o_end) {
+      float r_out[kScratchRows];
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        switch (N) {
+          case 3: dot_rows_bf16<Q, 3>(x, K, w + o * row_bytes, nblocks, r_out); break;
+          case 2: dot_rows_bf16<Q, 2>(x, K, w + o * row_bytes, nblocks, r_out); break;
+          default: dot_rows_bf16<Q, 1>(x, K, w + o * row_bytes, nblocks, r_out); break;
+        }
+        for (int64_t n = 0; n < N; ++n) y[n * O + o] = static_cast<at::BFloat16>(r_out[n]);
+      }
+    });
+    return;
+  }
+  const int64_t tiles = (O + kOutTile - 1) / kOutTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<at::BFloat16> scratch(kOutTile * K);
+    float out[4 * 4];
+    for (int64_t tile = t_begin; tile < t_end; ++tile) {
+      const int64_t o0 = tile * kOutTile, rows = std::min<int64_t>(kOutTile, O - o0);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t b = 0; b < nblocks; ++b)
+          _mm512_storeu_si512(reinterpret_cast<void*>(scratch.data() + i * K + b * kBlock),
+                              (__m512i)dequant_block_bf16<Q>(w + (o0 + i) * row_bytes + b * BB));
+      for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        const int R = static_cast<int>(std::min<int64_t>(4, N - n0));
+        for (int64_t t0 = 0; t0 < rows; t0 += 4) {
+          const int T = static_cast<int>(std::min<int64_t>(4, rows - t0));
+          tile_bf16_rt(R, T, x + n0 * K, K, scratch.data() + t0 * K, K, out, 4);
+          for (int r = 0; r < R; ++r)
+            for (int t = 0; t < T; ++t) y[(n0 + r) * O + o0 + t0 + t] = static_cast<at::BFloat16>(out[r * 4 + t]);
+        }
+      }
+    }
+  });
+}
+#else
+#define KVMEM_QUANT_BF16 0
+#endif
+
 // Rows of x in tiles of up to kTile share each dequantized weight block; a tile's x rows stay in L1.
 constexpr int kTile = 8;
 
@@ -200,9 +333,23 @@ torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& w, in
               "x must be float32 or bfloat16");
   const int64_t N = x_in.size(0), K = x_in.size(1), O = w.size(0);
   check_weight(w, qtype, K);
-  const torch::Tensor x = x_in.to(torch::kFloat).contiguous();  // bfloat16 -> float32 is exact
   torch::Tensor y = torch::empty({N, O}, x_in.options());
   if (N == 0 || O == 0) return y;
+#if KVMEM_QUANT_BF16
+  if (x_in.scalar_type() == torch::kBFloat16) {
+    const torch::Tensor xb = x_in.contiguous();
+    const at::BFloat16* xp = xb.data_ptr<at::BFloat16>();
+    at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+    switch (qtype) {
+      case kQ8_0: linear_bf16_impl<kQ8_0>(xp, N, K, w.data_ptr<uint8_t>(), O, w.size(1), yp); break;
+      case kQ4_0: linear_bf16_impl<kQ4_0>(xp, N, K, w.data_ptr<uint8_t>(), O, w.size(1), yp); break;
+      case kQ4_1: linear_bf16_impl<kQ4_1>(xp, N, K, w.data_ptr<uint8_t>(), O, w.size(1), yp); break;
+      default: TORCH_CHECK(false, "quantized type ", qtype, " has no native kernel");
+    }
+    return y;
+  }
+#endif
+  const torch::Tensor x = x_in.to(torch::kFloat).contiguous();  // bfloat16 -> float32 is exact
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t rb = w.size(1);
@@ -244,10 +391,15 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t K) {
 
 bool has_vector_kernel() { return KVMEM_QUANT_AVX512; }
 
+// Whether bfloat16 activations use the AVX512-BF16 path (weights rounded to bfloat16) rather than
+// the float32 one (activations widened, weights exact).
+bool bf16_weights() { return KVMEM_QUANT_BF16; }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "y = x W^T over GGUF-quantized W (Q8_0, Q4_0, Q4_1)");
   m.def("dequantize", &dequantize, "GGUF-quantized rows as float32");
   m.def("has_vector_kernel", &has_vector_kernel, "whether the AVX-512 path was built");
+  m.def("bf16_weights", &bf16_weights, "whether bfloat16 activations meet weights rounded to bfloat16");
 }
