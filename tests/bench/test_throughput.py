@@ -119,3 +119,19 @@ def test_a_run_that_shared_the_machine_is_run_again(tmp_path):
     result = run_compare(cfg)
     assert (peers / "calls").read_text() == "2"
     assert result.runs["vllm"] == [101.0]
+
+
+def test_llamacpp_peer_reads_the_gguf_with_kvmems_thread_count(tmp_path):
+    assert parse_peers("llamacpp") == ("llamacpp",)
+    gguf = tmp_path / "m.Q8_0.gguf"
+    cfg = CompareConfig("random", "bfloat16", "paged", 1.0, 0, 1, tmp_path / "out", tmp_path / "no-hf-export",
+                        ("llamacpp",), quantization="gguf", num_threads=2, gguf=gguf)
+    theirs = command("llamacpp", cfg, tmp_path / "l.json")
+    assert theirs[1].endswith("run_llamacpp.sh")
+    assert theirs[theirs.index("--model") + 1] == str(gguf) and theirs[theirs.index("--threads") + 1] == "2"
+    ours = command("kvmem", cfg, tmp_path / "k.json")
+    assert ours[ours.index("--quantization") + 1] == "gguf" and ours[ours.index("--num-threads") + 1] == "2"
+    assert ours[ours.index("--model") + 1] == str(gguf)
+    from kvmem.bench.compare import check_peers
+
+    check_peers(cfg)  # llama.cpp alone needs no Hugging Face export
