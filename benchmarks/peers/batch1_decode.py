@@ -112,7 +112,7 @@ def main() -> None:
         "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
         "ttft_ms_median": 1e3 * statistics.median(ttft), "ttft_ms": [1e3 * t for t in ttft],
         "decode_tok_s_median": statistics.median(decode), "decode_tok_s": decode,
-        "first_output_ids": results[0][3][:32], "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
+        "first_output_ids": results[0][3][:32], "output_ids": [r[3] for r in results], "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
     }
     print(json.dumps(out, indent=2))

@@ -1,4 +1,5 @@
-"""Load a GGUF file (llama.cpp's format): config and tokenizer from its metadata, weights dequantized.
+"""Load a GGUF file (llama.cpp's format): config and tokenizer from its metadata, weights dequantized
+(or, for `--quantization gguf|auto`, the Q8_0/Q4_0/Q4_1 ones kept in their blocks: `quantized_weights`).
 
 Tensors are renamed to Hugging Face Llama names and dequantized to float32 with the `gguf` package.
 Two llama.cpp conventions are undone on the way:
