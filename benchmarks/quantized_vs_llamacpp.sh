@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # kvmem with GGUF weights kept quantized (--quantization gguf) vs dequantized to bf16 vs llama.cpp
 # (llama-cpp-python), same GGUF, same threads; alternating rounds. Results in $OUT (JSON per run).
-#   usage: benchmarks/quantized_vs_llamacpp.sh [ROUNDS]
+#   usage: benchmarks/quantized_vs_llamacpp.sh [ROUNDS] [timing|quality|all]
+# quality (perplexity, Q8_0 tokens) does not depend on the machine's speed: it holds the gate shared.
 # Needs the llama.cpp venv (benchmarks/peers/README.md) and, for the Q8_0/Q4_0 rows, the requantized
 # files in $MODELS (benchmarks/peers/requantize_gguf.py). Each run holds /work/cpu.gate exclusively
 # where that lock exists (a shared machine: other sessions' tests wait meanwhile).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROUNDS="${1:-3}"
+PART="${2:-all}"
 PY="${PY:-python}"
 THREADS="${THREADS:-2}"
 OUT="${OUT:-$here/results/quantized}"
 MODELS="${MODELS:-/work/peers/models}"
 Q41="$($PY -c 'from kvmem.models.loader import default_model_path; print(default_model_path())')"
 mkdir -p "$OUT"
-gate() { if [[ -e /work/cpu.gate ]]; then flock -x -w 1200 /work/cpu.gate "$@"; else "$@"; fi; }
+gate() { if [[ -e /work/cpu.gate ]]; then flock "$LOCK" -w 1200 /work/cpu.gate "$@"; else "$@"; fi; }
 peer() { gate "$here/peers/run_llamacpp.sh" "$@"; }
+LOCK=-x
+if [[ $PART != quality ]]; then
 
 # 1. batch 1: 4 prompts x 128 random tokens -> 128, TTFT and decode tok/s
 for r in $(seq 1 "$ROUNDS"); do
@@ -32,6 +36,9 @@ for r in $(seq 1 "$ROUNDS"); do
       --json "$OUT/b64_kvmem_${q}_r$r.json" >/dev/null 2>&1
   done
 done
+fi
+LOCK=-s
+if [[ $PART != timing ]]; then
 # 3. perplexity of the fixed text, and 4. Q8_0 greedy tokens (float32 kvmem) vs llama.cpp
 for kind in Q4_1 Q8_0 Q4_0; do
   f="$Q41"; [[ $kind != Q4_1 ]] && f="$MODELS/SmolLM2-135M-Instruct.$kind.gguf"
@@ -47,5 +54,6 @@ if [[ -f "$f" ]]; then
     --json "$OUT/tokens_llamacpp_Q8_0.json" >/dev/null
   gate $PY "$here/peers/batch1_decode.py" --engine kvmem --quantization gguf --dtype float32 --gguf "$f" \
     --threads "$THREADS" --num-prompts 4 --output-len 64 --json "$OUT/tokens_kvmem_Q8_0.json" >/dev/null 2>&1
+fi
 fi
 $PY "$here/quantized_summary.py" "$OUT"
