@@ -83,3 +83,12 @@ def test_gguf_needs_a_gguf_file(default_source):
     assert LLMEngine._quantized_plan(EngineConfig(quantization="auto", device="cpu"), not_gguf) == {}
     plan = LLMEngine._quantized_plan(EngineConfig(quantization="auto", device="cpu"), default_source)
     assert {gguf_blocks.format_of(t).name for t in plan.values()} == {"Q4_1", "Q8_0"}
+
+
+def test_auto_dequantizes_at_load_without_the_native_kernels(default_source, monkeypatch):
+    from kvmem.models import quant_kernels
+
+    monkeypatch.setattr(quant_kernels, "load", lambda: None)
+    assert LLMEngine._quantized_plan(EngineConfig(quantization="auto", device="cpu"), default_source) == {}
+    # gguf still keeps them (torch ops dequantize per call): the user asked for the memory
+    assert LLMEngine._quantized_plan(EngineConfig(quantization="gguf", device="cpu"), default_source)

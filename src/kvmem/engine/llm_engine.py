@@ -115,6 +115,8 @@ class LLMEngine:
             raise ValueError(f"quantization 'gguf' needs a GGUF model; {source.path} is not a .gguf file")
         if source.quantized_weights is None:
             return {}
+        if config.quantization == "auto" and quant_kernels.load() is None:
+            return {}  # without the native kernels a quantized layer dequantizes at every call: do it once
         plan = LlamaForCausalLM.quantized_plan(source.config, source.quantized_types)
         if not plan and config.quantization == "gguf":
             say("quantization gguf: no weight of %s is in a block format kvmem keeps (%s); dequantizing at load",
