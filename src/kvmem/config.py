@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from kvmem.memory.registry import STRATEGY_NAMES as KV_CACHE_STRATEGIES  # noqa: E402  the one list
-ATTENTION_BACKENDS = ("torch", "reference", "triton")  # kvmem.attention.torch_attention.BACKENDS
+ATTENTION_BACKENDS = ("torch", "reference", "triton")
+QUANTIZATIONS = ("none", "gguf", "auto")  # --quantization (vLLM's flag); see EngineConfig.quantization  # kvmem.attention.torch_attention.BACKENDS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -71,6 +72,10 @@ class EngineConfig:
     distributed_init_method: str | None = None  # tcp://HOST:PORT; None = MASTER_ADDR/PORT, or a local port
     nnodes: int = 1
     node_rank: int = 0
+    # vLLM's --quantization, for GGUF files: gguf keeps Q8_0/Q4_0/Q4_1 weights in their blocks (native
+    # CPU kernels; other types dequantized at load), auto does so where it can (a GGUF on the CPU),
+    # none dequantizes every weight at load (float32 greedy output identical to transformers').
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_STRATEGIES:
@@ -103,6 +108,7 @@ class EngineConfig:
         self._check_hybrid()
         self._check_model_source()
         self._check_vllm_options()
+        self._check_quantization()
         if self.kv_events_config is not None:
             from kvmem.engine.kv_events import KVEventsConfig
 
@@ -152,6 +158,26 @@ class EngineConfig:
         if tp > 1 and self.kv_cache == "hybrid":
             raise ValueError(f"tensor_parallel_size {tp} does not work with kv_cache='hybrid' (its host tier and "
                              "recompute run on one device); use paged, static or virtual, or tensor_parallel_size 1")
+
+    def _check_quantization(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quantization == "gguf":
+            if self.device != "cpu":
+                raise ValueError(f"quantization 'gguf' runs on the CPU only (device is {self.device!r}); use "
+                                 "quantization 'auto' or 'none' to dequantize the weights at load")
+            if self.kv_cache == "hybrid":
+                raise ValueError("quantization 'gguf' does not combine with kv_cache='hybrid' yet (its K,V "
+                                 "recomputation reads full-width weights); use quantization 'none'")
+            if self.tensor_parallel_size > 1:
+                raise ValueError("quantization 'gguf' does not combine with tensor_parallel_size > 1 yet (the "
+                                 "ranks slice full-width weights); use quantization 'none' or 'auto'")
+
+    def keeps_quantized_weights(self) -> bool:
+        """Whether GGUF blocks stay quantized in memory: gguf, or auto where the kernels run (CPU,
+        not the hybrid cache)."""
+        return self.quantization == "gguf" or (self.quantization == "auto" and self.device == "cpu"
+                                                and self.kv_cache != "hybrid" and self.tensor_parallel_size == 1)
 
     def chat_template_text(self) -> str | None:
         """`chat_template` as Jinja source: the file's content when it names a file, else the string
@@ -326,6 +352,10 @@ ENGINE_FLAGS: dict[str, EngineFlag] = {
     "nnodes": EngineFlag("machines sharing the --tensor-parallel-size ranks", group=TP_GROUP),
     "node_rank": EngineFlag("this machine's index; 0 runs the engine and the server, the others only their "
                             "ranks (start them with the same flags)", group=TP_GROUP),
+    "quantization": EngineFlag("none | gguf | auto (vLLM's flag). gguf: keep a GGUF's Q8_0/Q4_0/Q4_1 weights in "
+                               "their blocks (native CPU kernels; memory about the file's size; other types "
+                               "dequantized at load); auto: gguf where possible (a GGUF on the CPU), else none; "
+                               "none (default): dequantize every weight at load", aliases=("-q",)),
 }
 
 

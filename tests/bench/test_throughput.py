@@ -142,3 +142,19 @@ def test_throughput_with_half_the_requests_under_a_schema(tmp_path):
     # Constrained requests still generate exactly their output length (the schema never completes).
     assert result.output_tokens == 4 * 24
     assert result.settings["num_structured_requests"] == 2 and result.settings["structured_output_ratio"] == 0.5
+
+
+def test_llamacpp_peer_reads_the_gguf_with_kvmems_thread_count(tmp_path):
+    assert parse_peers("llamacpp") == ("llamacpp",)
+    gguf = tmp_path / "m.Q8_0.gguf"
+    cfg = CompareConfig("random", "bfloat16", "paged", 1.0, 0, 1, tmp_path / "out", tmp_path / "no-hf-export",
+                        ("llamacpp",), quantization="gguf", num_threads=2, gguf=gguf)
+    theirs = command("llamacpp", cfg, tmp_path / "l.json")
+    assert theirs[1].endswith("run_llamacpp.sh")
+    assert theirs[theirs.index("--model") + 1] == str(gguf) and theirs[theirs.index("--threads") + 1] == "2"
+    ours = command("kvmem", cfg, tmp_path / "k.json")
+    assert ours[ours.index("--quantization") + 1] == "gguf" and ours[ours.index("--num-threads") + 1] == "2"
+    assert ours[ours.index("--model") + 1] == str(gguf)
+    from kvmem.bench.compare import check_peers
+
+    check_peers(cfg)  # llama.cpp alone needs no Hugging Face export

@@ -12,6 +12,7 @@ transformers `generate` in this one. They load a Hugging Face export of the same
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,7 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PEERS = ("vllm", "transformers")
+PEERS = ("vllm", "transformers", "llamacpp")
+# Peers that load the Hugging Face export (--hf-model); llamacpp reads the GGUF itself.
+HF_PEERS = ("vllm", "transformers")
 
 
 @dataclass
@@ -42,6 +45,11 @@ class CompareConfig:
     # `max_retries` times): one busy neighbour on two cores slows any OpenMP engine several-fold.
     max_other_cores: float = 0.1
     max_retries: int = 2
+    # kvmem's --quantization and threads (llamacpp gets the same thread count; None: every core), and
+    # the GGUF both read (None: the embedded default).
+    quantization: str = "none"
+    num_threads: int | None = None
+    gguf: Path | None = None
 
 
 @dataclass
@@ -73,8 +81,20 @@ def command(engine: str, cfg: CompareConfig, json_path: Path) -> list[str]:
     """The command line that runs one engine once and writes its result to `json_path`."""
     common = _workload_args(cfg)
     if engine == "kvmem":
+        extra = ["--quantization", cfg.quantization] + (["--num-threads", str(cfg.num_threads)] if cfg.num_threads else [])
+        extra += ["--model", str(cfg.gguf)] if cfg.gguf else []
         return [sys.executable, "-m", "kvmem.cli", "bench", "throughput", *common, "--kv-cache", cfg.kv_cache,
-                "--kv-cache-memory", f"{cfg.kv_cache_gib}GiB", "--max-model-len", "2048", "--json", str(json_path)]
+                "--kv-cache-memory", f"{cfg.kv_cache_gib}GiB", "--max-model-len", "2048", *extra,
+                "--json", str(json_path)]
+    if engine == "llamacpp":
+        if cfg.gguf:
+            gguf = cfg.gguf
+        else:
+            from kvmem.models.loader import default_model_path
+
+            gguf = default_model_path()
+        return ["bash", str(cfg.peers_dir / "run_llamacpp.sh"), *common, "--model", str(gguf),
+                "--threads", str(cfg.num_threads or os.cpu_count()), "--json", str(json_path)]
     peer = [*common, "--model", str(cfg.hf_model), "--kv-cache-gb", str(cfg.kv_cache_gib), "--json", str(json_path)]
     if engine == "vllm":
         return ["bash", str(cfg.peers_dir / "run_vllm.sh"), *peer]
@@ -87,7 +107,7 @@ def check_peers(cfg: CompareConfig) -> None:
     if not cfg.peers_dir.is_dir():
         raise FileNotFoundError(f"peer scripts not found at {cfg.peers_dir}: --compare runs from a checkout of "
                                 f"the kvmem repository (pip install -e .)")
-    if not (cfg.hf_model / "config.json").exists():
+    if any(p in HF_PEERS for p in cfg.peers) and not (Path(cfg.hf_model) / "config.json").exists():
         raise FileNotFoundError(f"--hf-model {cfg.hf_model} is not a Hugging Face model directory; export the "
                                 f"default model with benchmarks/peers/export_hf.py (see benchmarks/peers/README.md)")
 

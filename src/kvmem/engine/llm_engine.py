@@ -7,6 +7,7 @@ that decides what runs lives in the scheduler; this file wires them and owns the
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -28,6 +29,7 @@ from kvmem.engine.sequence import Sequence, SequenceStatus
 from kvmem.attention.kv_quant import storage_dtype
 from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
 from kvmem.memory.registry import build_manager, strategy_class
+from kvmem.models import gguf_blocks, quant_kernels
 from kvmem.models.llama import LlamaForCausalLM
 from kvmem.models.loader import load_model
 from kvmem.models.source import ModelSource
@@ -51,6 +53,12 @@ def model_bytes(model: torch.nn.Module) -> int:
         except NotImplementedError:
             seen[id(t)] = t.numel() * t.element_size()
     return sum(seen.values())
+
+
+def describe_quantized(plan: dict[str, int]) -> str:
+    """"Q4_1 x210, Q8_0 x1": the block formats of the weights kept quantized, by count."""
+    counts = collections.Counter(gguf_blocks.format_of(t).name for t in plan.values())
+    return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
 
 
 def describe_kv_cache(manager: KVCacheManager, max_model_len: int) -> str:
@@ -104,6 +112,24 @@ class EngineCounters:
 
 
 class LLMEngine:
+    @staticmethod
+    def _quantized_plan(config: EngineConfig, source: ModelSource) -> dict[str, int]:
+        """HF weight name -> GGML type of the weights to keep in their GGUF blocks (see
+        `EngineConfig.quantization`); empty to dequantize everything at load."""
+        if not config.keeps_quantized_weights():
+            return {}
+        if config.quantization == "gguf" and source.quantized_weights is None:
+            raise ValueError(f"quantization 'gguf' needs a GGUF model; {source.path} is not a .gguf file")
+        if source.quantized_weights is None:
+            return {}
+        if config.quantization == "auto" and quant_kernels.load() is None:
+            return {}  # without the native kernels a quantized layer dequantizes at every call: do it once
+        plan = LlamaForCausalLM.quantized_plan(source.config, source.quantized_types)
+        if not plan and config.quantization == "gguf":
+            say("quantization gguf: no weight of %s is in a block format kvmem keeps (%s); dequantizing at load",
+                source.path.name, ", ".join(f.name for f in gguf_blocks.FORMATS.values()))
+        return plan
+
     def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
         self.tp = None  # tensor_parallel_size > 1: the other ranks (kvmem.distributed.executor)
         try:
@@ -147,26 +173,38 @@ class LLMEngine:
 
             check_divisible(self.model_config, config.tensor_parallel_size)  # before starting anything
             self.tp = TensorParallelExecutor(config)
+        # --quantization gguf|auto: which weights stay in their GGUF blocks (none for other checkpoints,
+        # nor for tensor-parallel ranks, which slice full-width weights).
+        quantized = self._quantized_plan(config, source) if self.tp is None else {}
         # offload_weights (hybrid only): the layers stay in host memory and stream to the device per layer.
-        say("%s the weights to %s (%d layers)", "dequantizing" if source.path.suffix == ".gguf" else "loading",
-            str(self.dtype).removeprefix("torch."), self.model_config.num_hidden_layers)
+        if quantized:
+            say("keeping %d weight matrices quantized (%s), the rest as %s (%d layers)", len(quantized),
+                describe_quantized(quantized), str(self.dtype).removeprefix("torch."),
+                self.model_config.num_hidden_layers)
+        else:
+            say("%s the weights to %s (%d layers)", "dequantizing" if source.path.suffix == ".gguf" else "loading",
+                str(self.dtype).removeprefix("torch."), self.model_config.num_hidden_layers)
         if self.tp is not None:  # this rank's heads and MLP columns, row-parallel projections all-reduced
             self.model = self.tp.build_model(self.model_config, max_model_len, self.dtype, source.weights(),
                                              config.batch_invariant)
         else:
             self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
-                                                torch.device("cpu") if config.offload_weights else self.device)
-            self.model.load_weights(source.weights())
+                                                torch.device("cpu") if config.offload_weights else self.device,
+                                                quantized=quantized)
+            self.model.load_weights(source.quantized_weights(quantized) if quantized else source.weights())
             if self.device.type == "cpu":
                 self.model.pack_linear_weights_for_cpu(batch_invariant=config.batch_invariant)
         if self.device.type == "cpu":
             # Now rather than inside the first request: a first build takes a minute and says so.
             cpu_kernels.load()
-        # A quantized GGUF becomes full-width weights: say what they take in memory, each tensor
-        # once (a tied lm_head's packed copy counts: it is memory).
+            if quantized:
+                quant_kernels.load()
+        # A quantized GGUF dequantized at load becomes full-width weights: say what they take in
+        # memory, each tensor once (a tied lm_head's packed copy counts: it is memory).
         weight_bytes = model_bytes(self.model)
         say("weights: %s in memory as %s (the checkpoint: %s)", human_bytes(weight_bytes),
-            str(self.dtype).removeprefix("torch."),
+            f"{describe_quantized(quantized)} blocks + {str(self.dtype).removeprefix('torch.')}" if quantized
+            else str(self.dtype).removeprefix("torch."),
             human_bytes(source.path.stat().st_size) if source.path.is_file() else "a directory")
 
         # The KV budget is what is available once the weights are in memory.

@@ -1,4 +1,5 @@
-"""Load a GGUF file (llama.cpp's format): config and tokenizer from its metadata, weights dequantized.
+"""Load a GGUF file (llama.cpp's format): config and tokenizer from its metadata, weights dequantized
+(or, for `--quantization gguf|auto`, the Q8_0/Q4_0/Q4_1 ones kept in their blocks: `quantized_weights`).
 
 Tensors are renamed to Hugging Face Llama names and dequantized to float32 with the `gguf` package.
 Two llama.cpp conventions are undone on the way:
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from kvmem.models.config import ModelConfig, RopeScaling
+from kvmem.models.gguf_blocks import FORMATS, QuantizedTensor
 from kvmem.gguf_metadata import GGUFMetadata
 from kvmem.models.source import ModelSource
 from kvmem.tokenizer import Tokenizer
@@ -234,18 +236,32 @@ def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
         raise ValueError(f"{path}: {e}") from e
 
 
-def _weights(reader: GGUFReader, config: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _weights(reader: GGUFReader, config: ModelConfig, path: Path,
+             keep_quantized: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """(HF name, tensor) pairs: dequantized to float32, or for names in `keep_quantized`, the file's
+    blocks as they are (a `QuantizedTensor`; rows of blocks permute like rows of values)."""
     unpermute = reader.fields["general.architecture"].contents() in _PERMUTED_QK
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
-        values = dequantize_tensor(tensor, path)
+        if name in keep_quantized:
+            values = np.array(tensor.data, dtype=np.uint8)  # [rows, row bytes], copied out of the mmap
+            in_features = int(tensor.shape[0])
+        else:
+            values = dequantize_tensor(tensor, path)
         if unpermute and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
             values = _unpermute_rows(values, config.num_attention_heads)
         elif unpermute and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
             values = _unpermute_rows(values, config.num_key_value_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(values))
+        values = torch.from_numpy(np.ascontiguousarray(values))
+        yield name, QuantizedTensor(values, int(tensor.tensor_type), in_features) if name in keep_quantized else values
+
+
+def quantized_types(reader: GGUFReader) -> dict[str, int]:
+    """HF name -> GGML type id of the 2-D weights stored in a format kvmem keeps quantized."""
+    return {name: int(t.tensor_type) for t in reader.tensors
+            if (name := hf_tensor_name(t.name)) is not None and int(t.tensor_type) in FORMATS and len(t.shape) == 2}
 
 
 def load_gguf(path: Path) -> ModelSource:
@@ -259,4 +275,6 @@ def load_gguf(path: Path) -> ModelSource:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
     # The reader memory-maps the file, so each weights() pass reads tensors from it on demand.
-    return ModelSource(config=config, tokenizer=tokenizer, weights=lambda: _weights(reader, config, path), path=path)
+    return ModelSource(config=config, tokenizer=tokenizer, weights=lambda: _weights(reader, config, path), path=path,
+                       quantized_types=quantized_types(reader),
+                       quantized_weights=lambda names: _weights(reader, config, path, frozenset(names)))

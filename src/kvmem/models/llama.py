@@ -20,6 +20,9 @@ from torch import nn
 from kvmem.attention.metadata import AttentionMetadata
 from kvmem.models import fused
 from kvmem.models.config import ModelConfig, RopeScaling
+from kvmem.models.gguf_blocks import QuantizedTensor
+from kvmem.models.quantized_embedding import QuantizedEmbedding
+from kvmem.models.quantized_linear import QuantizedLinear
 
 AttentionFn = Callable[..., torch.Tensor]
 LayerCache = tuple[torch.Tensor, ...]  # (K, V), or (K, V, K scales, V scales) for an int8 cache
@@ -240,13 +243,28 @@ class LlamaForCausalLM(nn.Module):
 
     @classmethod
     def build(cls, config: ModelConfig, max_positions: int, dtype: torch.dtype,
-              device: torch.device) -> "LlamaForCausalLM":
+              device: torch.device, quantized: dict[str, int] | None = None) -> "LlamaForCausalLM":
         """An uninitialised model in `dtype` on `device`, ready for `load_weights`: parameters are
-        created on the meta device (no random init, no float32 copy), then materialised empty."""
+        created on the meta device (no random init, no float32 copy), then materialised empty.
+        `quantized` (see `quantized_plan`): the layers whose weights stay in GGUF blocks, which are
+        allocated at their quantized size and never at full width."""
         with torch.device("meta"):
             model = cls(config, max_positions, dtype)
+        for module_path, type_id in cls._quantized_modules(config, quantized or {}).items():
+            parent_path, _, leaf = module_path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            old = getattr(parent, leaf)
+            if isinstance(old, nn.Embedding):
+                new = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, type_id, dtype)
+            else:
+                new = QuantizedLinear(old.in_features, old.out_features, type_id, bias=old.bias is not None,
+                                      dtype=dtype)
+            setattr(parent, leaf, new)
         model = model.to_empty(device=device).to(dtype)
-        if config.tie_word_embeddings:  # to_empty() unties; tie again
+        if isinstance(model.embed_tokens, QuantizedEmbedding) and config.tie_word_embeddings:
+            e = model.embed_tokens  # the tied lm_head reads the embedding's blocks
+            model.lm_head = QuantizedLinear(e.embedding_dim, e.num_embeddings, e.type_id, qweight=e.qweight)
+        elif config.tie_word_embeddings:  # to_empty() unties; tie again
             model.lm_head.weight = model.embed_tokens.weight
         model.rope = RotaryEmbedding(config, max_positions, dtype).to(device)  # buffers are not weights
         return model.eval()
@@ -260,7 +278,7 @@ class LlamaForCausalLM(nn.Module):
         lm_head gets its own packed copy of the embedding matrix. `batch_invariant`: a lone row
         gives what it gives inside a batch (see `OneDNNLinear.forward`).
         """
-        if not OneDNNLinear.available(self.embed_tokens.weight.dtype):
+        if not OneDNNLinear.available(self.norm.weight.dtype):  # the model dtype (a quantized embedding has none)
             return
         for parent in list(self.modules()):
             for name, child in list(parent.named_children()):
@@ -298,10 +316,47 @@ class LlamaForCausalLM(nn.Module):
         "mlp.up_proj": ("mlp.gate_up_proj", 1),
     }
 
+    @classmethod
+    def _module_of(cls, hf_weight_name: str) -> str:
+        """The module holding an HF weight: "model.layers.0.self_attn.k_proj.weight" -> "layers.0.self_attn.qkv_proj"."""
+        module_path = hf_weight_name.removeprefix("model.").rpartition(".")[0]
+        parent, _, leaf = module_path.rpartition(".")
+        parent, _, block = parent.rpartition(".")
+        fused = cls._FUSED.get(f"{block}.{leaf}")
+        return module_path if fused is None else f"{parent}.{fused[0]}"
+
+    @classmethod
+    def quantized_plan(cls, config: ModelConfig, types: dict[str, int]) -> dict[str, int]:
+        """Of the weights a file stores in a format kvmem keeps quantized (`types`: HF name -> GGML
+        type id), those the model can keep so: every weight of a module (q, k and v of the fused
+        qkv_proj; gate and up) in one type. A module whose parts differ is dequantized whole. A
+        tied lm_head follows the embedding."""
+        parts: dict[str, list[str]] = {}
+        for name in config.weight_names():
+            if name.endswith(".weight") and not name.endswith("norm.weight"):
+                parts.setdefault(cls._module_of(name), []).append(name)
+        plan: dict[str, int] = {}
+        for names in parts.values():
+            kinds = {types.get(n) for n in names}
+            if len(kinds) == 1 and None not in kinds:
+                plan.update((n, types[n]) for n in names)
+        return plan
+
+    @classmethod
+    def _quantized_modules(cls, config: ModelConfig, plan: dict[str, int]) -> dict[str, int]:
+        return {cls._module_of(name): type_id for name, type_id in plan.items()}
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up. Every parameter must be
         set exactly once: a missing tensor is an error, not a silently random weight."""
         params = dict(self.named_parameters())
+        # Quantized layers hold their blocks in a `qweight` buffer (and a bias buffer), named here as
+        # the weight (and bias) they stand for.
+        for module_name, module in self.named_modules():
+            if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+                params[f"{module_name}.weight"] = module.qweight
+                if getattr(module, "bias", None) is not None:
+                    params[f"{module_name}.bias"] = module.bias
         c = self.config
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         shard_offsets = {"self_attn.qkv_proj": [0, q, q + kv], "mlp.gate_up_proj": [0, c.intermediate_size]}
@@ -324,6 +379,15 @@ class LlamaForCausalLM(nn.Module):
             target = params.get(target_name)
             if target is None:
                 raise ValueError(f"unexpected weight {name!r} for {c.architecture}")
+            if (target.dtype == torch.uint8) != isinstance(tensor, QuantizedTensor):
+                raise ValueError(f"weight {name!r}: the model was built to hold it "
+                                 f"{'quantized' if target.dtype == torch.uint8 else 'dequantized'}")
+            if isinstance(tensor, QuantizedTensor):
+                layer = self.get_submodule(target_name.rpartition(".")[0])
+                if tensor.type_id != layer.type_id:
+                    raise ValueError(f"weight {name!r} is of GGML type {tensor.type_id}, its layer holds "
+                                     f"{layer.format.name}")
+                tensor = tensor.data
             if target.data[rows].shape != tensor.shape:
                 raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(target.data[rows].shape)}")

@@ -6,8 +6,8 @@ one of them, depend on it and not on each other.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,3 +26,8 @@ class ModelSource:
     tokenizer: Tokenizer
     weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
     path: Path
+    # GGUF only: the weights stored in a block format kvmem can keep as it is (HF name -> GGML type
+    # id), and `quantized_weights(names)`, which yields those named as `gguf_blocks.QuantizedTensor`s
+    # and the rest as `weights()` does (`--quantization gguf|auto`).
+    quantized_types: dict[str, int] = field(default_factory=dict)
+    quantized_weights: Callable[[Collection[str]], Iterator[tuple[str, object]]] | None = None

@@ -1,0 +1,437 @@
+// Linear layers over GGUF-quantized weights, read in their blocks (Q8_0, Q4_0, Q4_1), never
+// dequantized into a full-width copy.
+//
+// Each weight row is K / 32 blocks of llama.cpp's layout:
+//   Q8_0: fp16 d, int8 q[32]                       w = q * d
+//   Q4_0: fp16 d, uint8 qs[16] (two nibbles each)  w = (q - 8) * d
+//   Q4_1: fp16 d, fp16 m, uint8 qs[16]             w = q * d + m
+// where element j < 16 is the low nibble of qs[j] and element j + 16 its high nibble.
+//
+// A block's 32 weights are dequantized in registers exactly as the gguf package does it
+// (a multiply, then an add: built with -ffp-contract=off so the compiler fuses nothing), then
+// multiplied into float32 accumulators with FMAs. So y = x W^T differs from "dequantize, then a
+// float32 matmul" only in the order of its additions. Activations are float32 (bfloat16 ones are
+// widened first, exactly); outputs are rounded once to the activations' dtype.
+//
+// Batch invariance: every output element is computed by the same sequence of operations whatever
+// the number of rows N and whichever tile a row falls in (a row's accumulators are its own), so a
+// greedy answer does not depend on what runs beside it.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define KVMEM_QUANT_AVX512 1
+#else
+#define KVMEM_QUANT_AVX512 0
+#endif
+
+namespace {
+
+constexpr int kBlock = 32;
+// GGML's type ids (gguf.GGMLQuantizationType)
+constexpr int64_t kQ4_0 = 2;
+constexpr int64_t kQ4_1 = 3;
+constexpr int64_t kQ8_0 = 8;
+
+int64_t block_bytes(int64_t qtype) {
+  switch (qtype) {
+    case kQ4_0: return 18;
+    case kQ4_1: return 20;
+    case kQ8_0: return 34;
+    default: TORCH_CHECK(false, "quantized type ", qtype, " has no native kernel");
+  }
+  return 0;
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(bits);
+}
+
+// --- scalar dequantization of one block (portable path and the dequantize op) ----------------
+template <int64_t Q>
+inline void dequant_block_scalar(const uint8_t* b, float* out) {
+  const float d = half_at(b);
+  if constexpr (Q == kQ8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+    for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(q[j]) * d;
+  } else if constexpr (Q == kQ4_0) {
+    const uint8_t* qs = b + 2;
+    for (int j = 0; j < 16; ++j) {
+      out[j] = static_cast<float>(static_cast<int>(qs[j] & 0xF) - 8) * d;
+      out[j + 16] = static_cast<float>(static_cast<int>(qs[j] >> 4) - 8) * d;
+    }
+  } else {
+    const float m = half_at(b + 2);
+    const uint8_t* qs = b + 4;
+    for (int j = 0; j < 16; ++j) {
+      float lo = static_cast<float>(qs[j] & 0xF) * d;
+      float hi = static_cast<float>(qs[j] >> 4) * d;
+      out[j] = lo + m;
+      out[j + 16] = hi + m;
+    }
+  }
+}
+
+#if KVMEM_QUANT_AVX512
+// The block's weights 0..15 in `lo`, 16..31 in `hi`, as float32.
+template <int64_t Q>
+inline void dequant_block(const uint8_t* b, __m512& lo, __m512& hi) {
+  const __m512 d = _mm512_set1_ps(half_at(b));
+  if constexpr (Q == kQ8_0) {
+    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
+    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18));
+    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
+    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
+  } else {
+    const uint8_t* qs = b + (Q == kQ4_1 ? 4 : 2);
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m512i ql = _mm512_cvtepu8_epi32(_mm_and_si128(packed, mask));
+    __m512i qh = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), mask));
+    if constexpr (Q == kQ4_0) {
+      const __m512i eight = _mm512_set1_epi32(8);
+      lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ql, eight)), d);
+      hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(qh, eight)), d);
+    } else {
+      const __m512 m = _mm512_set1_ps(half_at(b + 2));
+      lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ql), d), m);
+      hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(qh), d), m);
+    }
+  }
+}
+
+// R rows of x (row stride ldx) times one weight row of `nblocks` blocks -> R dot products.
+template <int64_t Q, int R>
+inline void dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t nblocks, float* out) {
+  constexpr int64_t BB = Q == kQ8_0 ? 34 : Q == kQ4_1 ? 20 : 18;
+  __m512 acc_lo[R], acc_hi[R];
+  for (int r = 0; r < R; ++r) {
+    acc_lo[r] = _mm512_setzero_ps();
+    acc_hi[r] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < nblocks; ++b) {
+    __m512 lo, hi;
+    dequant_block<Q>(w + b * BB, lo, hi);
+    const float* xb = x + b * kBlock;
+    for (int r = 0; r < R; ++r) {
+      acc_lo[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + r * ldx), lo, acc_lo[r]);
+      acc_hi[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + r * ldx + 16), hi, acc_hi[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]));
+}
+#else
+template <int64_t Q, int R>
+inline void dot_rows(const float* x, int64_t ldx, const uint8_t* w, int64_t nblocks, float* out) {
+  constexpr int64_t BB = Q == kQ8_0 ? 34 : Q == kQ4_1 ? 20 : 18;
+  float acc[R][kBlock] = {};
+  float wb[kBlock];
+  for (int64_t b = 0; b < nblocks; ++b) {
+    dequant_block_scalar<Q>(w + b * BB, wb);
+    const float* xb = x + b * kBlock;
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kBlock; ++j) acc[r][j] += xb[r * ldx + j] * wb[j];
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int j = 0; j < kBlock; ++j) s += acc[r][j];
+    out[r] = s;
+  }
+}
+#endif
+
+
+// --- bfloat16 activations: AVX512-BF16 dot products over weights rounded to bfloat16 ---------
+// The weights are dequantized exactly (as above), then rounded to bfloat16 (round to nearest even,
+// as torch's .to(torch.bfloat16)): exactly the weights that dequantizing at load into a bfloat16
+// model gives. Each output (row n, output o) is one chain: acc = 0; for each block of 32 in order,
+// acc = dpbf16(acc, w_block, x_block); y = hsum(acc) in a fixed tree. The small-batch path reads
+// the blocks directly; the large-batch path first dequantizes a tile of 16 weight rows into a
+// bfloat16 scratch buffer (once per call, shared by every row of x), then runs a 4x4 register
+// tile. Both compute each output by the same operations, so results do not depend on N.
+#if KVMEM_QUANT_AVX512 && defined(__AVX512BF16__)
+#define KVMEM_QUANT_BF16 1
+
+inline float hsum(__m512 v) {
+  __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+
+template <int64_t Q>
+inline __m512bh dequant_block_bf16(const uint8_t* b) {
+  __m512 lo, hi;
+  dequant_block<Q>(b, lo, hi);
+  return _mm512_cvtne2ps_pbh(hi, lo);  // [lo (values 0..15), hi (16..31)]
+}
+
+inline __m512bh load_bf16(const at::BFloat16* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+
+template <int64_t Q, int R>
+inline void dot_rows_bf16(const at::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t nblocks, float* out) {
+  constexpr int64_t BB = Q == kQ8_0 ? 34 : Q == kQ4_1 ? 20 : 18;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const __m512bh wb = dequant_block_bf16<Q>(w + b * BB);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wb, load_bf16(x + r * ldx + b * kBlock));
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+// R rows of x times T dequantized bfloat16 weight rows (row stride K) -> out[r * ldo + t].
+template <int R, int T>
+inline void tile_bf16(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out,
+                      int64_t ldo) {
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kBlock) {
+    __m512bh wt[T];
+    for (int t = 0; t < T; ++t) wt[t] = load_bf16(w + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xr = load_bf16(x + r * ldx + k);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wt[t], xr);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) out[r * ldo + t] = hsum(acc[r][t]);
+}
+
+// The 4 x 4 tile, its sums reduced 4 at a time in the order `hsum` adds (lane i + i+8, + i+4, + i+2,
+// + i+1) and rounded to bfloat16 as a vector: same bits as hsum + a scalar rounding, fewer operations.
+inline void tile_bf16_4x4_store(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K,
+                                at::BFloat16* y, int64_t ldy) {
+  __m512 acc[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kBlock) {
+    __m512bh wt[4];
+    for (int t = 0; t < 4; ++t) wt[t] = load_bf16(w + t * K + k);
+    for (int r = 0; r < 4; ++r) {
+      const __m512bh xr = load_bf16(x + r * ldx + k);
+      for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wt[t], xr);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    __m128 b[4];
+    for (int t = 0; t < 4; ++t) {
+      const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc[r][t]), _mm512_extractf32x8_ps(acc[r][t], 1));
+      b[t] = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    }
+    _MM_TRANSPOSE4_PS(b[0], b[1], b[2], b[3]);  // b[j] = lane j of each output's 4 partial sums
+    const __m128 sums = _mm_add_ps(_mm_add_ps(b[0], b[2]), _mm_add_ps(b[1], b[3]));
+    const __m128bh rounded = _mm_cvtneps_pbh(sums);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(y + r * ldy), (__m128i)rounded);
+  }
+}
+
+template <int R>
+inline void tile_bf16_t(int T, const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* out,
+                        int64_t ldo) {
+  switch (T) {
+    case 4: return tile_bf16<R, 4>(x, ldx, w, K, out, ldo);
+    case 3: return tile_bf16<R, 3>(x, ldx, w, K, out, ldo);
+    case 2: return tile_bf16<R, 2>(x, ldx, w, K, out, ldo);
+    default: return tile_bf16<R, 1>(x, ldx, w, K, out, ldo);
+  }
+}
+
+inline void tile_bf16_rt(int R, int T, const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K,
+                         float* out, int64_t ldo) {
+  switch (R) {
+    case 4: return tile_bf16_t<4>(T, x, ldx, w, K, out, ldo);
+    case 3: return tile_bf16_t<3>(T, x, ldx, w, K, out, ldo);
+    case 2: return tile_bf16_t<2>(T, x, ldx, w, K, out, ldo);
+    default: return tile_bf16_t<1>(T, x, ldx, w, K, out, ldo);
+  }
+}
+
+// Below this many rows the blocks are read directly; from it on, through the scratch tile.
+constexpr int64_t kScratchRows = 4;
+constexpr int64_t kOutTile = 16;
+
+template <int64_t Q>
+void linear_bf16_impl(const at::BFloat16* x, int64_t N, int64_t K, const uint8_t* w, int64_t O, int64_t row_bytes,
+                      at::BFloat16* y) {
+  constexpr int64_t BB = Q == kQ8_0 ? 34 : Q == kQ4_1 ? 20 : 18;
+  const int64_t nblocks = K / kBlock;
+  if (N < kScratchRows) {
+    const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, O / (4 * at::get_num_threads())));
+    at::parallel_for(0, O, grain, [&](int64_t o_begin, int64_t o_end) {
+      float r_out[kScratchRows];
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        switch (N) {
+          case 3: dot_rows_bf16<Q, 3>(x, K, w + o * row_bytes, nblocks, r_out); break;
+          case 2: dot_rows_bf16<Q, 2>(x, K, w + o * row_bytes, nblocks, r_out); break;
+          default: dot_rows_bf16<Q, 1>(x, K, w + o * row_bytes, nblocks, r_out); break;
+        }
+        for (int64_t n = 0; n < N; ++n) y[n * O + o] = static_cast<at::BFloat16>(r_out[n]);
+      }
+    });
+    return;
+  }
+  const int64_t tiles = (O + kOutTile - 1) / kOutTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<at::BFloat16> scratch(kOutTile * K);  // 16 rows: 18 KiB at K = 576, 48 KiB at 1536
+    float out[4 * 4];
+    for (int64_t tile = t_begin; tile < t_end; ++tile) {
+      const int64_t o0 = tile * kOutTile, rows = std::min<int64_t>(kOutTile, O - o0);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t b = 0; b < nblocks; ++b)
+          _mm512_storeu_si512(reinterpret_cast<void*>(scratch.data() + i * K + b * kBlock),
+                              (__m512i)dequant_block_bf16<Q>(w + (o0 + i) * row_bytes + b * BB));
+      for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        const int R = static_cast<int>(std::min<int64_t>(4, N - n0));
+        for (int64_t t0 = 0; t0 < rows; t0 += 4) {
+          const int T = static_cast<int>(std::min<int64_t>(4, rows - t0));
+          if (R == 4 && T == 4) {
+            tile_bf16_4x4_store(x + n0 * K, K, scratch.data() + t0 * K, K, y + n0 * O + o0 + t0, O);
+            continue;
+          }
+          tile_bf16_rt(R, T, x + n0 * K, K, scratch.data() + t0 * K, K, out, 4);
+          for (int r = 0; r < R; ++r)
+            for (int t = 0; t < T; ++t) y[(n0 + r) * O + o0 + t0 + t] = static_cast<at::BFloat16>(out[r * 4 + t]);
+        }
+      }
+    }
+  });
+}
+#else
+#define KVMEM_QUANT_BF16 0
+#endif
+
+// Rows of x in tiles of up to kTile share each dequantized weight block; a tile's x rows stay in L1.
+constexpr int kTile = 8;
+
+template <int64_t Q>
+void dot_tile(const float* x, int64_t ldx, int rows, const uint8_t* w, int64_t nblocks, float* out) {
+  switch (rows) {
+    case 8: return dot_rows<Q, 8>(x, ldx, w, nblocks, out);
+    case 7: return dot_rows<Q, 7>(x, ldx, w, nblocks, out);
+    case 6: return dot_rows<Q, 6>(x, ldx, w, nblocks, out);
+    case 5: return dot_rows<Q, 5>(x, ldx, w, nblocks, out);
+    case 4: return dot_rows<Q, 4>(x, ldx, w, nblocks, out);
+    case 3: return dot_rows<Q, 3>(x, ldx, w, nblocks, out);
+    case 2: return dot_rows<Q, 2>(x, ldx, w, nblocks, out);
+    default: return dot_rows<Q, 1>(x, ldx, w, nblocks, out);
+  }
+}
+
+template <int64_t Q, typename OutT>
+void linear_impl(const float* x, int64_t N, int64_t K, const uint8_t* w, int64_t O, int64_t row_bytes,
+                 OutT* y) {
+  const int64_t nblocks = K / kBlock;
+  // Output rows per task: enough work to amortize a task, small enough to spread over the threads.
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, O / (4 * at::get_num_threads())));
+  at::parallel_for(0, O, grain, [&](int64_t o_begin, int64_t o_end) {
+    float tile_out[kTile];
+    for (int64_t n0 = 0; n0 < N; n0 += kTile) {
+      const int rows = static_cast<int>(std::min<int64_t>(kTile, N - n0));
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        dot_tile<Q>(x + n0 * K, K, rows, w + o * row_bytes, nblocks, tile_out);
+        for (int r = 0; r < rows; ++r) y[(n0 + r) * O + o] = static_cast<OutT>(tile_out[r]);
+      }
+    }
+  });
+}
+
+void check_weight(const torch::Tensor& w, int64_t qtype, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(),
+              "quantized weight must be a contiguous CPU uint8 matrix [out_features, row bytes]");
+  TORCH_CHECK(K % kBlock == 0, "in_features (", K, ") must be a multiple of ", kBlock);
+  TORCH_CHECK(w.size(1) == K / kBlock * block_bytes(qtype), "weight rows hold ", w.size(1), " bytes; type ",
+              qtype, " with in_features ", K, " needs ", K / kBlock * block_bytes(qtype));
+}
+
+// y [N, O] = x [N, K] W^T, W the quantized matrix `w` [O, K / 32 * block bytes] of type `qtype`.
+torch::Tensor quant_linear(const torch::Tensor& x_in, const torch::Tensor& w, int64_t qtype) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2, "x must be a CPU matrix [rows, in_features]");
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16,
+              "x must be float32 or bfloat16");
+  const int64_t N = x_in.size(0), K = x_in.size(1), O = w.size(0);
+  check_weight(w, qtype, K);
+  torch::Tensor y = torch::empty({N, O}, x_in.options());
+  if (N == 0 || O == 0) return y;
+#if KVMEM_QUANT_BF16
+  if (x_in.scalar_type() == torch::kBFloat16) {
+    const torch::Tensor xb = x_in.contiguous();
+    const at::BFloat16* xp = xb.data_ptr<at::BFloat16>();
+    at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+    switch (qtype) {
+      case kQ8_0: linear_bf16_impl<kQ8_0>(xp, N, K, w.data_ptr<uint8_t>(), O, w.size(1), yp); break;
+      case kQ4_0: linear_bf16_impl<kQ4_0>(xp, N, K, w.data_ptr<uint8_t>(), O, w.size(1), yp); break;
+      case kQ4_1: linear_bf16_impl<kQ4_1>(xp, N, K, w.data_ptr<uint8_t>(), O, w.size(1), yp); break;
+      default: TORCH_CHECK(false, "quantized type ", qtype, " has no native kernel");
+    }
+    return y;
+  }
+#endif
+  const torch::Tensor x = x_in.to(torch::kFloat).contiguous();  // bfloat16 -> float32 is exact
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t rb = w.size(1);
+  auto run = [&](auto* yp) {
+    using OutT = std::remove_pointer_t<decltype(yp)>;
+    switch (qtype) {
+      case kQ8_0: return linear_impl<kQ8_0, OutT>(xp, N, K, wp, O, rb, yp);
+      case kQ4_0: return linear_impl<kQ4_0, OutT>(xp, N, K, wp, O, rb, yp);
+      case kQ4_1: return linear_impl<kQ4_1, OutT>(xp, N, K, wp, O, rb, yp);
+      default: TORCH_CHECK(false, "quantized type ", qtype, " has no native kernel");
+    }
+  };
+  if (y.scalar_type() == torch::kFloat) run(y.data_ptr<float>());
+  else run(y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+// The rows of quantized matrix `w` as float32 [R, K] (the embedding lookup: `w` is the gathered rows).
+torch::Tensor dequantize(const torch::Tensor& w, int64_t qtype, int64_t K) {
+  check_weight(w, qtype, K);
+  const int64_t R = w.size(0), nblocks = K / kBlock, rb = w.size(1), bb = block_bytes(qtype);
+  torch::Tensor out = torch::empty({R, K}, torch::kFloat);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const uint8_t* blk = wp + r * rb + b * bb;
+        float* dst = op + r * K + b * kBlock;
+        switch (qtype) {
+          case kQ8_0: dequant_block_scalar<kQ8_0>(blk, dst); break;
+          case kQ4_0: dequant_block_scalar<kQ4_0>(blk, dst); break;
+          default: dequant_block_scalar<kQ4_1>(blk, dst); break;
+        }
+      }
+  });
+  return out;
+}
+
+bool has_vector_kernel() { return KVMEM_QUANT_AVX512; }
+
+// Whether bfloat16 activations use the AVX512-BF16 path (weights rounded to bfloat16) rather than
+// the float32 one (activations widened, weights exact).
+bool bf16_weights() { return KVMEM_QUANT_BF16; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_linear", &quant_linear, "y = x W^T over GGUF-quantized W (Q8_0, Q4_0, Q4_1)");
+  m.def("dequantize", &dequantize, "GGUF-quantized rows as float32");
+  m.def("has_vector_kernel", &has_vector_kernel, "whether the AVX-512 path was built");
+  m.def("bf16_weights", &bf16_weights, "whether bfloat16 activations meet weights rounded to bfloat16");
+}

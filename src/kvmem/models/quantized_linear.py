@@ -1,0 +1,50 @@
+"""A linear layer whose weight stays in GGUF's quantized blocks (Q8_0, Q4_0, Q4_1): a model takes
+about its file's size in memory, and a decode step reads 4.5-8.5 bits per weight instead of 16.
+
+On the CPU the native kernel (`kvmem.models.quant_kernels`, csrc/quant_matmul.cpp) reads the blocks
+directly for every batch size; each output is computed by the same operations whatever else is in
+the batch. Elsewhere (no compiler, KVMEM_CPU_KERNELS=0, CUDA) the weight is dequantized with torch
+ops at each call, which is correct but slow: `--quantization auto` dequantizes at load there instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvmem.models import gguf_blocks, quant_kernels
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, type_id: int, bias: bool = False,
+                 qweight: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> None:
+        """An empty layer for `load_weights` to fill (`qweight` None), or one over an existing byte
+        matrix (a tied lm_head shares the quantized embedding's)."""
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.format = gguf_blocks.format_of(type_id)
+        self.type_id = self.format.type_id
+        shape = (out_features, self.format.row_bytes(in_features))
+        if qweight is None:
+            qweight = torch.empty(shape, dtype=torch.uint8)
+        elif tuple(qweight.shape) != shape or qweight.dtype != torch.uint8:
+            raise ValueError(f"qweight must be uint8 {shape}, got {qweight.dtype} {tuple(qweight.shape)}")
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.format.name}"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return gguf_blocks.dequantize(self.qweight, self.type_id, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native = quant_kernels.load() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+            else None
+        if native is None:
+            y = F.linear(x, self.dequantized_weight().to(device=x.device, dtype=x.dtype))
+        else:
+            y = native.quant_linear(x.reshape(-1, self.in_features), self.qweight, self.type_id)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias

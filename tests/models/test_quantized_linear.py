@@ -1,0 +1,88 @@
+"""QuantizedLinear (native kernel and torch fallback) against the gguf package's dequantization
+followed by a float64 matmul."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmem.models import quant_kernels
+from kvmem.models.quantized_linear import QuantizedLinear
+from tests.models.test_gguf_blocks import TYPES, quantized
+
+needs_kernel = pytest.mark.skipif(quant_kernels.load() is None, reason="no C++ toolchain for the native kernels")
+
+
+def layer(out_features: int, in_features: int, qtype, seed: int = 0) -> tuple[QuantizedLinear, torch.Tensor]:
+    blocks, reference = quantized(out_features, in_features, qtype, seed)
+    return QuantizedLinear(in_features, out_features, int(qtype), qweight=blocks), torch.from_numpy(reference)
+
+
+def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rtol: float) -> None:
+    exact = x.double() @ weight.double().T
+    # Each output is a float32 sum of K products: its error is bounded by ~K ulp of the |products|' sum.
+    scale = x.double().abs() @ weight.double().abs().T
+    assert ((y.double() - exact).abs() <= rtol * scale + 1e-30).all(), float(((y.double() - exact).abs() / scale).max())
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(qtype=st.sampled_from(TYPES), rows=st.integers(1, 20), out_features=st.integers(1, 70),
+       blocks=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_native_kernel_equals_dequantize_then_matmul(qtype, rows, out_features, blocks, seed):
+    in_features = 32 * blocks
+    q, weight = layer(out_features, in_features, qtype, seed)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(seed))
+    y = q(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, out_features)
+    assert_close_to_reference(y, x, weight, rtol=in_features * 2**-23)
+    # bfloat16 activations: float32 sums of exact products, rounded once to bfloat16; with AVX512-BF16
+    # the weights are first rounded to bfloat16, exactly those dequantizing at load into bfloat16 gives.
+    xb = x.bfloat16()
+    yb = q(xb)
+    assert yb.dtype == torch.bfloat16
+    wb = weight.bfloat16().float() if quant_kernels.load().bf16_weights() else weight
+    assert_close_to_reference(yb.float(), xb.float(), wb, rtol=in_features * 2**-23 + 2**-8)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(qtype):
+    q, _ = layer(100, 576, qtype)
+    for dtype in (torch.float32, torch.bfloat16):
+        # 67 rows: the bfloat16 path's scratch tiles (4 rows x 4 outputs) with a ragged end; 1-3 rows
+        # read the blocks directly: every row must come out the same either way.
+        x = torch.randn(67, 576, generator=torch.Generator().manual_seed(1)).to(dtype)
+        batched = q(x)
+        for r in (0, 5, 8, 64, 66):
+            for n in (1, 2, 3, 9):
+                assert torch.equal(q(x[r:r + n]), batched[r:r + n]), (dtype, r, n)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_torch_fallback_equals_dequantize_then_matmul(qtype, monkeypatch):
+    monkeypatch.setattr(quant_kernels, "load", lambda: None)
+    q, weight = layer(33, 64, qtype)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    assert_close_to_reference(q(x), x, weight, rtol=64 * 2**-23)
+
+
+def test_bias_is_added():
+    q, weight = layer(16, 64, TYPES[0])
+    q_with_bias = QuantizedLinear(64, 16, int(TYPES[0]), bias=True, qweight=q.qweight)
+    q_with_bias.bias.copy_(torch.arange(16.0))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(q_with_bias(x), q(x) + torch.arange(16.0))
+
+
+def test_bad_weight_shape_is_a_value_error():
+    with pytest.raises(ValueError, match="qweight must be uint8"):
+        QuantizedLinear(64, 16, int(TYPES[0]), qweight=torch.zeros(16, 10, dtype=torch.uint8))
+
+
+@needs_kernel
+def test_kernel_rejects_mismatched_input():
+    q, _ = layer(16, 64, TYPES[0])
+    with pytest.raises(RuntimeError, match="needs"):
+        quant_kernels.load().quant_linear(torch.randn(2, 96), q.qweight, q.type_id)
