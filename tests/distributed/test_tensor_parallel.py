@@ -132,6 +132,17 @@ def test_tp2_other_strategies(models, hf_tokens, kv_cache):
     assert_ranks_gave_back(seen, 2)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_tp2_quantized_kv_gives_tp1s_tokens(models, kv_cache_dtype):
+    """Each rank stores its own heads' K,V quantized (int8: a scale per token and head, so a head's
+    values do not depend on the others'): TP = 2 reads exactly what TP = 1 reads."""
+    path = models["llama3-gqa"]
+    one, _ = run(path, 1, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_bytes_for(path, 1, 128))
+    two, seen = run(path, 2, kv_cache_dtype=kv_cache_dtype, kv_cache_memory=kv_bytes_for(path, 2, 128))
+    assert two == one
+    assert_ranks_gave_back(seen, 2)
+
+
 @pytest.mark.parametrize("tp,kv_cache", [(2, "paged"), (3, "paged"), (3, "virtual")])
 def test_replicated_kv_heads_over_2_and_3_ranks(models, hf_tokens, tp, kv_cache):
     # 6 heads, 1 KV head: every rank holds 6 / tp q heads and a copy of the one KV head.
