@@ -60,6 +60,7 @@ def test_bfloat16_greedy_output_does_not_depend_on_the_batch():
 def test_auto_keeps_a_gguf_quantized_on_the_cpu_and_none_does_not():
     assert EngineConfig(quantization="auto", device="cpu").keeps_quantized_weights()
     assert not EngineConfig(quantization="auto", device="cpu", kv_cache="hybrid").keeps_quantized_weights()
+    assert not EngineConfig(quantization="auto", device="cpu", tensor_parallel_size=2).keeps_quantized_weights()
     assert not EngineConfig(quantization="none", device="cpu").keeps_quantized_weights()
     assert not EngineConfig(device="cpu").keeps_quantized_weights()  # the default dequantizes at load
 
@@ -68,6 +69,7 @@ def test_auto_keeps_a_gguf_quantized_on_the_cpu_and_none_does_not():
     ({"quantization": "int4"}, "quantization must be one of"),
     ({"quantization": "gguf", "device": "cuda"}, "CPU only"),
     ({"quantization": "gguf", "kv_cache": "hybrid"}, "hybrid"),
+    ({"quantization": "gguf", "tensor_parallel_size": 2}, "tensor_parallel_size"),
 ])
 def test_bad_settings_are_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
