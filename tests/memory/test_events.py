@@ -137,6 +137,27 @@ def physical_chunks(events, state: dict) -> int:
     return sum(private.values()) + len(shared)
 
 
+def virtual_step(m, rng: random.Random, live: list, prompt) -> None:
+    """One step of a random workload on virtual `m`: free one of `live` (at most 3 run), or admit a new
+    sequence of `prompt()` (with its prefix hit, as the scheduler does) and prefill it; it is freed
+    again when it does not fit."""
+    from tests.memory.test_virtual import make_seq
+
+    if live and (rng.random() < 0.4 or len(live) == 3):
+        m.free(live.pop(rng.randrange(len(live))))
+        return
+    seq = make_seq(prompt())
+    seq.num_computed_tokens = m.admit(seq)
+    n = seq.num_tokens - seq.num_computed_tokens
+    if not m.can_allocate(seq, n):
+        m.free(seq)
+        return
+    m.allocate(seq, n)
+    seq.num_computed_tokens += n
+    m.on_tokens_computed(seq)
+    live.append(seq)
+
+
 def test_virtual_events_count_its_physical_chunks():
     import sys
 
@@ -144,7 +165,7 @@ def test_virtual_events_count_its_physical_chunks():
         import pytest
 
         pytest.skip("the CPU backend is Linux's mmap")
-    from tests.memory.test_virtual import make_manager, make_seq
+    from tests.memory.test_virtual import make_manager
 
     rng = random.Random(1)
     m = make_manager(num_slots=4, max_len=512, budget_chunks=16, lookahead_tokens=8)
@@ -155,20 +176,8 @@ def test_virtual_events_count_its_physical_chunks():
     live = []
     try:
         for step in range(60):
-            if live and (rng.random() < 0.4 or len(live) == 3):
-                m.free(live.pop(rng.randrange(len(live))))
-            else:
-                seq = make_seq((prefix if rng.random() < 0.7 else []) + [rng.randrange(500, 900)
-                                                                          for _ in range(rng.randrange(1, 90))])
-                m.admit(seq)
-                n = seq.num_tokens - seq.num_computed_tokens
-                if m.can_allocate(seq, n):
-                    m.allocate(seq, n)
-                    seq.num_computed_tokens += n
-                    m.on_tokens_computed(seq)
-                    live.append(seq)
-                else:
-                    m.free(seq)
+            virtual_step(m, rng, live, lambda: (prefix if rng.random() < 0.7 else [])
+                         + [rng.randrange(500, 900) for _ in range(rng.randrange(1, 90))])
             if step % 20 == 19:
                 m.release_free_memory()
             assert physical_chunks(sink.drain(), state) == m.mapped_chunks, step
@@ -233,7 +242,7 @@ def test_virtual_block_events_rebuild_the_prefixes_its_slots_hold():
 
     if not sys.platform.startswith("linux"):
         pytest.skip("the CPU backend is Linux's mmap")
-    from tests.memory.test_virtual import make_manager, make_seq
+    from tests.memory.test_virtual import make_manager
 
     rng = random.Random(7)
     m = make_manager(num_slots=4, max_len=512, budget_chunks=14, lookahead_tokens=8)
@@ -244,19 +253,8 @@ def test_virtual_block_events_rebuild_the_prefixes_its_slots_hold():
     live, removed = [], 0
     try:
         for step in range(120):
-            if live and (rng.random() < 0.4 or len(live) == 3):
-                m.free(live.pop(rng.randrange(len(live))))
-            else:
-                seq = make_seq(rng.choice(prefixes) + [rng.randrange(500, 900) for _ in range(rng.randrange(1, 90))])
-                seq.num_computed_tokens = m.admit(seq)
-                n = seq.num_tokens - seq.num_computed_tokens
-                if m.can_allocate(seq, n):
-                    m.allocate(seq, n)
-                    seq.num_computed_tokens += n
-                    m.on_tokens_computed(seq)
-                    live.append(seq)
-                else:
-                    m.free(seq)
+            virtual_step(m, rng, live, lambda: rng.choice(prefixes)
+                         + [rng.randrange(500, 900) for _ in range(rng.randrange(1, 90))])
             if step % 30 == 29:
                 m.release_free_memory()
             events = [e for e in sink.drain() if isinstance(e, (BlockStored, BlockRemoved, AllBlocksCleared))]
