@@ -86,6 +86,41 @@ def test_write_lands_in_the_slots_with_its_scales():
     assert int((k_scales > 0).sum()) == 3 * heads  # nothing else written
 
 
+@pytest.mark.skipif(cpu_kernels.load() is None, reason="no C++ toolchain for the native CPU kernel")
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", QUANTIZED)
+@pytest.mark.parametrize("layout", ["blocks", "strided"])
+def test_native_write_stores_the_torch_writes_bits(model_dtype, dtype, layout):
+    """The native one-pass write (used on CPU) stores exactly what kv_quant.write_quantized's torch ops
+    store, scales included: into block-major caches and into strided views of a larger cache (a layer
+    of the whole, as paged and hybrid hand out), with values past fp8's range, zeros and ties."""
+    heads, blocks, bs, dim, tokens = 3, 7, 4, 64, 11
+    g = torch.Generator().manual_seed(QUANTIZED.index(dtype) * 10 + (layout == "strided"))
+    k = (torch.randn(tokens, heads, dim, generator=g) * 40).to(model_dtype)
+    v = (torch.randn(tokens, heads, dim, generator=g) * 3).to(model_dtype)
+    k[0] = 0  # an all-zero row: int8's scale is the smallest normal float
+    k[1, :, :8] = 1000  # past e4m3's 448: clamped
+    v[2, :, 0] = 63.5  # a tie for int8's rounding when it is the row's max/2
+    slots = torch.randperm(blocks * bs, generator=g)[:tokens]
+
+    def caches():
+        if layout == "blocks":
+            kc = torch.zeros(heads, blocks, bs, dim, dtype=dtype)
+            ks = torch.zeros(heads, blocks, bs) if dtype == torch.int8 else None
+            return kc, kc.clone(), ks, None if ks is None else ks.clone()
+        whole = torch.zeros(2, 2, heads, blocks, bs, dim, dtype=dtype)  # [layers, K/V, ...]: layer 1's views
+        scales = torch.zeros(2, 2, heads, blocks, bs) if dtype == torch.int8 else None
+        return whole[1, 0], whole[1, 1], None if scales is None else scales[1, 0], None if scales is None else scales[1, 1]
+
+    expected, got = caches(), caches()
+    kv_quant.write_quantized(k, v, *expected[:2], slots, *expected[2:])
+    cpu_kernels.load().write_kv_quantized(k, v, *got[:2], slots, *got[2:])
+    for e, g_ in zip(expected, got):
+        if e is not None:
+            assert torch.equal(e.view(torch.uint8) if e.dtype != torch.float32 else e,
+                               g_.view(torch.uint8) if g_.dtype != torch.float32 else g_)
+
+
 # --- attention reads the quantized cache in place ---------------------------------------------------
 HEADS, KV_HEADS, DIM, BLOCK, NUM_BLOCKS = 6, 2, 16, 4, 64
 

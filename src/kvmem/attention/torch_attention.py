@@ -32,7 +32,11 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor, k_scales: torch.Tensor | None = None,
              v_scales: torch.Tensor | None = None) -> None:
     if kv_quant.is_quantized(k_cache.dtype):
-        kv_quant.write_quantized(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales)
+        if k_cache.device.type == "cpu" and kv_quant.FP8_SCALE == 1.0 and (native := cpu_kernels.load()) is not None:
+            # one pass, the same bits as kv_quant.write_quantized's torch ops
+            native.write_kv_quantized(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales)
+        else:
+            kv_quant.write_quantized(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales)
         return
     if k_cache.device.type == "cpu" and (native := cpu_kernels.load()) is not None:
         native.write_kv(k, v, k_cache, v_cache, slot_mapping)  # one pass instead of two index_copy_

@@ -9,9 +9,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "vec_avx512.h"
 
@@ -279,8 +282,96 @@ void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
   });
 }
 
+// One (token, head) row of x quantized into the cache as kvmem.attention.kv_quant.quantize does, bit
+// for bit: int8 symmetric with scale = max(absmax / 127, FLT_MIN) and round-half-to-even of x / scale
+// (torch.round); float8 clamped to the format's range, then converted by c10 (as tensor.to does).
+template <typename In, typename Out>
+void write_rows_quantized(const torch::Tensor& x, torch::Tensor& cache, float* scales, const int64_t* scale_strides,
+                          const int64_t* ps) {
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), bs = cache.size(2);
+  const In* xp = x.data_ptr<In>();
+  Out* cp = reinterpret_cast<Out*>(cache.data_ptr());
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), cs0 = cache.stride(0), cs1 = cache.stride(1),
+                cs2 = cache.stride(2);
+  at::parallel_for(0, T, grain(H * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = ps[t] / bs, offset = ps[t] % bs;
+      for (int64_t h = 0; h < H; ++h) {
+        const In* src = xp + t * xs0 + h * xs1;
+        Out* dst = cp + h * cs0 + block * cs1 + offset * cs2;
+        if constexpr (std::is_same_v<Out, int8_t>) {
+          float amax = 0.f;
+          for (int64_t d = 0; d < D; ++d) {
+            row[d] = load(src, d);
+            amax = std::max(amax, std::fabs(row[d]));
+          }
+          const float scale = std::max(amax / 127.0f, std::numeric_limits<float>::min());
+          for (int64_t d = 0; d < D; ++d) {
+            const float q = std::nearbyint(row[d] / scale);
+            dst[d] = static_cast<int8_t>(std::min(std::max(q, -127.0f), 127.0f));
+          }
+          scales[h * scale_strides[0] + block * scale_strides[1] + offset * scale_strides[2]] = scale;
+        } else {
+          const float limit = static_cast<float>(std::numeric_limits<Out>::max());
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<Out>(std::min(std::max(load(src, d), -limit), limit));
+        }
+      }
+    }
+  });
+}
+
+template <typename In>
+void write_quantized_one(const torch::Tensor& x, torch::Tensor& cache, const c10::optional<torch::Tensor>& scales,
+                         const int64_t* ps) {
+  switch (cache.scalar_type()) {
+    case torch::kChar: {
+      TORCH_CHECK(scales.has_value() && scales->scalar_type() == torch::kFloat && scales->dim() == 3 &&
+                  scales->size(0) == cache.size(0) && scales->size(1) == cache.size(1) &&
+                  scales->size(2) == cache.size(2), "write_kv_quantized: int8 needs float32 scales [heads, blocks, block_size]");
+      const int64_t strides[3] = {scales->stride(0), scales->stride(1), scales->stride(2)};
+      write_rows_quantized<In, int8_t>(x, cache, scales->data_ptr<float>(), strides, ps);
+      break;
+    }
+    case torch::kFloat8_e4m3fn:
+      write_rows_quantized<In, c10::Float8_e4m3fn>(x, cache, nullptr, nullptr, ps);
+      break;
+    case torch::kFloat8_e5m2:
+      write_rows_quantized<In, c10::Float8_e5m2>(x, cache, nullptr, nullptr, ps);
+      break;
+    default:
+      TORCH_CHECK(false, "write_kv_quantized: a cache of int8, float8_e4m3fn or float8_e5m2");
+  }
+}
+
+// This step's K,V quantized into the block-addressed caches in one pass (kv_quant.write_quantized's
+// torch ops take several passes per layer: float copy, absmax, divide, round, clamp, convert, scatter).
+void write_kv_quantized(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+                        torch::Tensor slots, c10::optional<torch::Tensor> k_scales,
+                        c10::optional<torch::Tensor> v_scales) {
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.stride(2) == 1 && v.stride(2) == 1 &&
+              k.scalar_type() == v.scalar_type(), "write_kv_quantized: k, v [T, kv_heads, dim] of one dtype");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.stride(3) == 1 &&
+              v_cache.stride(3) == 1 && k_cache.size(0) == k.size(1) && k_cache.size(3) == k.size(2) &&
+              k_cache.scalar_type() == v_cache.scalar_type(),
+              "write_kv_quantized: caches [kv_heads, blocks, block_size, dim] matching k");
+  auto slot = slots.to(torch::kInt64).contiguous();
+  TORCH_CHECK(slot.dim() == 1 && slot.size(0) == k.size(0), "write_kv_quantized: one slot per token");
+  const int64_t capacity = k_cache.size(1) * k_cache.size(2);
+  const int64_t* ps = slot.data_ptr<int64_t>();
+  for (int64_t t = 0; t < k.size(0); ++t)
+    TORCH_CHECK(ps[t] >= 0 && ps[t] < capacity, "write_kv_quantized: slot ", ps[t], " out of range");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "write_kv_quantized", [&] {
+    write_quantized_one<scalar_t>(k, k_cache, k_scales, ps);
+    write_quantized_one<scalar_t>(v, v_cache, v_scales, ps);
+  });
+}
+
 void register_fused(pybind11::module& m) {
   m.def("write_kv", &write_kv, "this step's K,V into the block-addressed caches");
+  m.def("write_kv_quantized", &write_kv_quantized, "this step's K,V quantized into the caches (and int8's scales)",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
+        py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm (HF's rounding order)");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; RMSNorm(residual)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate,up projection", py::arg("gate_up"),
