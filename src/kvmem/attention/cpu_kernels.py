@@ -20,10 +20,8 @@ None and attention falls back to the torch paths.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import platform
 import sys
 import threading
 from pathlib import Path
@@ -39,26 +37,6 @@ _LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module = None
 _tried = False
-
-
-def _cpu_tag() -> str:
-    """What -march=native depends on: the CPU model and its flags."""
-    text = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
-        text += "".join(sorted(set(lines)))
-    except OSError:
-        pass
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def _source_tag() -> str:
-    """A hash of every file in csrc/: torch's builder notices a changed .cpp but not a changed header."""
-    digest = hashlib.sha1()
-    for path in sorted(_CSRC.iterdir()):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:8]
 
 
 def enabled() -> bool:
@@ -90,7 +68,7 @@ def quantized_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, c
 
 
 def _name() -> str:
-    return f"kvmem_cpu_kernels_{_cpu_tag()}_{_source_tag()}"
+    return f"kvmem_cpu_kernels_{kernel_build.cpu_tag()}_{kernel_build.source_tag(_CSRC)}"
 
 
 def _load_or_build():

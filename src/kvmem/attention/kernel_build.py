@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import platform
 import shutil
 import sys
 import time
@@ -31,6 +32,28 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_WAIT_S = 600.0  # a cold build of the real kernels takes about a minute on two cores
+
+
+def cpu_tag() -> str:
+    """What -march=native depends on: the CPU model and its flags (part of a kernel's name)."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        text += "".join(sorted(set(lines)))
+    except OSError:
+        pass
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def source_tag(csrc: Path) -> str:
+    """A hash of every file in `csrc` (part of a kernel's name): torch's builder notices a changed
+    .cpp but not a changed header."""
+    digest = hashlib.sha1()
+    for path in sorted(csrc.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def kernel_dir(name: str, prefix: str | None = None) -> Path:

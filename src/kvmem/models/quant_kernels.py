@@ -11,7 +11,6 @@ KVMEM_CPU_KERNELS=0, `load()` returns None and quantized layers dequantize with 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import threading
@@ -31,16 +30,8 @@ _module = None
 _tried = False
 
 
-def _source_tag() -> str:
-    digest = hashlib.sha1()
-    for path in sorted(_CSRC.iterdir()):
-        if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:8]
-
-
 def _name() -> str:
-    return f"kvmem_quant_kernels_{cpu_kernels._cpu_tag()}_{_source_tag()}"
+    return f"kvmem_quant_kernels_{kernel_build.cpu_tag()}_{kernel_build.source_tag(_CSRC)}"
 
 
 def _load_or_build():
