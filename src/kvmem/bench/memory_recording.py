@@ -15,10 +15,10 @@ spaced whatever the run's length, which is not known in advance).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from kvmem.bench.report_json import finite
 from kvmem.engine.memory_picture import dashboard_state, memory_picture
 from kvmem.memory.base import KVCacheManager
 
@@ -57,7 +57,7 @@ class MemoryRecorder:
         """Record step `step` (call only when `wants(step)`): `snapshot` an `EngineSnapshot`."""
         state = dashboard_state({"snapshot": snapshot, "map": memory_picture(manager, seqs)})
         state.update(label=label, step=step)
-        self.frames.append(json.dumps(_finite(state), separators=(",", ":"), allow_nan=False))
+        self.frames.append(json.dumps(finite(state), separators=(",", ":"), allow_nan=False))
         if len(self.frames) >= 2 * self.max_frames:
             self.frames = self.frames[::2]
             self.every *= 2
@@ -68,7 +68,7 @@ class MemoryRecorder:
             raise RuntimeError("MemoryRecorder.open() first")
         if len(self.labels) == 1:
             header = {"format": FORMAT, "version": VERSION, "step_seconds": STEP_SECONDS,
-                      "settings": _finite(self.settings)}
+                      "settings": finite(self.settings)}
             self._file.write(json.dumps(header, allow_nan=False) + "\n")
         for line in self.frames:
             self._file.write(line + "\n")
@@ -79,17 +79,6 @@ class MemoryRecorder:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _finite(value):
-    """`value` with infinite floats as strings ("inf"): a browser's JSON.parse has no Infinity."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def read_recording(path: str | Path) -> tuple[dict, list[dict]]:
