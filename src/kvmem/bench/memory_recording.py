@@ -57,6 +57,7 @@ class MemoryRecorder:
         """Record step `step` (call only when `wants(step)`): `snapshot` an `EngineSnapshot`."""
         state = dashboard_state({"snapshot": snapshot, "map": memory_picture(manager, seqs)})
         state.update(label=label, step=step)
+        # finite(): a browser's JSON.parse has no Infinity or NaN
         self.frames.append(json.dumps(finite(state), separators=(",", ":"), allow_nan=False))
         if len(self.frames) >= 2 * self.max_frames:
             self.frames = self.frames[::2]
