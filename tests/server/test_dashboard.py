@@ -494,10 +494,12 @@ def test_page_in_chromium_shows_hybrids_host_tier(tiny_model_dir, browser):
         assert parked.wait(PATIENCE), "no two sequences ever ran from the host tier"
         host = {str(sid): len(table) for sid, table in manager.host_tables.items()}
         seq = sorted(host)[0]
-        item = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, f'#requests li[data-seq="{seq}"]'),
-                          "the host-resident request")[0]
-        assert "tier: host" in item.text and f"{host[seq]} host blocks" in item.text
-        item.click()
+        # Read in one script: until the page has the parked state it rebuilds the list on each update, and
+        # an element found before a rebuild is stale by the click. Parked, the list stays put.
+        wait_until(lambda: (t := browser.execute_script(
+            f"const li = document.querySelector('#requests li[data-seq=\"{seq}\"]'); return li && li.textContent;"))
+            and "tier: host" in t and f"{host[seq]} host blocks" in t, "the host-resident request")
+        browser.find_element(By.CSS_SELECTOR, f'#requests li[data-seq="{seq}"]').click()
         canvas = browser.find_element(By.ID, "map")
         wait_until(lambda: canvas.get_attribute("data-highlighted") == str(host[seq]), "its host blocks outlined")
         assert "host tier" in browser.find_element(By.ID, "map-note").text
