@@ -298,7 +298,8 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=2, help="kvmem serve processes to start on this machine")
     p.add_argument("--policy", default="cache_aware", choices=POLICIES,
                    help="the router's policy: cache_aware sends a prompt where its prefix was sent before "
-                        "(balanced against load); round_robin ignores prefixes")
+                        "(balanced against load); kv_aware where the replicas' KV events say its prefix is "
+                        "cached; round_robin ignores prefixes")
     p.add_argument("--host", default="127.0.0.1", help="the router's address (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="the router's port: the fleet's OpenAI endpoint")
     p.add_argument("--replica-host", default="127.0.0.1",

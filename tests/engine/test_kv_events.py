@@ -147,9 +147,14 @@ def test_subscriber_rebuilds_the_prefix_cache(tiny_dir, strategy, scale):
         removed = wait_for(sub, expected)
         assert removed > 0, "the workload evicted nothing: shrink the budget"
 
-        # The wire format is vLLM's: array-like, tagged by class name.
+        # The wire format is vLLM 0.32's: the batch an array, each event a map tagged by class name
+        # (vLLM's router refuses the older tagged arrays), fields at their defaults left out.
         raw = msgspec.msgpack.decode(sub.batches[0])
-        assert isinstance(raw[0], float) and raw[1][0][0] in ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+        assert isinstance(raw[0], float) and raw[1][0]["type"] in ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+        stored = next(e for b in sub.batches.values() for e in msgspec.msgpack.decode(b)[1]
+                      if e["type"] == "BlockStored")
+        assert set(stored) == {"type", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
+                               "medium", "lora_name"}
 
         llm.engine.release_free_memory()  # nothing is held: the cache empties, and says so
         assert manager_hashes(llm) == set()

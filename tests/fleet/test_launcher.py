@@ -1,12 +1,14 @@
 """`kvmem fleet`: 2 replicas of a tiny model behind vLLM's router, started and stopped as a user does.
 
-The tests run in file order on one fleet: greedy answers, cache-aware placement, round robin from a
-second router over the same replicas (--worker-urls), a replica killed mid-run, then SIGTERM of the
-launcher. Bounds are generous (they catch hangs); nothing depends on the machine's speed."""
+The tests run in file order on one fleet (policy kv_aware: the replicas publish KV events): greedy
+answers, cache-aware placement and round robin from second routers over the same replicas
+(--worker-urls), kv_aware placement from the replicas' events, a replica killed mid-run, then SIGTERM
+of the launcher. Bounds are generous (they catch hangs); nothing depends on the machine's speed."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 
@@ -15,15 +17,20 @@ import pytest
 
 from tests.fleet.conftest import (PATIENCE, TINY_SERVE_ARGS, alive, descendants, metrics, replica_pid, start_fleet,
                                   wait_gone)
+from tests.server.conftest import free_port
 
 pytest.importorskip("vllm_router", reason="vllm-router is not installed (pip install 'kvmem[fleet]')")
 
 PIN = len(os.sched_getaffinity(0)) >= 2  # two replicas on disjoint cores where there are two
 
 
+ROUTER_METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def fleet(tiny_model_dir):
-    running = start_fleet(str(tiny_model_dir), "--replicas", "2", "--policy", "cache_aware",
+    running = start_fleet(str(tiny_model_dir), "--replicas", "2", "--policy", "kv_aware",
+                          "--router-args", f"--prometheus-port {ROUTER_METRICS_PORT}",  # the last one wins
                           *(() if PIN else ("--no-pin",)), serve_args=TINY_SERVE_ARGS)
     yield running
     running.stop()
@@ -66,10 +73,14 @@ SYSTEM = ("You are the assistant of tenant seven. Answer briefly, in plain words
 
 
 def test_cache_aware_sends_a_repeated_prefix_to_one_replica_whose_prefix_hits_rise(fleet):
-    before = [metrics(u) for u in fleet.replica_urls]
-    for i in range(6):
-        assert complete(fleet.url, f"{SYSTEM}Question {i}: what time is it?", max_tokens=2).status_code == 200
-    after = [metrics(u) for u in fleet.replica_urls]
+    ca = start_fleet("--worker-urls", *fleet.replica_urls, "--policy", "cache_aware")
+    try:
+        before = [metrics(u) for u in fleet.replica_urls]
+        for i in range(6):
+            assert complete(ca.url, f"{SYSTEM}Question {i}: what time is it?", max_tokens=2).status_code == 200
+        after = [metrics(u) for u in fleet.replica_urls]
+    finally:
+        ca.stop()
     served = [a["kvmem:request_success_total"] - b["kvmem:request_success_total"] for a, b in zip(after, before)]
     hits = [a["kvmem:prefix_cache_hits_total"] - b["kvmem:prefix_cache_hits_total"] for a, b in zip(after, before)]
     vllm_hits = [a["vllm:prefix_cache_hits_total"] - b["vllm:prefix_cache_hits_total"] for a, b in zip(after, before)]
@@ -94,6 +105,38 @@ def test_round_robin_router_over_the_same_replicas_spreads_them(fleet):
     assert all(httpx.get(f"{u}/health", timeout=30).status_code == 200 for u in fleet.replica_urls)
 
 
+def router_lookup_hits() -> float:
+    """kv_aware's lookups of a prompt in its index of the replicas' events that found blocks."""
+    text = httpx.get(f"http://127.0.0.1:{ROUTER_METRICS_PORT}/metrics", timeout=60).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('vllm_router_kv_placement_lookups_total{result="hit"}'))
+
+
+def test_kv_aware_finds_prefixes_the_router_never_sent_through_the_replicas_events(fleet):
+    """A prefix cached on a replica directly (not through the router) can only be known to the router
+    from that replica's KV events: a routed request with it goes to that replica and hits its cache.
+    Each attempt uses fresh words, so a found prefix is that attempt's; an attempt whose events had not
+    reached the router yet (a lookup miss) proves nothing and is skipped, not counted."""
+    rng = random.Random(7)
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
+    found = 0
+    for attempt in range(8):
+        holder = attempt % 2
+        prefix = " ".join(rng.choice(words) for _ in range(80))
+        assert complete(fleet.replica_urls[holder], prefix + " warm", max_tokens=1).status_code == 200
+        hits_before, before = router_lookup_hits(), [metrics(u) for u in fleet.replica_urls]
+        assert complete(fleet.url, prefix + " routed", max_tokens=1).status_code == 200
+        after = [metrics(u) for u in fleet.replica_urls]
+        if router_lookup_hits() == hits_before:
+            continue
+        served = [a["kvmem:request_success_total"] - b["kvmem:request_success_total"] for a, b in zip(after, before)]
+        hits = [a["kvmem:prefix_cache_hits_total"] - b["kvmem:prefix_cache_hits_total"] for a, b in zip(after, before)]
+        assert served[holder] == 1 and served[1 - holder] == 0, (attempt, served)
+        assert hits[holder] >= 2 * 16  # the prefix's full blocks came from that replica's cache
+        found += 1
+    assert found >= 2, "the router's index never had the replicas' blocks: no KV events reached it"
+
+
 def test_a_killed_replica_loses_no_request_that_had_not_started_on_it(fleet):
     victim_url, survivor_url = fleet.replica_urls[1], fleet.replica_urls[0]
     victim = replica_pid(fleet.proc.pid, victim_url)
@@ -101,7 +144,7 @@ def test_a_killed_replica_loses_no_request_that_had_not_started_on_it(fleet):
     killed = threading.Event()
     four_done = threading.Event()
 
-    def client() -> None:  # one request at a time, distinct prompts (so cache_aware spreads them)
+    def client() -> None:  # one request at a time, distinct prompts
         for i in range(16):
             after = killed.is_set()
             try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from kvmem.fleet.launcher import FleetConfig, split_serve_args
-from kvmem.fleet.router import router_argv
+from kvmem.fleet.router import kv_event_args, router_argv
 
 
 def test_router_command_line_has_the_workers_policy_and_overrides_last():
@@ -29,7 +29,11 @@ def test_fleet_flags_and_serve_flags_split_at_double_dash():
 
 @pytest.mark.parametrize("kwargs, message", [({"replicas": 0}, "--replicas"),
                                              ({"worker_urls": ["http://a:1"], "router": False}, "--no-router"),
-                                             ({"startup_timeout": 0}, "--startup-timeout")])
+                                             ({"startup_timeout": 0}, "--startup-timeout"),
+                                             ({"policy": "kv_aware", "serve_args": ["--kv-events-config", "{}"]},
+                                              "--kv-events-config"),
+                                             ({"policy": "kv_aware", "worker_urls": ["http://a:1"]},
+                                              "--kv-event-source")])
 def test_bad_fleet_config_is_a_value_error_naming_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FleetConfig(**kwargs)
@@ -40,3 +44,10 @@ def test_kvmem_fleet_that_cannot_start_is_an_error_exit(capsys):
 
     assert main(["fleet", "--replicas", "2", "--cores-per-replica", "4096", "--", "--kv-cache", "paged"]) == 2
     assert "kvmem: error:" in capsys.readouterr().err
+
+
+def test_kv_aware_router_flags_name_each_workers_events_block_size_and_model():
+    args = kv_event_args({"http://a:1": "tcp://a:5001", "http://b:2": "tcp://b:5002"}, 16, "m")
+    assert args == ["--kv-event-source", "http://a:1=tcp://a:5001", "--kv-event-source", "http://b:2=tcp://b:5002",
+                    "--kv-event-block-size", "16", "--kv-event-model", "m"]
+    assert "kv_aware" in router_argv(["http://a:1"], "kv_aware", "127.0.0.1", 9000, 9100, args)

@@ -2,8 +2,11 @@
 
 The managers produce `kvmem.memory.events` once; the engine drains them at the end of each step
 and hands them here. The events vLLM's consumers know (BlockStored, BlockRemoved, AllBlocksCleared)
-become one msgpack-encoded `KVEventBatch` per step, with vLLM's layout (array-like msgspec structs,
-tagged by class name). kvmem's own events (virtual's pages, hybrid's tier moves) are not sent.
+become one msgpack-encoded `KVEventBatch` per step, with the layout of vLLM 0.32
+(vllm/distributed/kv_events.py): the batch an array `[ts, events, data_parallel_rank]`, each event a
+map tagged `"type": class name`, fields left at their defaults omitted. (vLLM up to 0.11 sent each
+event as a tagged array; vLLM's router 0.1.17 refuses those: "KV event must be a tagged map".)
+kvmem's own events (virtual's pages, hybrid's tier moves) are not sent.
 
 Block hashes go out as vLLM sends them by default: unsigned 64-bit ints, the last 8 bytes of kvmem's
 sha256 block hash read big-endian (`external_block_hash`); `medium` is "GPU" or "CPU".
@@ -40,7 +43,7 @@ class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     data_parallel_rank: int | None = None
 
 
-class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+class KVCacheEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
     """Base of the events a KV cache reports."""
 
 
@@ -51,11 +54,24 @@ class BlockStored(KVCacheEvent):
     block_size: int
     lora_id: int | None
     medium: str | None
+    lora_name: str | None
+    # vLLM's optional fields, omitted from the wire at these defaults (kvmem has no LoRA, multimodal
+    # keys, cache salt, KV-cache groups or sessions to report).
+    extra_keys: list[tuple[Any, ...] | None] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
 
 
 class BlockRemoved(KVCacheEvent):
     block_hashes: list[int | bytes]
     medium: str | None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class AllBlocksCleared(KVCacheEvent):
@@ -79,7 +95,7 @@ def to_vllm_events(events: list) -> list[BlockStored | BlockRemoved | AllBlocksC
         if isinstance(e, ev.BlockStored):
             parent = None if e.parent_block_hash is None else external_block_hash(e.parent_block_hash)
             out.append(BlockStored([external_block_hash(h) for h in e.block_hashes], parent, list(e.token_ids),
-                                   e.block_size, e.lora_id, e.medium))
+                                   e.block_size, e.lora_id, e.medium, None))
         elif isinstance(e, ev.BlockRemoved):
             out.append(BlockRemoved([external_block_hash(h) for h in e.block_hashes], e.medium))
         elif isinstance(e, ev.AllBlocksCleared):

@@ -13,6 +13,10 @@ vLLM's cache-aware router (router.py), started, watched and stopped as one comma
    router; whatever has not exited after --stop-timeout seconds is killed. The launcher killed
    outright takes its children with it (processes.py).
 
+`--policy kv_aware`: each replica started here publishes its KV events (vLLM's ZMQ format) on a
+free port, and the router subscribes to them (`--kv-event-source`), with the block size and model
+name read from the first replica (/get_server_info, /v1/models).
+
 Across machines: start replicas on each host (`kvmem serve --host 0.0.0.0`, or
 `kvmem fleet --no-router --replica-host 0.0.0.0`) and a router anywhere with
 `kvmem fleet --worker-urls http://host-a:8001 http://host-b:8001 ...`, which starts no replica.
@@ -30,11 +34,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import json
+
 import httpx
 
 from kvmem.fleet.cores import split_cores
 from kvmem.fleet.processes import Child, spawn, stop_all
-from kvmem.fleet.router import check_installed, router_argv
+from kvmem.fleet.router import check_installed, kv_event_args, router_argv
 
 logger = logging.getLogger("kvmem.fleet")
 
@@ -68,6 +74,13 @@ class FleetConfig:
         for name in ("startup_timeout", "stop_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.policy == "kv_aware" and self.router:
+            if any(a.split("=")[0] == "--kv-events-config" for a in self.serve_args):
+                raise ValueError("--policy kv_aware sets each replica's --kv-events-config (its own endpoint); "
+                                 "do not pass one in the kvmem serve flags")
+            if self.worker_urls and "--kv-event-source" not in self.router_args:
+                raise ValueError("--policy kv_aware with --worker-urls needs each worker's event endpoint: "
+                                 "--router-args '--kv-event-source URL=tcp://HOST:PORT ... --kv-event-model NAME'")
 
 
 class FleetStopped(Exception):
@@ -95,6 +108,7 @@ class Fleet:
         self.router: Child | None = None
         self.replica_urls: list[str] = list(config.worker_urls)
         self.router_url = f"http://{_url_host(config.host)}:{config.port}"
+        self.event_endpoints: dict[str, str] = {}  # kv_aware: replica URL -> its ZMQ event endpoint
 
     # --- start ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -108,8 +122,9 @@ class Fleet:
                                else {url: c for url, c in zip(self.replica_urls, self.replicas)}, "replica")
             if cfg.router:
                 metrics_port = cfg.metrics_port or free_port(_url_host(cfg.host))
+                extra = [*self._kv_event_router_args(), *cfg.router_args]  # the user's flags last: they win
                 self.router = spawn("router", router_argv(self.replica_urls, cfg.policy, cfg.host, cfg.port,
-                                                          metrics_port, cfg.router_args))
+                                                          metrics_port, extra))
                 self._wait_healthy({self.router_url: self.router}, "router")
         except BaseException:
             self.stop()
@@ -126,6 +141,12 @@ class Fleet:
         for i, (port, replica_cores) in enumerate(zip(ports, cores)):
             argv = [sys.executable, "-m", "kvmem", "serve", *cfg.serve_args, "--host", cfg.replica_host,
                     "--port", str(port)]
+            url = f"http://{_url_host(cfg.replica_host)}:{port}"
+            if cfg.policy == "kv_aware" and cfg.router:
+                endpoint = f"tcp://{_url_host(cfg.replica_host)}:{free_port(_url_host(cfg.replica_host))}"
+                self.event_endpoints[url] = endpoint
+                argv += ["--kv-events-config", json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
+                                                           "endpoint": endpoint})]
             env = dict(os.environ)
             if replica_cores is not None:
                 env["OMP_NUM_THREADS"] = str(len(replica_cores))
@@ -134,7 +155,18 @@ class Fleet:
             logger.info("starting replica-%d on port %d%s", i, port,
                         f", cores {replica_cores}" if replica_cores is not None else "")
             self.replicas.append(spawn(f"replica-{i}", argv, replica_cores, env))
-            self.replica_urls.append(f"http://{_url_host(cfg.replica_host)}:{port}")
+            self.replica_urls.append(url)
+
+    def _kv_event_router_args(self) -> list[str]:
+        """kv_aware over replicas started here: where their events are, in blocks of what size, of which
+        model (the router refuses event sources without a model identity)."""
+        if not self.event_endpoints:
+            return []
+        first = self.replica_urls[0]
+        with httpx.Client(timeout=30.0) as client:
+            info = client.get(f"{first}/get_server_info").json()
+            model = client.get(f"{first}/v1/models").json()["data"][0]["id"]
+        return kv_event_args(self.event_endpoints, int(info["kv_block_size"]), model)
 
     def _wait_healthy(self, servers: dict[str, Child | None], what: str) -> None:
         """Until every URL's /health answers 200; a child that exits, the start-up timeout or a stop

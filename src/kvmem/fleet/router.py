@@ -12,8 +12,11 @@ cluster runtime to start one process per replica.
 What it needs from a worker, all answered by `kvmem serve`: `GET /health` (startup and periodic
 checks; 503 takes a worker out), `GET /get_load` (`{"load": int}`), `POST /tokenize` (prompt ->
 token ids for the cache-aware tree, after trying vLLM's `/v1/.../render`, which kvmem does not
-have: a 404 it falls back from), and the OpenAI routes, to which it adds SGLang's neutral
-sampling fields (`no_stop_trim`, `return_hidden_states`, ... accepted by server/protocol.py).
+have: a 404 it falls back from), the OpenAI routes, to which it adds SGLang's neutral
+sampling fields (`no_stop_trim`, `return_hidden_states`, ... accepted by server/protocol.py), and for
+`kv_aware` each worker's KV events (vLLM's ZMQ format, `--kv-events-config`): the router keeps an
+index of which worker holds which blocks, from what the workers say they stored and evicted, instead
+of guessing from what it sent (cache_aware), and credits blocks by `medium` (GPU, CPU, STORAGE).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash", "random")
+POLICIES = ("cache_aware", "kv_aware", "round_robin", "power_of_two", "consistent_hash", "random")
 
 # Health checks every few seconds, not the router's default minute: a dead or draining replica
 # leaves the rotation within seconds. Between two checks, a request sent to a replica that just died
@@ -37,6 +40,15 @@ DEFAULT_ROUTER_ARGS = ("--health-check-interval-secs", "2", "--health-failure-th
 def check_installed() -> None:
     if importlib.util.find_spec("vllm_router") is None:
         raise ValueError("kvmem fleet needs vLLM's router: pip install 'kvmem[fleet]' (or pip install vllm-router)")
+
+
+def kv_event_args(sources: dict[str, str], block_size: int, model: str) -> list[str]:
+    """The router flags of `kv_aware`: each worker's ZMQ event endpoint (its `--kv-events-config`), the
+    block size of the events' token runs, and the model identity the workers share."""
+    argv: list[str] = []
+    for url, endpoint in sources.items():
+        argv += ["--kv-event-source", f"{url}={endpoint}"]
+    return argv + ["--kv-event-block-size", str(block_size), "--kv-event-model", model]
 
 
 def router_argv(worker_urls: Sequence[str], policy: str, host: str, port: int, metrics_port: int,
