@@ -27,7 +27,7 @@ def round_of(seed: int) -> int:
 
 
 def tenants_table(out: Path, name: str) -> None:
-    tenants = load(out, name + r"_(cache_aware|round_robin)_s(\d+)")
+    tenants = load(out, name + r"_(cache_aware|kv_aware|round_robin)_s(\d+)")
     if not tenants:
         return
     rounds = sorted({round_of(seed) for _, seed in tenants})
@@ -46,19 +46,22 @@ def tenants_table(out: Path, name: str) -> None:
             print(f"| {r} | {policy} | {m['prefix_cache_hit_rate']:.1%} | "
                   f"{' / '.join(f'{n:.0f}' for n in m['requests_per_server'])} | {d['request_throughput']:.2f} | "
                   f"{d['output_throughput']:.1f} | {d['median_ttft_ms']:.0f} | {d['p99_ttft_ms']:.0f} | {d['failed']} |")
-    both = [r for r in rounds if ("cache_aware", r) in by and ("round_robin", r) in by]
-
-    def ratio(key: str) -> list[float]:
-        return [by[("cache_aware", r)][key] / by[("round_robin", r)][key] for r in both]
-
-    hit = [by[("cache_aware", r)]["server_metrics"]["prefix_cache_hit_rate"] for r in both]
-    hit_rr = [by[("round_robin", r)]["server_metrics"]["prefix_cache_hit_rate"] for r in both]
     print()
-    print(f"cache_aware vs round_robin over {len(both)} rounds, median (min–max): prefix hit rate "
-          f"{spread([h * 100 for h in hit], '{:.1f}')} % vs {spread([h * 100 for h in hit_rr], '{:.1f}')} %; "
-          f"request throughput x{spread(ratio('request_throughput'), '{:.2f}')}; "
-          f"TTFT p50 x{spread(ratio('median_ttft_ms'), '{:.2f}')}; TTFT p99 x{spread(ratio('p99_ttft_ms'), '{:.2f}')}")
-    print()
+    for policy in ("cache_aware", "kv_aware"):
+        both = [r for r in rounds if (policy, r) in by and ("round_robin", r) in by]
+        if not both:
+            continue
+
+        def ratio(key: str) -> list[float]:
+            return [by[(policy, r)][key] / by[("round_robin", r)][key] for r in both]
+
+        hit = [by[(policy, r)]["server_metrics"]["prefix_cache_hit_rate"] for r in both]
+        hit_rr = [by[("round_robin", r)]["server_metrics"]["prefix_cache_hit_rate"] for r in both]
+        print(f"{policy} vs round_robin over {len(both)} rounds, median (min–max): prefix hit rate "
+              f"{spread([h * 100 for h in hit], '{:.1f}')} % vs {spread([h * 100 for h in hit_rr], '{:.1f}')} %; "
+              f"request throughput x{spread(ratio('request_throughput'), '{:.2f}')}; "
+              f"TTFT p50 x{spread(ratio('median_ttft_ms'), '{:.2f}')}; TTFT p99 x{spread(ratio('p99_ttft_ms'), '{:.2f}')}")
+        print()
 
 
 def main(out: Path) -> None:
