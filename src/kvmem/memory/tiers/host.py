@@ -26,6 +26,9 @@ class HostTier:
         self.buffer = torch.zeros((num_slots, block_nbytes), dtype=torch.uint8, pin_memory=pin)
         self.slots: OrderedDict[BlockHash, int] = OrderedDict()
         self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
+        # Keys being loaded back right now: a store that must make room while they are (the load's own
+        # allocations write back other blocks) never evicts them.
+        self.pinned: set[BlockHash] = set()
 
     @property
     def num_slots(self) -> int:
@@ -57,15 +60,19 @@ class HostTier:
         self.slots.move_to_end(key)
         return self.buffer[slot]
 
-    def reserve(self, key: BlockHash) -> tuple[torch.Tensor, tuple[BlockHash, torch.Tensor] | None]:
+    def reserve(self, key: BlockHash) -> tuple[torch.Tensor, tuple[BlockHash, torch.Tensor] | None] | None:
         """A slot for `key` (which must not be here), and the (key, bytes) it evicted to make room, if
-        any: those bytes are a copy, since the slot is about to be overwritten."""
+        any: those bytes are a copy, since the slot is about to be overwritten. None when every slot
+        is pinned (the block is then not kept here)."""
         assert key not in self.slots
         evicted = None
         if self.free_slots:
             slot = self.free_slots.pop()
         else:
-            old_key, slot = self.slots.popitem(last=False)
+            old_key = next((k for k in self.slots if k not in self.pinned), None)
+            if old_key is None:
+                return None
+            slot = self.slots.pop(old_key)
             evicted = (old_key, self.buffer[slot].clone())
         self.slots[key] = slot
         return self.buffer[slot], evicted

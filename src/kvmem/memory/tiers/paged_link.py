@@ -77,9 +77,22 @@ class PagedTierLink:
             parent = key
         self.store.count_queries(host_queries, disk_queries)
         take = min(self.store.policy.plan(where, bs), m.pool.num_free)
+        host = self.store.host
+        if host is not None:  # the allocations below write other blocks back: never over these
+            host.pinned = {k for k, t in zip(keys[:take], where[:take]) if t == "host"}
+        try:
+            stored = self._load(seq, table, hashes, keys[:take], where[:take])
+        finally:
+            if host is not None:
+                host.pinned = set()
+        return stored
+
+    def _load(self, seq, table: list[KVBlock], hashes: list[BlockHash], keys: list[BlockHash],
+              where: list[str]) -> list[int]:
+        m, bs = self.manager, self.manager.block_size
         stored: list[int] = []
         disk_keys, disk_blocks = [], []
-        for key, tier in zip(keys[:take], where[:take]):
+        for key, tier in zip(keys, where):
             block = m.pool.allocate()  # may evict (and write back) another cached block
             if tier == "host" and not disk_keys:
                 ok = self.store.load_host(key, lambda p, b=block.block_id: self.format.scatter_paged(

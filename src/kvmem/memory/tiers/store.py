@@ -76,7 +76,7 @@ class TierCounters:
     stored_bytes: int = 0
     loaded_bytes: int = 0
     evicted: int = 0  # blocks this tier let go to make room
-    dropped: int = 0  # writes not done: the queue was full (disk)
+    dropped: int = 0  # writes not done: the queue was full (disk), every slot pinned by a load (host)
     corrupt: int = 0  # files that failed a check: deleted, recomputed (disk)
     errors: int = 0  # writes that failed (disk full, permissions): logged
     store_time: TransferHistogram = field(default_factory=TransferHistogram)
@@ -133,7 +133,15 @@ class TierStore:
             if self.host.touch(key):
                 return
             start = time.perf_counter()
-            slot, evicted = self.host.reserve(key)
+            reserved = self.host.reserve(key)
+            if reserved is None:  # every slot is being loaded back now: straight to disk instead
+                self.host_counters.dropped += 1
+                if self.disk is not None and key not in self.disk:
+                    data = torch.empty(self.block_nbytes, dtype=torch.uint8)
+                    gather(data)
+                    self._queue_disk_write(key, data)
+                return
+            slot, evicted = reserved
             gather(slot)
             self.host_counters.store_time.observe(time.perf_counter() - start)
             self.host_counters.stored += 1
