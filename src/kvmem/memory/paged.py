@@ -241,9 +241,11 @@ class PagedKVCacheManager(KVCacheManager):
     def release_free_memory(self) -> int:
         # The pool is one preallocated tensor, so nothing goes back to the OS; dropping cached
         # prefixes turns their blocks into plain free blocks. Report those bytes.
-        released = self.pool.evict_cached() * self.block_bytes  # with tiers: each one written back first
-        if self.tiers is not None:
-            self.tiers.emit_events()
+        if self.tiers is None:
+            return self.pool.evict_cached() * self.block_bytes
+        with self.tiers.store.waiting_writes():  # each one written back first, none dropped
+            released = self.pool.evict_cached() * self.block_bytes
+        self.tiers.emit_events()
         return released
 
     def close(self) -> None:

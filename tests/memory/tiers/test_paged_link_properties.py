@@ -149,3 +149,24 @@ def test_a_loading_sequence_waits_and_a_freed_one_drops_its_read(tmp_path):
         assert serve(mgr, PROMPTS[0]) == 12
     finally:
         mgr.close()
+
+
+def test_kv_events_carry_the_tier_as_medium(tmp_path):
+    from kvmem.memory.events import BlockRemoved, BlockStored, EventSink
+
+    mgr = make(SPECS["float32"], tmp_path, host_blocks=1)
+    sink = EventSink()
+    mgr.set_event_sink(sink)
+    try:
+        serve(mgr, PROMPTS[0])
+        serve(mgr, PROMPTS[2])  # evicts prompt 0's blocks: stored in CPU, the host tier's LRU moved to disk
+        assert mgr.tiers.store.flush(timeout=30)
+        serve(mgr, PROMPTS[0])  # drains the tiers' events, loads from host and disk back to the device
+        events = sink.drain()
+        stored = {e.medium for e in events if isinstance(e, BlockStored)}
+        removed = {e.medium for e in events if isinstance(e, BlockRemoved)}
+        assert {"CPU", "DISK"} <= stored and "CPU" in removed
+        keys = {h for e in events if isinstance(e, BlockStored) and e.medium == "DISK" for h in e.block_hashes}
+        assert keys and all(len(k) == 32 for k in keys)
+    finally:
+        mgr.close()

@@ -19,6 +19,7 @@ threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -283,6 +284,16 @@ class TierStore:
                            "directory": str(self.disk.directory), "indexed_at_start": self.disk.num_indexed,
                            "write_queue": self._writes.qsize(), **self.disk_counters.as_dict()}
         return out
+
+    @contextlib.contextmanager
+    def waiting_writes(self):
+        """Within: disk writes wait for queue room instead of being dropped (an explicit hand-down, such
+        as release_free_memory, off the step's path)."""
+        before, self.closing = self.closing, True
+        try:
+            yield
+        finally:
+            self.closing = before
 
     def begin_close(self) -> None:
         """From now on disk writes wait for room: the manager is handing over what it still caches."""
