@@ -236,7 +236,8 @@ class PagedKVCacheManager(KVCacheManager):
                 "counts": {k: states.count(c) for k, c in (("free", "."), ("used", "u"), ("shared", "s"),
                                                           ("cached", "c"))},
                 "owners": {str(sid): [b.block_id for b in t] for sid, t in self.tables.items()},
-                "tokens": {str(sid): s.num_computed_tokens for sid, s in self.sequences.items()}}
+                "tokens": {str(sid): s.num_computed_tokens for sid, s in self.sequences.items()},
+                **({} if self.tiers is None else {"tiers": self.tiers.occupancy()})}
 
     def release_free_memory(self) -> int:
         # The pool is one preallocated tensor, so nothing goes back to the OS; dropping cached

@@ -170,3 +170,16 @@ def test_kv_events_carry_the_tier_as_medium(tmp_path):
         assert keys and all(len(k) == 32 for k in keys)
     finally:
         mgr.close()
+
+
+def test_memory_map_shows_the_tiers_occupancy(tmp_path):
+    mgr = make(SPECS["float32"], tmp_path, host_blocks=2)
+    try:
+        serve(mgr, PROMPTS[0])
+        serve(mgr, PROMPTS[2])
+        tiers = mgr.memory_map()["tiers"]
+        block = mgr.tiers.store.block_nbytes
+        assert tiers["host"] == {"used_bytes": 2 * block, "capacity_bytes": 2 * block, "blocks": 2, "hits": 0}
+        assert set(tiers["disk"]) == {"used_bytes", "capacity_bytes", "blocks", "hits"}
+    finally:
+        mgr.close()

@@ -180,6 +180,12 @@ class PagedTierLink:
         return {**self.store.stats(), "loaded_tokens": dict(self.loaded_tokens),
                 "loading_sequences": len(self.loading)}
 
+    def occupancy(self) -> dict:
+        """Per tier: used and capacity bytes, blocks, hits (for /dashboard)."""
+        stats = self.store.stats()
+        return {t: {k: stats[t][k] for k in ("used_bytes", "capacity_bytes", "blocks", "hits")}
+                for t in ("host", "disk") if t in stats}
+
     def close(self) -> None:
         """Hand what the device still caches down to the tiers (a restart finds it on disk), then close
         the store (its threads joined)."""
