@@ -183,3 +183,46 @@ def test_memory_map_shows_the_tiers_occupancy(tmp_path):
         assert set(tiers["disk"]) == {"used_bytes", "capacity_bytes", "blocks", "hits"}
     finally:
         mgr.close()
+
+
+def test_the_scheduler_runs_others_while_a_sequence_loads(tmp_path):
+    import threading
+
+    from kvmem.engine.scheduler import Scheduler
+    from kvmem.engine.sequence import Sequence
+    from kvmem.sampling_params import SamplingParams
+
+    mgr = make(SPECS["float32"], tmp_path, host_blocks=1, num_blocks=10)
+    store = mgr.tiers.store
+    try:
+        serve(mgr, PROMPTS[0])
+        mgr.release_free_memory()  # prompt 0's blocks: host (1) and disk
+        assert store.flush(timeout=30)
+        gate = threading.Event()
+        real = store._read_blocks
+        store._read_blocks = lambda keys: (gate.wait(60), real(keys))[1]
+        scheduler = Scheduler(mgr, max_num_seqs=4, max_num_batched_tokens=64)
+
+        def seq(tokens, i):
+            return Sequence(f"r{i}", 0, list(tokens), len(tokens), SamplingParams(), 4, None, seq_id=1000 + i)
+
+        loading, other = seq(PROMPTS[0], 0), seq(PROMPTS[3], 1)
+        scheduler.add(loading)
+        scheduler.add(other)
+        out = scheduler.schedule()
+        assert [s.seq for s in out.scheduled] == [other]  # the loading one waits, keeping its place
+        assert list(scheduler.waiting) == [loading] and mgr.is_loading(loading)
+        gate.set()
+        deadline = time.monotonic() + 60
+        while mgr.is_loading(loading):
+            assert time.monotonic() < deadline
+            mgr.wait_for_loads(0.05)
+        out = scheduler.schedule()
+        scheduled = {s.seq.seq_id: s.num_new_tokens for s in out.scheduled}
+        assert scheduled[loading.seq_id] == len(PROMPTS[0]) - 12  # 12 tokens came from the tiers
+        assert loading.num_cached_tokens == 12
+        for s in (loading, other):
+            scheduler.remove(s)
+        mgr.pool.check_invariants()
+    finally:
+        mgr.close()
