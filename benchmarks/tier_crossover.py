@@ -76,6 +76,10 @@ def main() -> None:
     host = LLM(**common, kv_offload_memory="512MiB")
     disk = LLM(**common, kv_offload_dir=str(directory), kv_offload_disk_bytes="2GiB")
     tok = plain.get_tokenizer()
+    from kvmem.memory.tiers.policy import LoadPolicy
+
+    for llm in (host, disk):  # measure every length: the policy's thresholds are what this finds
+        llm.engine.manager.tiers.store.policy = LoadPolicy(min_host_tokens=1, min_disk_tokens=1)
     for llm in (plain, host, disk):  # warm-up: kernels, allocator
         ttft(llm, prompt(tok, 200, 999))
         llm.release_free_memory()

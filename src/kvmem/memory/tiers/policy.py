@@ -3,21 +3,26 @@
 Loading a block costs a copy (host tier) or a file read plus a checksum and a copy (disk) per block,
 plus, for the disk, the request waiting a step or more for its blocks while others compute.
 Recomputing costs a prefill of those tokens. Per token the load is cheaper by far, but the disk's
-fixed costs make a short run of disk blocks not worth waiting for: the crossover measured on this
+fixed costs could make a short run of disk blocks not worth waiting for: the crossover measured on this
 project's CPU box is in docs/benchmarks.md ("Prefix-cache tiers"), and the defaults below come
-from it. Runs shorter than the threshold are recomputed; the device prefix cache is never affected.
+from it (on this machine a single block already pays for itself). Runs shorter than the threshold are
+recomputed; the device prefix cache is never affected.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Measured (docs/benchmarks.md, "Prefix-cache tiers": SmolLM2-135M float32, 2-core shared CPU box):
-# a host-tier block loads ~50x faster than its 16 tokens prefill, so any host hit pays.
+# Measured (docs/benchmarks.md, "Prefix-cache tiers"; benchmarks/tier_crossover.py, SmolLM2-135M float32,
+# 16-token blocks of 720 KiB, 2-core shared CPU box, ext4 disk): per block, a host-tier load took 0.03 ms,
+# a disk load (read + crc32 + copy) 0.43 ms, prefilling its 16 tokens 13-17 ms. Time to first token with a
+# 16-token prefix + 16-token suffix: recomputed 30.1 ms, from host 21.8 ms, from disk 22.0 ms (warm page
+# cache) / 22.2 ms (dropped from it): loading already wins at one block, so the crossover is below one
+# block and the thresholds are one block. Larger models only move it further down (prefill per token
+# grows with all parameters, a block's bytes only with the KV heads); a slower disk (network storage)
+# would move it up: set `TierStore.policy` (a LoadPolicy) there.
 DEFAULT_MIN_HOST_TOKENS = 16
-# Disk: see the measured crossover in docs/benchmarks.md; one block already pays there, but a run
-# shorter than this is not worth a wait on the loader thread.
-DEFAULT_MIN_DISK_TOKENS = 32
+DEFAULT_MIN_DISK_TOKENS = 16
 
 
 @dataclass(frozen=True)
