@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 # Measured (docs/benchmarks.md, "Prefix-cache tiers"; benchmarks/tier_crossover.py, SmolLM2-135M float32,
 # 16-token blocks of 720 KiB, 2-core shared CPU box, ext4 disk): per block, a host-tier load took 0.03 ms,
-# a disk load (read + crc32 + copy) 0.43 ms, prefilling its 16 tokens 13-17 ms. Time to first token with a
+# a disk load (read + crc32 + copy) 0.43 ms, prefilling its 16 tokens 10-17 ms. Time to first token with a
 # 16-token prefix + 16-token suffix: recomputed 30.1 ms, from host 21.8 ms, from disk 22.0 ms (warm page
 # cache) / 22.2 ms (dropped from it): loading already wins at one block, so the crossover is below one
 # block and the thresholds are one block. Larger models only move it further down (prefill per token
