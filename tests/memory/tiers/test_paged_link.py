@@ -133,3 +133,21 @@ def chain_keys(ids: list[int]) -> list[bytes]:
         parent = hash_block(parent, ids[i * 16:(i + 1) * 16])
         keys.append(parent)
     return keys
+
+
+def test_quantized_kv_comes_back_from_the_tiers_unchanged(tmp_path):
+    # int8 KV is lossy against transformers, but a prefix reloaded from host or disk (scales included)
+    # must give exactly the tokens the same engine gave when it computed that prefix.
+    int8_bytes_per_token = 30 * 2 * 3 * (64 + 4)  # one byte per element, a float32 scale per token and head
+    kwargs = dict(dtype="float32", kv_cache_dtype="int8", kv_cache_memory=700 * int8_bytes_per_token,
+                  max_model_len=1024, kv_offload_memory=2 * 16 * int8_bytes_per_token, kv_offload_dir=str(tmp_path))
+    with LLM(**kwargs) as llm:
+        a, b = ids_of(llm, "apples"), ids_of(llm, "bridges")
+        first, _ = run(llm, a)
+        run(llm, b)
+        assert llm.engine.manager.tiers.store.flush(timeout=60)
+        again, cached = run(llm, a)
+        assert again == first and cached == (len(a) - 1) // 16 * 16
+        stats = offload(llm)
+        assert stats["disk"]["hits"] > 0 and stats["host"]["stored"] > 0
+        assert_memory_returned(llm)
