@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 
-
 from kvmem import LLM, SamplingParams
 from tests.oracle import hf_default_model, hf_greedy
 
