@@ -165,8 +165,8 @@ def test_kv_events_carry_the_tier_as_medium(tmp_path):
         events = sink.drain()
         stored = {e.medium for e in events if isinstance(e, BlockStored)}
         removed = {e.medium for e in events if isinstance(e, BlockRemoved)}
-        assert {"CPU", "DISK"} <= stored and "CPU" in removed
-        keys = {h for e in events if isinstance(e, BlockStored) and e.medium == "DISK" for h in e.block_hashes}
+        assert {"CPU", "STORAGE"} <= stored and "CPU" in removed
+        keys = {h for e in events if isinstance(e, BlockStored) and e.medium == "STORAGE" for h in e.block_hashes}
         assert keys and all(len(k) == 32 for k in keys)
     finally:
         mgr.close()

@@ -46,7 +46,7 @@ def test_blocks_flow_host_then_disk_and_load_back(tmp_path):
         assert stats["disk"]["stored"] == 7 and stats["disk"]["used_bytes"] <= stats["disk"]["capacity_bytes"]
         kinds = [(e.kind, e.medium) for e in store.drain_events()]
         assert kinds.count(("stored", "CPU")) == 10 and kinds.count(("removed", "CPU")) == 7
-        assert kinds.count(("stored", "DISK")) == 7
+        assert kinds.count(("stored", "STORAGE")) == 7
     finally:
         store.close()
     assert tier_threads() == []

@@ -72,7 +72,7 @@ def decode_file(data_header: bytes, payload: bytearray | None, fingerprint: byte
 
 
 class DiskTier:
-    medium = "DISK"  # KV events' medium for this tier (vLLM has no disk tier of its own; LMCache-style name)
+    medium = "STORAGE"  # KV events' medium for this tier: vLLM's name (MEDIUM_STORAGE) for its file-system offloading tier
 
     def __init__(self, root: str | os.PathLike, capacity_bytes: int, fingerprint: KVFingerprint,
                  block_nbytes: int) -> None:
