@@ -15,10 +15,16 @@ HOST_TIER="${HOST_TIER:-2GiB}"
 DISK_HOST_TIER="${DISK_HOST_TIER:-256MiB}"  # host + disk: a small host tier, so that the disk serves too
 PY="${PY:-.venv/bin/python}"
 PORT=8320
+GATE=${GATE:-/work/cpu.gate}  # where it exists: each timed run holds it exclusively (other gated work waits)
 OUT=benchmarks/results/kv_offload
 mkdir -p "$OUT"
 DISK_DIR="$(mktemp -d /tmp/kvmem-tier-XXXXXX)"
 trap 'rm -rf "$DISK_DIR"' EXIT
+
+locked() {  # wait for the gate as long as it takes (flock's own timeout: exit 75, try again)
+  [ -e "$GATE" ] || { "$@"; return; }
+  local rc=75; while [ $rc = 75 ]; do rc=0; flock -x -w 1200 -E 75 "$GATE" "$@" || rc=$?; done; return $rc
+}
 
 wait_healthy() {  # pid
   for _ in $(seq 1 300); do
@@ -34,7 +40,7 @@ run() {  # tiers round -- server flags...
   "$PY" -m kvmem serve --port "$PORT" --dtype bfloat16 --kv-cache-memory "$BUDGET" --log-level warning "$@" &
   local pid=$!
   wait_healthy "$pid"
-  "$PY" -m kvmem bench serve --base-url "http://127.0.0.1:$PORT" --endpoint /v1/chat/completions \
+  locked "$PY" -m kvmem bench serve --base-url "http://127.0.0.1:$PORT" --endpoint /v1/chat/completions \
     --dataset-name multi_turn --num-prompts "$CONVERSATIONS" --multi-turn-num-turns "$TURNS" \
     --multi-turn-user-len "$USER_LEN" --multi-turn-output-len "$OUTPUT_LEN" --seed "$round" \
     --metrics-url "http://127.0.0.1:$PORT" --label "kvmem tiers=$tiers" --no-plot --disable-tqdm \
