@@ -19,6 +19,9 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp1
 # (vLLM's gpu_memory_utilization plays this role on GPUs). On a CPU the rest of RAM stays the OS's.
 DEFAULT_KV_CACHE_FRACTION_CPU = 0.2
 DEFAULT_KV_CACHE_FRACTION_CUDA = 0.9
+# Prefix-cache tiers (kvmem.memory.tiers): the strategies they work with, and the disk tier's default size.
+KV_OFFLOAD_STRATEGIES = ("paged",)
+DEFAULT_KV_OFFLOAD_DISK_BYTES = 4 * 2**30
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
@@ -76,6 +79,11 @@ class EngineConfig:
     # CPU kernels; other types dequantized at load), auto does so where it can (a GGUF on the CPU),
     # none dequantizes every weight at load (float32 greedy output identical to transformers').
     quantization: str = "none"
+    # Prefix-cache tiers below the KV budget (kvmem.memory.tiers): evicted prefix blocks kept in host
+    # memory and/or on disk and loaded back on a hit; the disk tier survives restarts.
+    kv_offload_memory: int | float | str | None = None  # host tier: bytes, "2GiB" or a fraction of free RAM
+    kv_offload_dir: str | None = None  # disk tier's directory (one subdirectory per model fingerprint)
+    kv_offload_disk_bytes: int | str | None = None  # disk tier's size; None = DEFAULT_KV_OFFLOAD_DISK_BYTES
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_STRATEGIES:
@@ -113,6 +121,49 @@ class EngineConfig:
             from kvmem.engine.kv_events import KVEventsConfig
 
             KVEventsConfig.parse(self.kv_events_config)  # validate early
+        self._check_kv_offload()
+
+    @property
+    def offloads_kv(self) -> bool:
+        """Whether prefix-cache tiers are on (kv_offload_memory or kv_offload_dir)."""
+        return self.kv_offload_memory is not None or self.kv_offload_dir is not None
+
+    def _check_kv_offload(self) -> None:
+        if self.kv_offload_memory is not None:
+            parse_memory_size(self.kv_offload_memory, "kv_offload_memory")
+        if isinstance(self.kv_offload_dir, os.PathLike):
+            self.kv_offload_dir = os.fspath(self.kv_offload_dir)
+        if self.kv_offload_dir is not None:
+            if not isinstance(self.kv_offload_dir, str) or not self.kv_offload_dir.strip():
+                raise ValueError(f"kv_offload_dir must be a directory path, got {self.kv_offload_dir!r}")
+            if os.path.exists(self.kv_offload_dir) and not os.path.isdir(self.kv_offload_dir):
+                raise ValueError(f"kv_offload_dir {self.kv_offload_dir!r} exists and is not a directory")
+        if self.kv_offload_disk_bytes is not None:
+            if self.kv_offload_dir is None:
+                raise ValueError("kv_offload_disk_bytes sizes the disk tier: give kv_offload_dir too")
+            if isinstance(parse_memory_size(self.kv_offload_disk_bytes, "kv_offload_disk_bytes"), float):
+                raise ValueError(f"kv_offload_disk_bytes must be bytes or a size like '20GiB', "
+                                 f"got {self.kv_offload_disk_bytes!r}")
+        if not self.offloads_kv:
+            return
+        flag = "kv_offload_memory" if self.kv_offload_memory is not None else "kv_offload_dir"
+        if self.kv_cache not in KV_OFFLOAD_STRATEGIES:
+            raise ValueError(f"{flag} (prefix-cache tiers) works with kv_cache {' or '.join(KV_OFFLOAD_STRATEGIES)}, "
+                             f"not {self.kv_cache!r}")
+        if not self.enable_prefix_caching:
+            raise ValueError(f"{flag} keeps prefix-cache blocks: it needs enable_prefix_caching")
+        if self.tensor_parallel_size > 1:
+            raise ValueError(f"{flag} does not combine with tensor_parallel_size > 1 yet (each rank holds a "
+                             "share of the heads); use tensor_parallel_size 1")
+
+    def kv_offload_bytes(self) -> tuple[int, int]:
+        """(host tier bytes, disk tier bytes); 0 = that tier off."""
+        host = 0 if self.kv_offload_memory is None else resolve_memory_bytes(
+            self.kv_offload_memory, torch.device("cpu"), 0, "kv_offload_memory")
+        disk = 0 if self.kv_offload_dir is None else parse_memory_size(
+            self.kv_offload_disk_bytes if self.kv_offload_disk_bytes is not None else DEFAULT_KV_OFFLOAD_DISK_BYTES,
+            "kv_offload_disk_bytes")
+        return host, disk
 
     def _check_vllm_options(self) -> None:
         u = self.gpu_memory_utilization
@@ -285,6 +336,7 @@ class EngineFlag:
 VIRTUAL_GROUP = "virtual KV cache (vAttention) optimizations, for measuring each"
 HYBRID_GROUP = "hybrid KV cache (HybridServe): --kv-cache hybrid"
 TP_GROUP = "tensor parallelism across machines: --tensor-parallel-size N over --nnodes M"
+OFFLOAD_GROUP = "prefix-cache tiers below the KV budget (host memory, disk): --kv-offload-memory / --kv-offload-dir"
 
 # One entry per EngineConfig field (tests/test_cli.py checks): a field without one has no help line.
 ENGINE_FLAGS: dict[str, EngineFlag] = {
@@ -356,6 +408,14 @@ ENGINE_FLAGS: dict[str, EngineFlag] = {
                                "their blocks (native CPU kernels; memory about the file's size; other types "
                                "dequantized at load); auto: gguf where possible (a GGUF on the CPU), else none; "
                                "none (default): dequantize every weight at load", aliases=("-q",)),
+    "kv_offload_memory": EngineFlag("host-memory tier for prefix blocks the KV budget evicts (LRU; pinned on CUDA): "
+                                    "bytes, a size like 2GiB, or a fraction of free RAM; they are loaded back on a "
+                                    "prefix hit instead of recomputed", group=OFFLOAD_GROUP, metavar="SIZE"),
+    "kv_offload_dir": EngineFlag("disk tier for prefix blocks (what the host tier evicts, or the budget without a "
+                                 "host tier): crash-safe files, kept across restarts for the same model, dtype "
+                                 "and layout", group=OFFLOAD_GROUP, metavar="DIR"),
+    "kv_offload_disk_bytes": EngineFlag("most bytes the disk tier keeps (LRU; default 4GiB)", group=OFFLOAD_GROUP,
+                                        metavar="SIZE"),
 }
 
 

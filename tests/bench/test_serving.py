@@ -45,6 +45,7 @@ class FakeState:
     tokenize: bool = True  # False: no /tokenize (404), as a server without it
     bos: bool = False  # /tokenize and usage count a BOS token
     long_words_two_tokens: bool = False
+    cached_tokens: int | None = None  # set: usage reports this many cached prompt tokens per request
     tokenize_calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0
@@ -124,10 +125,15 @@ class FakeHandler(BaseHTTPRequestHandler):
                 choice.update({"delta": {"content": f" t{i}"}} if chat else {"text": f" t{i}"})
                 self._event({"object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]})
             if state.send_usage:
-                prompt_tokens = len(fake_tokens(state, prompt)) if isinstance(prompt, str) else len(prompt)
-                prompt_tokens += CHAT_TEMPLATE_TOKENS if chat else 0
-                self._event({"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                                                      "total_tokens": prompt_tokens + n}})
+                if chat:  # every message counts, as a chat template renders them all
+                    prompt_tokens = sum(len(fake_tokens(state, m["content"])) for m in body["messages"])
+                    prompt_tokens += CHAT_TEMPLATE_TOKENS
+                else:
+                    prompt_tokens = len(fake_tokens(state, prompt)) if isinstance(prompt, str) else len(prompt)
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+                if state.cached_tokens is not None:
+                    usage["prompt_tokens_details"] = {"cached_tokens": state.cached_tokens}
+                self._event({"choices": [], "usage": usage})
         finally:
             # Before [DONE]: the client frees its concurrency slot only after [DONE], so the peak seen
             # here can never include a request that the client already counts as finished.

@@ -39,11 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kvmem.bench import server_metrics
+from kvmem.bench import server_metrics, serving_multi_turn
 from kvmem.bench.serving_datasets import (WORDS, TokenCounter, prefix_repetition_prompts, random_text_prompts,
                                           sharegpt_prompts)
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+DATASET_NAMES = ("random", "sharegpt", "prefix_repetition", "multi_turn")
+TEXT_WORKLOADS = ("random-text", "sharegpt", "prefix_repetition", "multi_turn")  # sized by /tokenize
 MAX_ERRORS_KEPT = 10
 
 
@@ -53,7 +55,7 @@ class ServerUnusable(RuntimeError):
 
 @dataclass
 class RequestInput:
-    prompt: str | list[int]
+    prompt: str | list[int] | list[dict]  # text, token ids, or (chat) a whole message list
     output_len: int
     prompt_len: int  # exact for token ids, a word count for text; used only if the server sends no usage
 
@@ -68,6 +70,9 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server says
+    text: str = ""  # the generated text (the next turn's history in a multi-turn conversation)
+    turn: int | None = None  # multi_turn: which turn of its conversation (0 first)
 
 
 @dataclass
@@ -98,6 +103,10 @@ class ServeBenchConfig:
     num_prefixes: int = 10
     prefix_output_len: int = 128
     metrics_urls: tuple[str, ...] = ()  # servers whose /metrics counters are read before and after
+    # --dataset-name multi_turn (bench/serving_multi_turn.py): num_prompts conversations of these turns
+    num_turns: int = 6
+    turn_user_len: int = 256
+    turn_output_len: int = 64
 
     @property
     def chat(self) -> bool:
@@ -144,6 +153,10 @@ class ServeBenchResult:
     request_output_tokens: list[int] = field(default_factory=list)
     # From --metrics-url's /metrics (bench/server_metrics.py): prefix hit rate, requests per server.
     server_metrics: dict = field(default_factory=dict)
+    # Prompt tokens the server reported as cached (usage.prompt_tokens_details), summed; None where it
+    # reported none for some request (a server without prompt token details).
+    total_cached_tokens: int | None = None
+    per_turn: list[dict] = field(default_factory=list)  # multi_turn: TTFT and cached tokens per turn
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -230,7 +243,8 @@ def join_url(base_url: str, path: str) -> str:
 def build_payload(model: str, req: RequestInput, chat: bool, ignore_eos: bool, max_tokens: int | None = None) -> dict:
     payload: dict = {"model": model}
     if chat:
-        payload["messages"] = [{"role": "user", "content": req.prompt}]
+        whole = isinstance(req.prompt, list) and bool(req.prompt) and isinstance(req.prompt[0], dict)
+        payload["messages"] = req.prompt if whole else [{"role": "user", "content": req.prompt}]
     else:
         payload["prompt"] = req.prompt
     payload.update(max_tokens=max_tokens or req.output_len, temperature=0, stream=True,
@@ -252,6 +266,7 @@ async def send_request(client, url: str, payload: dict, chat: bool, prompt_len: 
     out = RequestResult()
     text_chunks = 0
     usage: dict | None = None
+    pieces: list[str] = []
     last = out.send_time = time.perf_counter()
     try:
         async with client.stream("POST", url, json=payload) as resp:
@@ -275,6 +290,8 @@ async def send_request(client, url: str, payload: dict, chat: bool, prompt_len: 
                     usage = chunk["usage"]  # the last one wins; some servers send running totals
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if text and choice.get("index", 0) == 0:
+                        pieces.append(text)
                     if text:
                         if text_chunks == 0:
                             out.ttft_s = now - out.send_time
@@ -292,6 +309,10 @@ async def send_request(client, url: str, payload: dict, chat: bool, prompt_len: 
         return out
     out.output_tokens = int(usage["completion_tokens"]) if usage and "completion_tokens" in usage else text_chunks
     out.prompt_tokens = int(usage["prompt_tokens"]) if usage and "prompt_tokens" in usage else prompt_len
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    if isinstance(details.get("cached_tokens"), int):
+        out.cached_tokens = details["cached_tokens"]
+    out.text = "".join(pieces)
     out.success = True
     return out
 
@@ -326,7 +347,7 @@ def summarize(cfg: ServeBenchConfig, model: str, outputs: list[RequestResult], d
     itl = _stats_ms([gap for o in ok for gap in o.itl_s])
     e2e = _stats_ms([o.latency_s for o in ok])
     per_s = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: 0.0)
-    random_workload = not (cfg.dataset or cfg.dataset_name in ("sharegpt", "prefix_repetition"))
+    random_workload = not (cfg.dataset or cfg.dataset_name in ("sharegpt", "prefix_repetition", "multi_turn"))
     settings = dict(input_len=cfg.input_len if random_workload else None, output_len=cfg.output_len,
                     dataset=cfg.dataset, dataset_name=cfg.dataset_name, dataset_path=cfg.dataset_path,
                     sharegpt_output_len=cfg.sharegpt_output_len, seed=cfg.seed, ignore_eos=cfg.ignore_eos,
@@ -336,6 +357,13 @@ def summarize(cfg: ServeBenchConfig, model: str, outputs: list[RequestResult], d
     if cfg.dataset_name == "prefix_repetition":
         settings.update(prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len, num_prefixes=cfg.num_prefixes,
                         output_len=cfg.prefix_output_len)
+    per_turn: list[dict] = []
+    if cfg.dataset_name == "multi_turn":
+        settings.update(conversations=cfg.num_prompts, num_turns=cfg.num_turns, user_len=cfg.turn_user_len,
+                        output_len=cfg.turn_output_len)
+        per_turn = serving_multi_turn.per_turn_summary([o.turn for o in ok], [o.ttft_s for o in ok],
+                                                       [o.prompt_tokens for o in ok], [o.cached_tokens for o in ok])
+    cached = [o.cached_tokens for o in ok]
     return ServeBenchResult(
         label=cfg.label, base_url=cfg.base_url, model=model, endpoint=cfg.endpoint, num_prompts=len(outputs),
         request_rate="inf" if cfg.request_rate == float("inf") else cfg.request_rate,
@@ -350,13 +378,14 @@ def summarize(cfg: ServeBenchConfig, model: str, outputs: list[RequestResult], d
         errors=[o.error for o in outputs if not o.success][:MAX_ERRORS_KEPT], started_at=started_at,
         settings=settings, request_ttft_ms=[o.ttft_s * 1000.0 for o in ok],
         request_e2e_ms=[o.latency_s * 1000.0 for o in ok], request_prompt_tokens=[o.prompt_tokens for o in ok],
-        request_output_tokens=[o.output_tokens for o in ok])
+        request_output_tokens=[o.output_tokens for o in ok],
+        total_cached_tokens=None if not cached or None in cached else sum(cached), per_turn=per_turn)
 
 
 def workload_kind(cfg: ServeBenchConfig) -> str:
     """jsonl | sharegpt | random-ids | random-text, checking the flags fit together."""
-    if cfg.dataset_name not in ("random", "sharegpt", "prefix_repetition"):
-        raise ValueError("--dataset-name must be random, sharegpt or prefix_repetition")
+    if cfg.dataset_name not in DATASET_NAMES:
+        raise ValueError(f"--dataset-name must be one of {', '.join(DATASET_NAMES)}")
     if cfg.dataset:
         if cfg.dataset_path or cfg.dataset_name != "random":
             raise ValueError("--dataset (kvmem JSONL) and --dataset-name/--dataset-path are alternatives")
@@ -372,6 +401,9 @@ def workload_kind(cfg: ServeBenchConfig) -> str:
         if cfg.prefix_output_len < 1:
             raise ValueError("--prefix-repetition-output-len must be >= 1")
         return "prefix_repetition"
+    if cfg.dataset_name == "multi_turn":
+        serving_multi_turn.check_sizes(cfg.num_prompts, cfg.num_turns, cfg.turn_user_len, cfg.turn_output_len)
+        return "multi_turn"
     if cfg.input_len < 1 or cfg.output_len < 1:
         raise ValueError("--input-len and --output-len must be >= 1")
     return "random-ids" if cfg.vocab_size is not None and not cfg.chat else "random-text"
@@ -428,9 +460,16 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
                                limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
     async with client:
         model = cfg.model or await fetch_model(client, cfg.base_url)
-        counter = (TokenCounter(client, cfg.base_url, model) if kind in ("random-text", "sharegpt", "prefix_repetition")
-                   else None)
-        requests, prompt_source = await build_requests(cfg, counter)
+        counter = TokenCounter(client, cfg.base_url, model) if kind in TEXT_WORKLOADS else None
+        if kind == "multi_turn":
+            convs = await serving_multi_turn.conversations(counter, cfg.num_prompts, cfg.num_turns,
+                                                           cfg.turn_user_len, cfg.seed)
+            requests, prompt_source = [], (
+                f"multi_turn: {cfg.num_prompts} conversations x {cfg.num_turns} turns, each turn resending the "
+                f"whole history + a new user message of {cfg.turn_user_len} tokens, {cfg.turn_output_len} "
+                f"tokens answered")
+        else:
+            requests, prompt_source = await build_requests(cfg, counter)
         if counter is not None and not counter.available:
             print(f"kvmem bench serve: the server has no usable /tokenize ({counter.reason}); prompt lengths "
                   "are estimated from words, and the token counts reported are the server's own", file=sys.stderr)
@@ -438,7 +477,8 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
                 and cfg.input_len + cfg.output_len > counter.max_model_len):
             print(f"kvmem bench serve: --input-len + --output-len = {cfg.input_len + cfg.output_len} is over the "
                   f"server's max_model_len {counter.max_model_len}", file=sys.stderr)
-        offsets = arrival_offsets(len(requests), cfg.request_rate, cfg.seed)
+        offsets = arrival_offsets(cfg.num_prompts if kind == "multi_turn" else len(requests), cfg.request_rate,
+                                  cfg.seed)
 
         async def timed(req: RequestInput, max_tokens: int | None = None) -> RequestResult:
             payload = build_payload(model, req, cfg.chat, cfg.ignore_eos, max_tokens)
@@ -460,7 +500,8 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
                 raise ServerUnusable(f"warm-up request to {url} failed: {warm_out[0].error}")
 
         sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-        bar = tqdm(total=len(requests), desc="requests", disable=not (cfg.show_progress and sys.stderr.isatty()))
+        total = cfg.num_prompts * cfg.num_turns if kind == "multi_turn" else len(requests)
+        bar = tqdm(total=total, desc="requests", disable=not (cfg.show_progress and sys.stderr.isatty()))
 
         async def one(req: RequestInput) -> RequestResult:
             async with sem if sem is not None else contextlib.nullcontext():
@@ -468,17 +509,33 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
             bar.update(1)
             return out
 
+        turn_results: list[RequestResult] = []
+
+        async def send_turn(turn: serving_multi_turn.Turn) -> tuple[bool, str]:
+            out = await timed(RequestInput(turn.prompt, cfg.turn_output_len, turn.prompt_len))
+            out.turn = turn.index
+            turn_results.append(out)
+            bar.update(1)
+            return out.success, out.text
+
+        async def conversation(index: int) -> None:  # holds its concurrency slot for all its turns
+            async with sem if sem is not None else contextlib.nullcontext():
+                await serving_multi_turn.run_conversation(index, convs[index], cfg.chat, send_turn)
+
         counters_before = await server_metrics.scrape(client, list(cfg.metrics_urls)) if cfg.metrics_urls else None
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         start = time.perf_counter()
         tasks = []
-        for req, offset in zip(requests, offsets, strict=True):
+        starts = range(cfg.num_prompts) if kind == "multi_turn" else requests
+        for item, offset in zip(starts, offsets, strict=True):
             # Sleep to an absolute time so the schedule does not drift with the event loop's delays.
             delay = start + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(req)))
+            tasks.append(asyncio.create_task(conversation(item) if kind == "multi_turn" else one(item)))
         outputs = await asyncio.gather(*tasks)
+        if kind == "multi_turn":
+            outputs = turn_results  # in completion order
         duration = time.perf_counter() - start
         bar.close()
         counters_after = await server_metrics.scrape(client, list(cfg.metrics_urls)) if cfg.metrics_urls else None
@@ -511,9 +568,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rate", type=_rate, default=float("inf"),
                    help="requests/s, Poisson arrivals (default inf: all at once)")
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no cap)")
-    p.add_argument("--dataset-name", default=None, choices=("random", "sharegpt", "prefix_repetition"),
-                   help="random (default), sharegpt (with --dataset-path), or prefix_repetition (vLLM's: shared "
-                        "prefixes, e.g. the system prompts of several tenants, each request one + its own suffix)")
+    p.add_argument("--dataset-name", default=None, choices=DATASET_NAMES,
+                   help="random (default), sharegpt (with --dataset-path), prefix_repetition (vLLM's: shared "
+                        "prefixes, e.g. the system prompts of several tenants, each request one + its own suffix), "
+                        "or multi_turn (--num-prompts conversations, each turn resending the whole history)")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON (ShareGPT_V3_unfiltered_cleaned_split.json)")
     p.add_argument("--sharegpt-output-len", type=int, default=None,
                    help="sharegpt: this many output tokens per request instead of each answer's length")
@@ -531,6 +589,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="prefix_repetition: distinct prefixes (tenants), requests spread evenly over them")
     p.add_argument("--prefix-repetition-output-len", dest="prefix_output_len", type=int, default=128,
                    help="prefix_repetition: max_tokens per request")
+    p.add_argument("--multi-turn-num-turns", dest="num_turns", type=int, default=6,
+                   help="multi_turn: user messages per conversation")
+    p.add_argument("--multi-turn-user-len", dest="turn_user_len", type=int, default=256,
+                   help="multi_turn: tokens of each user message")
+    p.add_argument("--multi-turn-output-len", dest="turn_output_len", type=int, default=64,
+                   help="multi_turn: max_tokens of each answer")
     p.add_argument("--metrics-url", dest="metrics_urls", nargs="+", default=[], metavar="URL",
                    help="servers (e.g. a fleet's replicas) whose /metrics are read before and after the run: "
                         "prefix cache hit rate over all of them, requests each served")
@@ -566,7 +630,9 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
                             label=args.label, vocab_size=args.vocab_size, num_warmups=args.num_warmups,
                             show_progress=args.show_progress, prefix_len=args.prefix_len,
                             suffix_len=args.suffix_len, num_prefixes=args.num_prefixes,
-                            prefix_output_len=args.prefix_output_len, metrics_urls=tuple(args.metrics_urls))
+                            prefix_output_len=args.prefix_output_len, metrics_urls=tuple(args.metrics_urls),
+                            num_turns=args.num_turns, turn_user_len=args.turn_user_len,
+                            turn_output_len=args.turn_output_len)
 
 
 def result_paths(args: argparse.Namespace, result: ServeBenchResult) -> list[Path]:
@@ -613,6 +679,14 @@ def format_summary(r: ServeBenchResult) -> str:
         lines.append(rule(title))
         for stat, shown in (("mean", "Mean"), ("median", "Median"), ("p99", "P99")):
             lines.append(row(f"{shown} {name} (ms):", getattr(r, f"{stat}_{key}_ms")))
+    if r.total_cached_tokens is not None:
+        lines.append(row("Cached prompt tokens (usage):", r.total_cached_tokens))
+    if r.per_turn:
+        lines.append(rule(" Per turn (TTFT ms p50 / p99, cached) "))
+        for t in r.per_turn:
+            cached = "n/a" if t["cached_tokens"] is None else t["cached_tokens"]
+            lines.append(row(f"Turn {t['turn']} ({t['requests']} req, {t['mean_prompt_tokens']:.0f} tok):",
+                             f"{t['median_ttft_ms']:.1f} / {t['p99_ttft_ms']:.1f}, {cached}"))
     if r.server_metrics:
         m = r.server_metrics
         rate = m["prefix_cache_hit_rate"]

@@ -29,6 +29,8 @@ from kvmem.engine.sequence import Sequence, SequenceStatus
 from kvmem.attention.kv_quant import storage_dtype
 from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
 from kvmem.memory.registry import build_manager, strategy_class
+from kvmem.memory.tiers.fingerprint import weights_fingerprint
+from kvmem.memory.tiers.store import build_tier_store
 from kvmem.models import gguf_blocks, quant_kernels
 from kvmem.models.llama import LlamaForCausalLM
 from kvmem.models.loader import load_model
@@ -192,6 +194,8 @@ class LLMEngine:
                                                 torch.device("cpu") if config.offload_weights else self.device,
                                                 quantized=quantized)
             self.model.load_weights(source.quantized_weights(quantized) if quantized else source.weights())
+            # Prefix-cache tiers: what the stored KV depends on, from the weights as loaded (before packing).
+            weights_fp = weights_fingerprint(self.model.state_dict().items()) if config.offloads_kv else None
             if self.device.type == "cpu":
                 self.model.pack_linear_weights_for_cpu(batch_invariant=config.batch_invariant)
         if self.device.type == "cpu":
@@ -218,6 +222,12 @@ class LLMEngine:
         options = strategy.resolve_options(config, c, spec, max_model_len)
         budget = config.resolve_kv_budget(self.device, weight_bytes)
         self.manager = build_manager(config.kv_cache, spec, budget, max_model_len, options)
+        if config.offloads_kv:  # prefix blocks the budget evicts go to host memory / disk (kvmem.memory.tiers)
+            try:
+                self.manager.attach_tiers(build_tier_store(config, weights_fp, c, spec, options.block_size))
+            except BaseException:
+                self.manager.close()
+                raise
         if self.tp is not None:  # the other ranks build the same manager; ours logs its decisions for them
             self.manager = self.tp.start_replicas(self.manager, self.dtype, max_model_len, budget)
         self.kv_events: KVEventStream | None = None  # vLLM's KV events, when kv_events_config asks for them
@@ -361,6 +371,9 @@ class LLMEngine:
         grammar_failures = self._admit_grammar_ready() if self._awaiting_grammar else []
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.manager.has_pending_loads():  # prefix blocks coming from a tier: wait for one, not spin
+                self.manager.wait_for_loads(0.05)
+                return grammar_failures
             if self._awaiting_grammar and not grammar_failures:
                 # Idle but for compiles: wait a little for one, rather than spin on empty steps.
                 wait_futures([self.requests[s.request_id].grammar for s in self._awaiting_grammar],

@@ -93,12 +93,16 @@ class Scheduler:
                 continue
             break  # seq itself was preempted: nothing after it is left to schedule
 
+        loading: list[Sequence] = []  # admitted, waiting for prefix blocks from a tier: passed over
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0:
                 seq.num_computed_tokens = self.manager.admit(seq, reuse_prefix=seq.reuses_prefix_cache)
-                if seq.num_preemptions == 0:
-                    seq.num_cached_tokens = seq.num_computed_tokens
+            if self.manager.is_loading(seq):  # others compute meanwhile; it keeps its place in the queue
+                loading.append(self.waiting.popleft())
+                continue
+            if seq.num_preemptions == 0:  # every tier's hit, once what was loaded is known
+                seq.num_cached_tokens = seq.num_computed_tokens
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.manager.can_allocate(seq, num_new):
                 self.manager.free(seq)  # give back the prefix blocks admit() took
@@ -111,6 +115,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(loading))
 
         if any(s.seq.num_computed_tokens + s.num_new_tokens < s.seq.num_tokens for s in out.scheduled):
             self.counters.num_chunked_prefills += 1

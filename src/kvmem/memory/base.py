@@ -200,6 +200,23 @@ class KVCacheManager(ABC):
         `reuse_prefix=False`: take no hit (the sequence needs every prompt row computed)."""
         return 0
 
+    def is_loading(self, seq: SequenceView) -> bool:
+        """Whether an admitted `seq` still waits for prefix blocks from a slower tier (kvmem.memory.tiers);
+        the scheduler leaves it waiting meanwhile. May finish the load (and lower
+        `seq.num_computed_tokens` where blocks could not be read). Default: never."""
+        return False
+
+    def has_pending_loads(self) -> bool:
+        """Whether any sequence waits for tier loads (an idle engine then waits a little, not spins)."""
+        return False
+
+    def wait_for_loads(self, timeout: float) -> None:
+        """Block up to `timeout` seconds until some tier load is done."""
+
+    def attach_tiers(self, store) -> None:
+        """Keep evicted prefix blocks in `store` (kvmem.memory.tiers.TierStore) and load them back."""
+        raise ValueError(f"kv_offload_memory / kv_offload_dir are not supported by kv_cache={self.name!r}")
+
     @abstractmethod
     def can_allocate(self, seq: SequenceView, num_new_tokens: int) -> bool:
         """Whether `allocate(seq, num_new_tokens)` would succeed now."""

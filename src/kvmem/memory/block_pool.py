@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +51,9 @@ class BlockPool:
         # Where evictions are reported (kvmem.memory.events); the manager sets both.
         self.events: EventSink | None = None
         self.medium = "CPU"
+        # Called with (block_id, its hash) just before a cached block's prefix is dropped while its bytes
+        # are still intact (the prefix-cache tiers copy it out: kvmem.memory.tiers); None: nobody.
+        self.on_evict: Callable[[int, BlockHash], None] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -71,6 +74,8 @@ class BlockPool:
             raise RuntimeError("block pool exhausted (the caller must check num_free first)")
         block_id, _ = self.free_queue.popitem(last=False)
         block = self.blocks[block_id]
+        if self.on_evict is not None and block.block_hash is not None:
+            self.on_evict(block_id, block.block_hash)
         self._uncache(block)
         block.ref_count = 1
         return block
@@ -113,6 +118,8 @@ class BlockPool:
                 block = self.blocks[block_id]
                 if block.block_hash is not None:
                     removed.append(block.block_hash)
+                    if self.on_evict is not None:
+                        self.on_evict(block_id, block.block_hash)
                     self._uncache(block)
                     self.free_queue.move_to_end(block_id, last=False)
         finally:

@@ -38,6 +38,7 @@ class PagedKVCacheManager(KVCacheManager):
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.tiers = None  # PagedTierLink: the prefix-cache tiers below the budget (attach_tiers)
 
     @classmethod
     def from_budget(cls, spec: KVCacheSpec, budget_bytes: int, max_model_len: int,
@@ -94,7 +95,31 @@ class PagedKVCacheManager(KVCacheManager):
         self.tables[seq.seq_id] = table
         self.hashes[seq.seq_id] = hashes
         self.sequences[seq.seq_id] = seq
+        if self.tiers is not None and self.enable_prefix_caching and reuse_prefix:
+            stored = self.tiers.extend_prefix(seq, table, hashes, num_full)  # the chain goes on in the tiers
+            if self.events is not None and stored:
+                self._emit_stored(seq, hashes, stored)
+            self.tiers.emit_events()
         return len(table) * self.block_size
+
+    # --- prefix-cache tiers (kvmem.memory.tiers) ----------------------------------------
+    def attach_tiers(self, store) -> None:
+        from kvmem.memory.tiers.paged_link import PagedTierLink
+
+        if not self.enable_prefix_caching:
+            raise ValueError("kv_offload_memory / kv_offload_dir keep prefix-cache blocks: they need "
+                             "enable_prefix_caching")
+        self.tiers = PagedTierLink(self, store)
+
+    def is_loading(self, seq: SequenceView) -> bool:
+        return self.tiers is not None and self.tiers.is_loading(seq)
+
+    def has_pending_loads(self) -> bool:
+        return self.tiers is not None and self.tiers.has_pending_loads()
+
+    def wait_for_loads(self, timeout: float) -> None:
+        if self.tiers is not None:
+            self.tiers.wait_for_loads(timeout)
 
     def set_event_sink(self, sink: EventSink | None) -> None:
         self.events = self.pool.events = sink  # stored here, evicted in the pool
@@ -102,6 +127,8 @@ class PagedKVCacheManager(KVCacheManager):
     def on_tokens_computed(self, seq: SequenceView) -> None:
         if not self.enable_prefix_caching:
             return
+        if self.tiers is not None:
+            self.tiers.emit_events()  # what the tiers' threads did since
         table, hashes = self.tables[seq.seq_id], self.hashes[seq.seq_id]
         num_full = seq.num_computed_tokens // self.block_size
         stored: list[int] = []  # positions of the blocks cached now
@@ -166,6 +193,8 @@ class PagedKVCacheManager(KVCacheManager):
         self.sequences[child.seq_id] = child
 
     def free(self, seq: SequenceView) -> None:
+        if self.tiers is not None:
+            self.tiers.cancel(seq)  # freed while its blocks were being read: drop the read
         # Last block first: when these blocks are cached, the tail of a prefix is evicted before
         # its head, which keeps shorter shared prefixes (system prompts) alive longest.
         for block in reversed(self.tables.pop(seq.seq_id, [])):
@@ -193,6 +222,7 @@ class PagedKVCacheManager(KVCacheManager):
             num_sequences=len(self.tables),
             prefix_cache_queries=self.prefix_queries,
             prefix_cache_hits=self.prefix_hits,
+            extra={} if self.tiers is None else {"kv_offload": self.tiers.stats()},
         )
 
     def memory_map(self) -> dict:
@@ -206,9 +236,20 @@ class PagedKVCacheManager(KVCacheManager):
                 "counts": {k: states.count(c) for k, c in (("free", "."), ("used", "u"), ("shared", "s"),
                                                           ("cached", "c"))},
                 "owners": {str(sid): [b.block_id for b in t] for sid, t in self.tables.items()},
-                "tokens": {str(sid): s.num_computed_tokens for sid, s in self.sequences.items()}}
+                "tokens": {str(sid): s.num_computed_tokens for sid, s in self.sequences.items()},
+                **({} if self.tiers is None else {"tiers": self.tiers.occupancy()})}
 
     def release_free_memory(self) -> int:
         # The pool is one preallocated tensor, so nothing goes back to the OS; dropping cached
         # prefixes turns their blocks into plain free blocks. Report those bytes.
-        return self.pool.evict_cached() * self.block_bytes
+        if self.tiers is None:
+            return self.pool.evict_cached() * self.block_bytes
+        with self.tiers.store.waiting_writes():  # each one written back first, none dropped
+            released = self.pool.evict_cached() * self.block_bytes
+        self.tiers.emit_events()
+        return released
+
+    def close(self) -> None:
+        if self.tiers is not None:
+            tiers, self.tiers = self.tiers, None
+            tiers.close()  # what the device still caches goes down to the tiers first

@@ -279,6 +279,10 @@
     const counts = state.map.counts || {};
     $("counts").innerHTML = Object.entries(counts).map(([k, v]) =>
       `<span>${k}: <b id="count-${k}" data-value="${v}">${v}</b></span>`).join("");
+    const tiers = state.map.tiers || {};  // prefix-cache tiers below the budget (paged with --kv-offload-*)
+    $("tiers").innerHTML = Object.entries(tiers).map(([k, t]) =>
+      `<span>${k} tier: <b id="tier-${k}" data-value="${t.used_bytes}">${bytes(t.used_bytes)}</b> of ` +
+      `${bytes(t.capacity_bytes)} (${t.blocks} blocks, ${t.hits} hits)</span>`).join("");
     renderRequests();
     drawMap();
     drawSeries($("ts-bytes"), ["physical", "allocated", "live"], ["#64748b", "#3b82f6", "#16a34a"], 100, bytes);

@@ -1,0 +1,197 @@
+"""The prefix-cache tiers wired into `paged`: eviction writes back, lookup continues into the tiers.
+
+- Write-back at eviction (not write-through at block completion): the pool calls `on_evict` just
+  before a cached block's memory is reused (or dropped by `release_free_memory`), and the block's
+  bytes are copied into the host tier then, on the engine thread: the copy must be done before the
+  step that reuses the block writes into it, and only blocks that actually leave the budget are
+  copied (write-through would copy every full block of every request, most of which are never
+  evicted, doubling the memory traffic of prefill on a CPU where both "tiers" are RAM). The disk
+  write of what the host tier lets go runs on the store's writer thread. The cost of write-back:
+  what is still only on the device is lost if the process is killed; `close()` hands it down.
+- Lookup: after the device's match ends, the hash chain continues into the host tier, then the disk.
+  `LoadPolicy` decides how much of that run to load. Host blocks are copied into fresh budget
+  blocks at once (a memcpy); disk blocks get their budget blocks now and are read on the loader
+  thread while the request waits (`is_loading`), other requests computing meanwhile. Once read they
+  are copied in on the engine thread and the request is scheduled; a block that is missing or fails
+  its checks ends the run there, and the tokens from it on are recomputed.
+- Loaded blocks re-enter the device prefix cache under their hash, as if computed here.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+
+from kvmem.memory.block_pool import BlockHash, KVBlock, hash_block
+from kvmem.memory.events import BlockRemoved, BlockStored
+from kvmem.memory.tiers.payload import BlockFormat
+from kvmem.memory.tiers.store import TierStore
+
+
+@dataclass
+class PendingLoad:
+    """A sequence's disk blocks being read: `blocks[i]` gets `keys[i]`."""
+
+    future: Future
+    keys: list[BlockHash]
+    blocks: list[KVBlock]
+
+
+class PagedTierLink:
+    def __init__(self, manager, store: TierStore) -> None:
+        self.manager = manager
+        self.store = store
+        self.format = BlockFormat.of(manager.spec, manager.block_size)
+        if store.block_nbytes != self.format.nbytes:
+            raise ValueError(f"tier store blocks are {store.block_nbytes} bytes, paged's {self.format.nbytes}")
+        self.loading: dict[int, PendingLoad] = {}
+        self.loaded_tokens = {"host": 0, "disk": 0}
+        manager.pool.on_evict = self._on_evict
+
+    # --- eviction: write back ---------------------------------------------------------
+    def _on_evict(self, block_id: int, key: BlockHash) -> None:
+        m = self.manager
+        self.store.offload(key, lambda out: self.format.gather_paged(m.kv, m.kv_scales, block_id, out))
+
+    # --- lookup ------------------------------------------------------------------------
+    def extend_prefix(self, seq, table: list[KVBlock], hashes: list[BlockHash], num_full: int) -> list[int]:
+        """Continue `seq`'s prefix past the device's match (`table`, `hashes`) with tier blocks: host
+        blocks loaded now, disk blocks scheduled for loading. Returns the positions of the blocks
+        cached now (for BlockStored events)."""
+        m, bs = self.manager, self.manager.block_size
+        keys, where = [], []
+        parent = hashes[-1] if hashes else None
+        host_queries = disk_queries = 0
+        for i in range(len(table), num_full):
+            key = hash_block(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            tier = self.store.locate(key)
+            host_queries += 1
+            disk_queries += tier != "host"
+            if tier is None or (tier == "host" and "disk" in where):  # host after disk: keep it simple, stop
+                break
+            if tier == "host":
+                self.store.host.touch(key)  # most recent: the evictions this load may cause spare it
+            keys.append(key)
+            where.append(tier)
+            parent = key
+        self.store.count_queries(host_queries, disk_queries)
+        take = min(self.store.policy.plan(where, bs), m.pool.num_free)
+        host = self.store.host
+        if host is not None:  # the allocations below write other blocks back: never over these
+            host.pinned = {k for k, t in zip(keys[:take], where[:take]) if t == "host"}
+        try:
+            stored = self._load(seq, table, hashes, keys[:take], where[:take])
+        finally:
+            if host is not None:
+                host.pinned = set()
+        return stored
+
+    def _load(self, seq, table: list[KVBlock], hashes: list[BlockHash], keys: list[BlockHash],
+              where: list[str]) -> list[int]:
+        m, bs = self.manager, self.manager.block_size
+        stored: list[int] = []
+        disk_keys, disk_blocks = [], []
+        for key, tier in zip(keys, where):
+            block = m.pool.allocate()  # may evict (and write back) another cached block
+            if tier == "host" and not disk_keys:
+                ok = self.store.load_host(key, lambda p, b=block.block_id: self.format.scatter_paged(
+                    p, m.kv, m.kv_scales, b))
+                if not ok:  # the allocation above pushed it out of the host tier: recompute from here
+                    m.pool.release(block)
+                    break
+                self.loaded_tokens["host"] += bs
+                if m.pool.cache(block, key):
+                    stored.append(len(table))
+                table.append(block)
+                hashes.append(key)
+            else:
+                disk_keys.append(key)
+                disk_blocks.append(block)
+                table.append(block)  # filled when the read is done; hashes then
+        if disk_keys:
+            self.loading[seq.seq_id] = PendingLoad(self.store.submit_disk_loads(disk_keys), disk_keys, disk_blocks)
+        return stored
+
+    def is_loading(self, seq) -> bool:
+        """Whether `seq` still waits for disk blocks; finishes its load when the read is done."""
+        pending = self.loading.get(seq.seq_id)
+        if pending is None:
+            return False
+        if not pending.future.done():
+            return True
+        del self.loading[seq.seq_id]
+        self._finish(seq, pending)
+        return False
+
+    def _finish(self, seq, pending: PendingLoad) -> None:
+        m, bs = self.manager, self.manager.block_size
+        try:
+            payloads = pending.future.result()
+        except Exception:  # noqa: BLE001  a failed read recomputes, as a corrupt file does
+            payloads = []
+        table, hashes = m.tables[seq.seq_id], m.hashes[seq.seq_id]
+        first = len(hashes)  # the first pending block's position
+        stored: list[int] = []
+        for key, block, payload in zip(pending.keys, pending.blocks, payloads):
+            self.format.scatter_paged(payload, m.kv, m.kv_scales, block.block_id)
+            if m.pool.cache(block, key):
+                stored.append(len(hashes))
+            hashes.append(key)
+        n = len(payloads)
+        self.store.count_disk_hits(n)
+        self.loaded_tokens["disk"] += n * bs
+        for block in reversed(table[first + n:]):  # not loaded: give back, recompute those tokens
+            m.pool.release(block)
+        del table[first + n:]
+        seq.num_computed_tokens = len(table) * bs
+        if stored and m.events is not None:
+            m._emit_stored(seq, hashes, stored)
+
+    def cancel(self, seq) -> None:
+        """`seq` is freed while loading: forget the read (the loader only fills its own buffers)."""
+        pending = self.loading.pop(seq.seq_id, None)
+        if pending is not None:
+            pending.future.cancel()
+
+    def has_pending_loads(self) -> bool:
+        return bool(self.loading)
+
+    def wait_for_loads(self, timeout: float) -> None:
+        if self.loading:
+            wait_futures([p.future for p in self.loading.values()], timeout=timeout, return_when=FIRST_COMPLETED)
+
+    # --- events, stats, close ---------------------------------------------------------
+    def emit_events(self) -> None:
+        """Hand the tiers' stored/removed blocks to the manager's event sink (vLLM's events, with the
+        tier as `medium`)."""
+        events = self.store.drain_events()
+        sink = self.manager.events
+        if sink is None:
+            return
+        for e in events:
+            if e.kind == "stored":
+                sink.emit(BlockStored(block_hashes=list(e.keys), parent_block_hash=None, token_ids=[],
+                                      block_size=self.manager.block_size, medium=e.medium))
+            else:
+                sink.emit(BlockRemoved(list(e.keys), e.medium))
+
+    def stats(self) -> dict:
+        return {**self.store.stats(), "loaded_tokens": dict(self.loaded_tokens),
+                "loading_sequences": len(self.loading)}
+
+    def occupancy(self) -> dict:
+        """Per tier: used and capacity bytes, blocks, hits (for /dashboard)."""
+        stats = self.store.stats()
+        return {t: {k: stats[t][k] for k in ("used_bytes", "capacity_bytes", "blocks", "hits")}
+                for t in ("host", "disk") if t in stats}
+
+    def close(self) -> None:
+        """Hand what the device still caches down to the tiers (a restart finds it on disk), then close
+        the store (its threads joined)."""
+        for seq_id in list(self.loading):
+            self.loading.pop(seq_id).future.cancel()
+        self.store.begin_close()
+        self.manager.pool.evict_cached()  # each cached block through _on_evict, oldest first
+        self.manager.pool.on_evict = None
+        self.store.close()
