@@ -29,7 +29,7 @@ from kvmem.engine.sequence import Sequence, SequenceStatus
 from kvmem.attention.kv_quant import storage_dtype
 from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
 from kvmem.memory.registry import build_manager, strategy_class
-from kvmem.models import gguf_blocks, quant_kernels
+from kvmem.models import gguf_blocks, kv_scales, quant_kernels
 from kvmem.models.llama import LlamaForCausalLM
 from kvmem.models.loader import load_model
 from kvmem.models.source import ModelSource
@@ -184,14 +184,20 @@ class LLMEngine:
         else:
             say("%s the weights to %s (%d layers)", "dequantizing" if source.path.suffix == ".gguf" else "loading",
                 str(self.dtype).removeprefix("torch."), self.model_config.num_hidden_layers)
+        # fp8 KV scales a checkpoint carries: used by fp8, folded into the projections (kv_scales).
+        scales, scales_note = kv_scales.resolve(source.kv_scale_tensors, self.model_config.num_hidden_layers,
+                                                config.kv_cache_dtype)
+        if scales_note:
+            say("%s", scales_note)
+        weights = kv_scales.weights_with_scales(source.weights, scales)
         if self.tp is not None:  # this rank's heads and MLP columns, row-parallel projections all-reduced
-            self.model = self.tp.build_model(self.model_config, max_model_len, self.dtype, source.weights(),
+            self.model = self.tp.build_model(self.model_config, max_model_len, self.dtype, weights(),
                                              config.batch_invariant)
         else:
             self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
                                                 torch.device("cpu") if config.offload_weights else self.device,
                                                 quantized=quantized)
-            self.model.load_weights(source.quantized_weights(quantized) if quantized else source.weights())
+            self.model.load_weights(source.quantized_weights(quantized) if quantized else weights())
             if self.device.type == "cpu":
                 self.model.pack_linear_weights_for_cpu(batch_invariant=config.batch_invariant)
         if self.device.type == "cpu":
