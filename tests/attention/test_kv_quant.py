@@ -239,3 +239,28 @@ def test_the_avx512_kernel_reads_quantized_rows_as_the_portable_loops_do(dtype, 
     v_now = dq[1].view(kv_heads, -1, dim)[:, meta.slot_mapping].transpose(0, 1)
     ref = reference_attention(q.float(), k_now, v_now, dq[0].clone(), dq[1].clone(), meta, dim ** -0.5)
     torch.testing.assert_close(vector.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not cpu_kernels.has_vector_kernel(), reason="no AVX-512 kernel on this CPU")
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_the_avx512_kernel_reads_q_in_its_own_dtype_where_it_lies(dtype, q_dtype):
+    """The vector path reads a bf16/fp16 q in place (here a strided view) and writes its dtype: the
+    same bits as the float32 computation on q widened, rounded once at the end; and a row's result
+    does not depend on the other rows of the call."""
+    g = torch.Generator().manual_seed(7)
+    kv_heads, heads, block, blocks, dim = 3, 9, 16, 30, 64
+    stored, scales = kv_quant.quantize(torch.randn(2, kv_heads, blocks, block, dim, generator=g) * 4, dtype)
+    ks, vs = (None, None) if scales is None else (scales[0], scales[1])
+    lens = torch.tensor([1, 16, 31, 90, 160])
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:10] for _ in lens])
+    q = torch.randn(len(lens), 2 * heads, dim, generator=g).to(q_dtype)[:, ::2]  # a view, not contiguous
+    assert not q.is_contiguous()
+    got = cpu_kernels.quantized_attention(q, stored[0], stored[1], ks, vs, tables, lens, dim ** -0.5)
+    assert got.dtype == q_dtype
+    widened = cpu_kernels.quantized_attention(q.float(), stored[0], stored[1], ks, vs, tables, lens, dim ** -0.5)
+    assert torch.equal(got, widened.to(q_dtype))
+    for i in (0, 3):
+        alone = cpu_kernels.quantized_attention(q[i:i + 1], stored[0], stored[1], ks, vs, tables[i:i + 1],
+                                                lens[i:i + 1], dim ** -0.5)
+        assert torch.equal(alone[0], got[i])

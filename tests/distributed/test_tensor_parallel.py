@@ -269,3 +269,23 @@ def test_a_model_source_object_is_refused_with_tp(models):
 
     with pytest.raises(ValueError, match="tensor_parallel_size > 1 loads the model on every rank"):
         LLMEngine(EngineConfig(tensor_parallel_size=2, dtype="float32"), load_model(str(models["llama-mha"])))
+
+
+def test_tp2_reads_a_checkpoints_fp8_kv_scales_as_tp1(models, tmp_path):
+    """Every rank folds the checkpoint's k_scale/v_scale into its slices of the projections
+    (kvmem.models.kv_scales), as rank 0 does: TP = 2 gives TP = 1's tokens."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "scaled"
+    shutil.copytree(models["llama3-gqa"], path)
+    tensors = load_file(path / "model.safetensors")
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.013 * (i + 1))
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(0.021 * (i + 1))
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    one, _ = run(path, 1, kv_cache_dtype="fp8", kv_cache_memory=kv_bytes_for(path, 1, 128))
+    two, seen = run(path, 2, kv_cache_dtype="fp8", kv_cache_memory=kv_bytes_for(path, 2, 128))
+    assert two == one
+    assert_ranks_gave_back(seen, 2)

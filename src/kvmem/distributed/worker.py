@@ -76,6 +76,7 @@ class Worker:
         from kvmem.distributed.parallel_model import build_parallel_model
         from kvmem.memory.base import KVCacheSpec
         from kvmem.memory.registry import build_manager, strategy_class
+        from kvmem.models import kv_scales
         from kvmem.models.loader import load_model
 
         hello = self.group.broadcast_object()
@@ -96,8 +97,11 @@ class Worker:
         if error is None:
             try:
                 dtype = DTYPES[setup.dtype]
+                scales, _ = kv_scales.resolve(source.kv_scale_tensors, source.config.num_hidden_layers,
+                                              config.kv_cache_dtype)  # as rank 0's (LLMEngine), which says it
                 model = build_parallel_model(shard, self.group, setup.max_model_len, dtype, self.device,
-                                             source.weights(), pack_for_cpu=self.device.type == "cpu",
+                                             kv_scales.weights_with_scales(source.weights, scales)(),
+                                             pack_for_cpu=self.device.type == "cpu",
                                              batch_invariant=config.batch_invariant)
                 if self.device.type == "cpu":
                     cpu_kernels.load()

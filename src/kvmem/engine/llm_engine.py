@@ -31,7 +31,7 @@ from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
 from kvmem.memory.registry import build_manager, strategy_class
 from kvmem.memory.tiers.fingerprint import weights_fingerprint
 from kvmem.memory.tiers.store import build_tier_store
-from kvmem.models import gguf_blocks, quant_kernels
+from kvmem.models import gguf_blocks, kv_scales, quant_kernels
 from kvmem.models.llama import LlamaForCausalLM
 from kvmem.models.loader import load_model
 from kvmem.models.source import ModelSource
@@ -186,14 +186,20 @@ class LLMEngine:
         else:
             say("%s the weights to %s (%d layers)", "dequantizing" if source.path.suffix == ".gguf" else "loading",
                 str(self.dtype).removeprefix("torch."), self.model_config.num_hidden_layers)
+        # fp8 KV scales a checkpoint carries: used by fp8, folded into the projections (kv_scales).
+        scales, scales_note = kv_scales.resolve(source.kv_scale_tensors, self.model_config.num_hidden_layers,
+                                                config.kv_cache_dtype)
+        if scales_note:
+            say("%s", scales_note)
+        weights = kv_scales.weights_with_scales(source.weights, scales)
         if self.tp is not None:  # this rank's heads and MLP columns, row-parallel projections all-reduced
-            self.model = self.tp.build_model(self.model_config, max_model_len, self.dtype, source.weights(),
+            self.model = self.tp.build_model(self.model_config, max_model_len, self.dtype, weights(),
                                              config.batch_invariant)
         else:
             self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
                                                 torch.device("cpu") if config.offload_weights else self.device,
                                                 quantized=quantized)
-            self.model.load_weights(source.quantized_weights(quantized) if quantized else source.weights())
+            self.model.load_weights(source.quantized_weights(quantized) if quantized else weights())
             # Prefix-cache tiers: what the stored KV depends on, from the weights as loaded (before packing).
             weights_fp = weights_fingerprint(self.model.state_dict().items()) if config.offloads_kv else None
             if self.device.type == "cpu":

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kvmem.models import kv_scales
 from kvmem.models.config import ModelConfig
 from kvmem.models.source import ModelSource
 from kvmem.tokenizer import Tokenizer
@@ -86,11 +87,19 @@ def load_hf_dir(path: Path) -> ModelSource:
     wanted = set(config.weight_names())
     located: dict[Path, list[str]] = {}
     found: set[str] = set()
+    kv_scale_tensors: dict[str, torch.Tensor] = {}
     for file in files:
         # Others (rotary_emb.inv_freq buffers, lm_head.weight saved next to tied embeddings) are not needed.
-        names = [n for n in _tensor_names(file) if n in wanted]
+        all_names = _tensor_names(file)
+        names = [n for n in all_names if n in wanted]
         located[file] = names
         found.update(names)
+        # fp8 KV-cache scales (llm-compressor / ModelOpt): a few scalars, read now; the engine decides
+        # whether its kv_cache_dtype uses them (kvmem.models.kv_scales).
+        scale_names = [n for n in all_names if kv_scales.is_scale_name(n)]
+        if scale_names:
+            with safe_open(str(file), framework="pt") as f:
+                kv_scale_tensors.update((n, f.get_tensor(n)) for n in scale_names)
     missing = [n for n in config.weight_names() if n not in found]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -105,4 +114,5 @@ def load_hf_dir(path: Path) -> ModelSource:
             except Exception as e:  # a file changed or truncated since load_model checked it
                 raise ValueError(f"{file}: cannot read tensors: {e}") from e
 
-    return ModelSource(config=config, tokenizer=tokenizer, weights=weights, path=path)
+    return ModelSource(config=config, tokenizer=tokenizer, weights=weights, path=path,
+                       kv_scale_tensors=kv_scale_tensors)

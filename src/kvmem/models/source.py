@@ -31,3 +31,6 @@ class ModelSource:
     # and the rest as `weights()` does (`--quantization gguf|auto`).
     quantized_types: dict[str, int] = field(default_factory=dict)
     quantized_weights: Callable[[Collection[str]], Iterator[tuple[str, object]]] | None = None
+    # Hugging Face directories only: per-tensor fp8 KV-cache scales the checkpoint carries (name ->
+    # scalar tensor, vLLM's names; `kvmem.models.kv_scales`), empty where it has none.
+    kv_scale_tensors: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -614,27 +614,37 @@ inline __m512 widen16(const Fp8E4M3* p) {
   const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
   return _mm512_cvtph_ps(_mm256_or_si256(magnitude, sign));
 }
+// 32 stored elements to two vectors of 16 floats (elements 0-15, 16-31): the same values as two
+// widen16 calls, with the float16 bits of all 32 made by 512-bit integer instructions (float8 only;
+// int8 has no cheaper way than widen16's two instructions per 16).
+inline void widen32(const Fp8E5M2* p, __m512 (&out)[2]) {
+  const __m512i h = _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 8);
+  out[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  out[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
+inline void widen32(const Fp8E4M3* p, __m512 (&out)[2]) {
+  // Sign-extended to 16 bits and shifted by 7, a byte s.eeee.mmm becomes s s.eeee.mmm 0000000 with
+  // the sign in bits 15 and 14: clearing bit 14 leaves float16's sign and the << 7 of widen16.
+  const __m512i w = _mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 7);
+  const __m512i h = _mm512_and_si512(w, _mm512_set1_epi16(static_cast<short>(0xBFFF)));
+  out[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  out[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
+inline void widen32(const int8_t* p, __m512 (&out)[2]) {
+  out[0] = widen16(p);
+  out[1] = widen16(p + 16);
+}
 // What the vector path's float8 rows are off by (the role format_factor plays for the loops).
 inline float avx512_format_factor(KVFormat f) { return f == KVFormat::kFp8E4M3 ? 256.f : 1.f; }
 
-// Quantized rows for decode_avx512's score and value loops: the query in float32, 16 elements per
-// piece. The row factors (scales) are applied outside: to the 16 scores of a tile at once, and to
-// the probabilities before the values are accumulated.
+// Quantized rows for the value loop (accumulate_values): 32 elements per piece, widened once per
+// tile of query heads. The row factors (scales) are applied outside: to the 16 scores of a tile at
+// once, and to the probabilities before the values are accumulated.
 template <typename S, int DIM>
 struct QuantizedRowOps {
-  static constexpr int NV = DIM / 16;
-  using Query = __m512;
-  static void load_query(const float* q, Query (&out)[NV]) {
-    for (int c = 0; c < NV; ++c) out[c] = _mm512_loadu_ps(q + 16 * c);
-  }
-  static __m512 dot_partial(const Query (&q)[NV], const S* row) {
-    __m512 s = _mm512_mul_ps(q[0], widen16(row));
-    for (int c = 1; c < NV; ++c) s = _mm512_fmadd_ps(q[c], widen16(row + 16 * c), s);
-    return s;
-  }
-  static constexpr int kPiece = 16, kPieceVectors = 1;
-  static void widen_piece(const S* piece, __m512 (&out)[kPieceVectors]) { out[0] = widen16(piece); }
-  static int element(int v, int j) { return j; }
+  static constexpr int kPiece = 32, kPieceVectors = 2;
+  static void widen_piece(const S* piece, __m512 (&out)[kPieceVectors]) { widen32(piece, out); }
+  static int element(int v, int j) { return 16 * v + j; }
 };
 template <int DIM>
 struct RowOps<int8_t, DIM> : QuantizedRowOps<int8_t, DIM> {};
@@ -643,27 +653,58 @@ struct RowOps<Fp8E4M3, DIM> : QuantizedRowOps<Fp8E4M3, DIM> {};
 template <int DIM>
 struct RowOps<Fp8E5M2, DIM> : QuantizedRowOps<Fp8E5M2, DIM> {};
 
-// decode_avx512's structure over a quantized cache: q and out float32 [B, H, DIM] (contiguous).
-template <typename S, int DIM>
-void decode_avx512_quantized(const float* q, const QuantizedCache& c, const int64_t* tables, const int64_t* lens,
-                             float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
-                             int64_t table_width, float scale) {
-  using Ops = RowOps<S, DIM>;
-  constexpr int NV = Ops::NV;
+// The per-thread buffers of decode_avx512_quantized, kept across calls (every layer of every step
+// calls it): they only grow, so a step allocates nothing once the longest row has been seen.
+struct QuantizedScratch {
+  std::vector<int64_t> rows;
+  std::vector<float> scores, acc, totals, k_factor, v_factor, query;
+};
+inline QuantizedScratch& quantized_scratch() {
+  thread_local QuantizedScratch scratch;
+  return scratch;
+}
+template <typename V>
+inline void grow(V& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
+// Attention over a quantized cache for head dimensions 64 and 128: q and out in the model's dtype
+// T (float32, bfloat16 or float16), read and written where they lie (no float32 copy of q, no
+// output to cast back: one layer of one step used to make both). Key rows are widened in registers,
+// 32 elements per step (float8: 512-bit integer instructions make the float16 bits of 32 elements
+// at once; see widen32), values once per tile of query heads. Widening each key row once into a
+// float32 tile shared by the GQA group was tried and measured slower (the tile's stores and loads
+// cost more than widening again). The arithmetic is that of a float32 query times widened rows:
+// the query is widened exactly (bfloat16 and float16 are float32 subsets), scores are 16 lane-wise
+// partial sums reduced by sum_lanes_16 and times the rows' factors, so the result does not depend
+// on the batch and is bit-identical to the earlier version that took a float32 copy of q.
+template <typename T, typename S, int DIM>
+void decode_avx512_quantized(const T* q, const QuantizedCache& c, const int64_t* tables, const int64_t* lens, T* out,
+                             int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
+                             int64_t table_width, int64_t q_seq_stride, int64_t q_head_stride, float scale) {
+  constexpr int NV = DIM / 16;
   constexpr int kMaxTile = DIM == 64 ? 4 : 2;
   const int64_t group = num_heads / num_kv_heads;
   const S* k_cache = reinterpret_cast<const S*>(c.k);
   const S* v_cache = reinterpret_cast<const S*>(c.v);
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> rows;
-    std::vector<float> scores, acc(group * DIM), totals(group), k_factor, v_factor;
+    QuantizedScratch& s = quantized_scratch();
+    grow(s.acc, group * DIM);
+    grow(s.totals, group);
+    grow(s.query, group * DIM);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads, kvh = item % num_kv_heads;
       const int64_t len = lens[seq], padded = (len + 31) / 32 * 32;
       const int64_t* table = tables + seq * table_width;
-      rows.resize(padded);
-      k_factor.assign(padded, 0.f);
-      v_factor.assign(padded, 0.f);
+      grow(s.rows, padded);
+      grow(s.k_factor, padded);
+      grow(s.v_factor, padded);
+      grow(s.scores, group * padded);
+      int64_t* rows = s.rows.data();
+      float* k_factor = s.k_factor.data();
+      float* v_factor = s.v_factor.data();
+      std::fill(k_factor + len, k_factor + padded, 0.f);
+      std::fill(v_factor + len, v_factor + padded, 0.f);
       for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
         const int64_t base = kvh * c.head_stride + table[b] * c.block_stride;
         for (int64_t t = start, end_t = std::min(len, start + block_size); t < end_t; ++t) {
@@ -672,55 +713,81 @@ void decode_avx512_quantized(const float* q, const QuantizedCache& c, const int6
           v_factor[t] = c.row_scale(c.v_scales, kvh, table[b], t - start);
         }
       }
-      scores.resize(group * padded);
       for (int64_t g = 0; g < group; ++g) {
-        typename Ops::Query qv[NV];
-        Ops::load_query(q + (seq * num_heads + kvh * group + g) * DIM, qv);
-        float* sg = scores.data() + g * padded;
-        for (int64_t start = 0; start < len; start += 16) {
-          const int64_t n = std::min<int64_t>(16, len - start);
+        const T* qh = q + seq * q_seq_stride + (kvh * group + g) * q_head_stride;
+        for (int64_t d = 0; d < DIM; ++d) s.query[g * DIM + d] = to_float(qh[d]);
+      }
+      float* scores = s.scores.data();
+      for (int64_t start = 0; start < len; start += 16) {
+        const int64_t n = std::min<int64_t>(16, len - start);
+        const __m512 factor = _mm512_loadu_ps(k_factor + start);
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 qv[NV];
+#pragma GCC unroll 8
+          for (int c2 = 0; c2 < NV; ++c2) qv[c2] = _mm512_loadu_ps(s.query.data() + g * DIM + 16 * c2);
           __m512 part[16];
 #pragma GCC unroll 16
-          for (int i = 0; i < 16; ++i)
-            part[i] = i < n ? Ops::dot_partial(qv, k_cache + rows[start + i]) : _mm512_setzero_ps();
-          _mm512_storeu_ps(sg + start, _mm512_mul_ps(sum_lanes_16(part), _mm512_loadu_ps(k_factor.data() + start)));
-        }
-        totals[g] = softmax_numerators(sg, len, padded);
-        for (int64_t t = 0; t < padded; t += 16)  // each value row's factor goes with its probability
-          _mm512_storeu_ps(sg + t, _mm512_mul_ps(_mm512_loadu_ps(sg + t), _mm512_loadu_ps(v_factor.data() + t)));
-      }
-      for (int64_t g0 = 0; g0 < group; g0 += kMaxTile) {
-        const float* p = scores.data() + g0 * padded;
-        float* a = acc.data() + g0 * DIM;
-        switch (std::min<int64_t>(kMaxTile, group - g0)) {
-          case 1: accumulate_values<S, DIM, 1>(v_cache, rows.data(), len, p, padded, a); break;
-          case 2: accumulate_values<S, DIM, 2>(v_cache, rows.data(), len, p, padded, a); break;
-          case 3: accumulate_values<S, DIM, 3>(v_cache, rows.data(), len, p, padded, a); break;
-          default: accumulate_values<S, DIM, kMaxTile>(v_cache, rows.data(), len, p, padded, a); break;
+          for (int i = 0; i < 16; ++i) {
+            if (i < n) {
+              const S* row = k_cache + rows[start + i];
+              __m512 x[2];
+              widen32(row, x);
+              __m512 sum = _mm512_fmadd_ps(qv[1], x[1], _mm512_mul_ps(qv[0], x[0]));
+#pragma GCC unroll 4
+              for (int c2 = 1; c2 < NV / 2; ++c2) {
+                widen32(row + 32 * c2, x);
+                sum = _mm512_fmadd_ps(qv[2 * c2], x[0], sum);
+                sum = _mm512_fmadd_ps(qv[2 * c2 + 1], x[1], sum);
+              }
+              part[i] = sum;
+            } else {
+              part[i] = _mm512_setzero_ps();
+            }
+          }
+          _mm512_storeu_ps(scores + g * padded + start, _mm512_mul_ps(sum_lanes_16(part), factor));
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        const float inv = 1.f / totals[g];
-        float* o = out + (seq * num_heads + kvh * group + g) * DIM;
-        for (int64_t d = 0; d < DIM; ++d) o[d] = acc[g * DIM + d] * inv;
+        float* sg = scores + g * padded;
+        s.totals[g] = softmax_numerators(sg, len, padded);
+        for (int64_t t = 0; t < padded; t += 16)  // each value row's factor goes with its probability
+          _mm512_storeu_ps(sg + t, _mm512_mul_ps(_mm512_loadu_ps(sg + t), _mm512_loadu_ps(v_factor + t)));
+      }
+      for (int64_t g0 = 0; g0 < group; g0 += kMaxTile) {
+        const float* p = scores + g0 * padded;
+        float* a = s.acc.data() + g0 * DIM;
+        switch (std::min<int64_t>(kMaxTile, group - g0)) {
+          case 1: accumulate_values<S, DIM, 1>(v_cache, rows, len, p, padded, a); break;
+          case 2: accumulate_values<S, DIM, 2>(v_cache, rows, len, p, padded, a); break;
+          case 3: accumulate_values<S, DIM, 3>(v_cache, rows, len, p, padded, a); break;
+          default: accumulate_values<S, DIM, kMaxTile>(v_cache, rows, len, p, padded, a); break;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const float inv = 1.f / s.totals[g];
+        T* o = out + (seq * num_heads + kvh * group + g) * DIM;
+        for (int64_t d = 0; d < DIM; ++d) o[d] = static_cast<T>(s.acc[g * DIM + d] * inv);
       }
     }
   });
 }
 
-template <int DIM>
-void run_avx512_quantized(const float* q, const QuantizedCache& c, const int64_t* tables, const int64_t* lens,
-                          float* out, int64_t B, int64_t H, int64_t KVH, int64_t block_size, int64_t width,
-                          float scale) {
+template <typename T, int DIM>
+void run_avx512_quantized(const T* q, const QuantizedCache& c, const int64_t* tables, const int64_t* lens, T* out,
+                          int64_t B, int64_t H, int64_t KVH, int64_t block_size, int64_t width, int64_t q_seq_stride,
+                          int64_t q_head_stride, float scale) {
   switch (c.format) {
     case KVFormat::kInt8:
-      decode_avx512_quantized<int8_t, DIM>(q, c, tables, lens, out, B, H, KVH, block_size, width, scale);
+      decode_avx512_quantized<T, int8_t, DIM>(q, c, tables, lens, out, B, H, KVH, block_size, width, q_seq_stride,
+                                              q_head_stride, scale);
       break;
     case KVFormat::kFp8E4M3:
-      decode_avx512_quantized<Fp8E4M3, DIM>(q, c, tables, lens, out, B, H, KVH, block_size, width, scale);
+      decode_avx512_quantized<T, Fp8E4M3, DIM>(q, c, tables, lens, out, B, H, KVH, block_size, width, q_seq_stride,
+                                               q_head_stride, scale);
       break;
     case KVFormat::kFp8E5M2:
-      decode_avx512_quantized<Fp8E5M2, DIM>(q, c, tables, lens, out, B, H, KVH, block_size, width, scale);
+      decode_avx512_quantized<T, Fp8E5M2, DIM>(q, c, tables, lens, out, B, H, KVH, block_size, width, q_seq_stride,
+                                               q_head_stride, scale);
       break;
   }
 }
@@ -773,12 +840,13 @@ torch::Tensor quantized_attention(torch::Tensor q, torch::Tensor k_cache, torch:
 #if KVMEM_HAVE_AVX512
   if (use_vector_kernel && (D == 64 || D == 128)) {
     c.tensor_scale = static_cast<float>(fp8_scale) * avx512_format_factor(c.format);
-    auto qf = q.to(torch::kFloat).contiguous();  // B x H x D: small next to the cache it reads
-    auto outf = torch::empty({B, H, D}, qf.options());
-    auto run = D == 64 ? run_avx512_quantized<64> : run_avx512_quantized<128>;
-    run(qf.data_ptr<float>(), c, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), outf.data_ptr<float>(), B, H,
-        KVH, k_cache.size(2), tables.size(1), static_cast<float>(scale));
-    return outf.to(q.scalar_type());
+    auto out = torch::empty({B, H, D}, q.options());  // q read where it lies, out written in its dtype
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "kvmem_quantized_attention_avx512", [&] {
+      auto run = D == 64 ? run_avx512_quantized<scalar_t, 64> : run_avx512_quantized<scalar_t, 128>;
+      run(q.data_ptr<scalar_t>(), c, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+          B, H, KVH, k_cache.size(2), tables.size(1), q.stride(0), q.stride(1), static_cast<float>(scale));
+    });
+    return out;
   }
 #endif
   auto out = torch::empty({B, H, D}, q.options());
