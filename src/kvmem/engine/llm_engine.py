@@ -29,7 +29,7 @@ from kvmem.engine.sequence import Sequence, SequenceStatus
 from kvmem.attention.kv_quant import storage_dtype
 from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
 from kvmem.memory.registry import build_manager, strategy_class
-from kvmem.models import gguf_blocks, quant_kernels
+from kvmem.models import gguf_blocks, int8_weights, quant_kernels
 from kvmem.models.llama import LlamaForCausalLM
 from kvmem.models.loader import load_model
 from kvmem.models.source import ModelSource
@@ -118,6 +118,11 @@ class LLMEngine:
         `EngineConfig.quantization`); empty to dequantize everything at load."""
         if not config.keeps_quantized_weights():
             return {}
+        if config.quantization == "int8":
+            if source.quantized_weights is not None:
+                raise ValueError(f"quantization 'int8' quantizes a Hugging Face checkpoint at load; {source.path} "
+                                 "is a GGUF: use quantization 'gguf' to keep its own blocks")
+            return LlamaForCausalLM.quantized_plan(source.config, int8_weights.int8_types(source.config))
         if config.quantization == "gguf" and source.quantized_weights is None:
             raise ValueError(f"quantization 'gguf' needs a GGUF model; {source.path} is not a .gguf file")
         if source.quantized_weights is None:
@@ -191,7 +196,10 @@ class LLMEngine:
             self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
                                                 torch.device("cpu") if config.offload_weights else self.device,
                                                 quantized=quantized)
-            self.model.load_weights(source.quantized_weights(quantized) if quantized else source.weights())
+            if quantized and config.quantization == "int8":
+                self.model.load_weights(int8_weights.quantize_at_load(source.weights(), quantized))
+            else:
+                self.model.load_weights(source.quantized_weights(quantized) if quantized else source.weights())
             if self.device.type == "cpu":
                 self.model.pack_linear_weights_for_cpu(batch_invariant=config.batch_invariant)
         if self.device.type == "cpu":
