@@ -11,7 +11,7 @@ import torch
 
 from kvmem.memory.registry import STRATEGY_NAMES as KV_CACHE_STRATEGIES  # noqa: E402  the one list
 ATTENTION_BACKENDS = ("torch", "reference", "triton")
-QUANTIZATIONS = ("none", "gguf", "auto")  # --quantization (vLLM's flag); see EngineConfig.quantization  # kvmem.attention.torch_attention.BACKENDS
+QUANTIZATIONS = ("none", "gguf", "auto", "int8")  # --quantization (vLLM's flag); see EngineConfig.quantization  # kvmem.attention.torch_attention.BACKENDS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -78,6 +78,7 @@ class EngineConfig:
     # vLLM's --quantization, for GGUF files: gguf keeps Q8_0/Q4_0/Q4_1 weights in their blocks (native
     # CPU kernels; other types dequantized at load), auto does so where it can (a GGUF on the CPU),
     # none dequantizes every weight at load (float32 greedy output identical to transformers').
+    # int8 (a Hugging Face checkpoint): weight-only 8-bit quantization at load (kvmem.models.int8_weights).
     quantization: str = "none"
     # Prefix-cache tiers below the KV budget (kvmem.memory.tiers): evicted prefix blocks kept in host
     # memory and/or on disk and loaded back on a hit; the disk tier survives restarts.
@@ -213,21 +214,22 @@ class EngineConfig:
     def _check_quantization(self) -> None:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.quantization == "gguf":
+        if self.quantization in ("gguf", "int8"):
+            q = self.quantization
             if self.device != "cpu":
-                raise ValueError(f"quantization 'gguf' runs on the CPU only (device is {self.device!r}); use "
+                raise ValueError(f"quantization {q!r} runs on the CPU only (device is {self.device!r}); use "
                                  "quantization 'auto' or 'none' to dequantize the weights at load")
             if self.kv_cache == "hybrid":
-                raise ValueError("quantization 'gguf' does not combine with kv_cache='hybrid' yet (its K,V "
+                raise ValueError(f"quantization {q!r} does not combine with kv_cache='hybrid' yet (its K,V "
                                  "recomputation reads full-width weights); use quantization 'none'")
             if self.tensor_parallel_size > 1:
-                raise ValueError("quantization 'gguf' does not combine with tensor_parallel_size > 1 yet (the "
+                raise ValueError(f"quantization {q!r} does not combine with tensor_parallel_size > 1 yet (the "
                                  "ranks slice full-width weights); use quantization 'none' or 'auto'")
 
     def keeps_quantized_weights(self) -> bool:
         """Whether GGUF blocks stay quantized in memory: gguf, or auto where the kernels run (CPU,
         not the hybrid cache)."""
-        return self.quantization == "gguf" or (self.quantization == "auto" and self.device == "cpu"
+        return self.quantization in ("gguf", "int8") or (self.quantization == "auto" and self.device == "cpu"
                                                 and self.kv_cache != "hybrid" and self.tensor_parallel_size == 1)
 
     def chat_template_text(self) -> str | None:
@@ -407,7 +409,9 @@ ENGINE_FLAGS: dict[str, EngineFlag] = {
     "quantization": EngineFlag("none | gguf | auto (vLLM's flag). gguf: keep a GGUF's Q8_0/Q4_0/Q4_1 weights in "
                                "their blocks (native CPU kernels; memory about the file's size; other types "
                                "dequantized at load); auto: gguf where possible (a GGUF on the CPU), else none; "
-                               "none (default): dequantize every weight at load", aliases=("-q",)),
+                               "none (default): dequantize every weight at load; int8: quantize a Hugging Face "
+                               "checkpoint's weights to 8 bits at load (Q8_0 blocks, about half of bfloat16)",
+                               aliases=("-q",)),
     "kv_offload_memory": EngineFlag("host-memory tier for prefix blocks the KV budget evicts (LRU; pinned on CUDA): "
                                     "bytes, a size like 2GiB, or a fraction of free RAM; they are loaded back on a "
                                     "prefix hit instead of recomputed", group=OFFLOAD_GROUP, metavar="SIZE"),

@@ -60,6 +60,20 @@ def test_a_row_gives_the_same_bits_alone_and_in_any_batch(qtype):
                 assert torch.equal(q(x[r:r + n]), batched[r:r + n]), (dtype, r, n)
 
 
+@needs_kernel
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("in_features", [576, 1536])
+def test_rows_past_the_first_chunk_of_a_large_batch_give_the_same_bits(qtype, in_features):
+    # Large bfloat16 batches (prefill chunks) pass over x in chunks of rows that fit in L2
+    # (340 rows at K = 576, 128 at 1536): a row's bits must not depend on its chunk or its place in it.
+    q, _ = layer(40, in_features, qtype, seed=3)
+    x = torch.randn(700, in_features, generator=torch.Generator().manual_seed(4)).bfloat16()
+    batched = q(x)
+    for r, n in ((0, 1), (127, 2), (128, 5), (339, 1), (340, 3), (697, 3), (699, 1)):
+        assert torch.equal(q(x[r:r + n]), batched[r:r + n]), (r, n)
+    assert torch.equal(q(x[:200]), batched[:200])
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_torch_fallback_equals_dequantize_then_matmul(qtype, monkeypatch):
     monkeypatch.setattr(quant_kernels, "load", lambda: None)

@@ -31,7 +31,7 @@ from kvmem.memory.base import KVCacheManager, KVCacheSpec, MemoryStats
 from kvmem.memory.registry import build_manager, strategy_class
 from kvmem.memory.tiers.fingerprint import weights_fingerprint
 from kvmem.memory.tiers.store import build_tier_store
-from kvmem.models import gguf_blocks, kv_scales, quant_kernels
+from kvmem.models import gguf_blocks, int8_weights, kv_scales, quant_kernels
 from kvmem.models.llama import LlamaForCausalLM
 from kvmem.models.loader import load_model
 from kvmem.models.source import ModelSource
@@ -120,6 +120,11 @@ class LLMEngine:
         `EngineConfig.quantization`); empty to dequantize everything at load."""
         if not config.keeps_quantized_weights():
             return {}
+        if config.quantization == "int8":
+            if source.quantized_weights is not None:
+                raise ValueError(f"quantization 'int8' quantizes a Hugging Face checkpoint at load; {source.path} "
+                                 "is a GGUF: use quantization 'gguf' to keep its own blocks")
+            return LlamaForCausalLM.quantized_plan(source.config, int8_weights.int8_types(source.config))
         if config.quantization == "gguf" and source.quantized_weights is None:
             raise ValueError(f"quantization 'gguf' needs a GGUF model; {source.path} is not a .gguf file")
         if source.quantized_weights is None:
@@ -199,7 +204,10 @@ class LLMEngine:
             self.model = LlamaForCausalLM.build(self.model_config, max_model_len, self.dtype,
                                                 torch.device("cpu") if config.offload_weights else self.device,
                                                 quantized=quantized)
-            self.model.load_weights(source.quantized_weights(quantized) if quantized else weights())
+            if quantized and config.quantization == "int8":
+                self.model.load_weights(int8_weights.quantize_at_load(weights(), quantized))
+            else:
+                self.model.load_weights(source.quantized_weights(quantized) if quantized else weights())
             # Prefix-cache tiers: what the stored KV depends on, from the weights as loaded (before packing).
             weights_fp = weights_fingerprint(self.model.state_dict().items()) if config.offloads_kv else None
             if self.device.type == "cpu":

@@ -83,3 +83,28 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.data, self.type_id, self.in_features)
+
+
+Q8_0 = 8  # gguf.GGMLQuantizationType.Q8_0
+
+
+def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """A float matrix [R, K] as Q8_0 rows (uint8 [R, K / 32 * 34]), bit for bit what llama.cpp's
+    quantizer (and the gguf package's `quants.quantize`) writes: per block of 32 values
+    d = max|w| / 127 (float32), q = round-half-away(w / d) computed as w * (1 / d), d stored as fp16.
+    `--quantization int8` keeps a Hugging Face checkpoint's linear weights so."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a matrix, got shape {tuple(weight.shape)}")
+    rows, in_features = weight.shape
+    FORMATS[Q8_0].row_bytes(in_features)  # K must be a multiple of 32
+    blocks = weight.detach().to(torch.float32).reshape(rows, -1, BLOCK_SIZE)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    scaled = blocks * inverse
+    magnitude = scaled.abs()
+    floored = magnitude.floor()
+    q = torch.sign(scaled) * (floored + (2 * (magnitude - floored)).floor())  # the gguf package's np_roundf
+    out = torch.empty(rows, blocks.shape[1], FORMATS[Q8_0].block_bytes, dtype=torch.uint8)
+    out[..., :2] = d.to(torch.float16).view(torch.uint8)
+    out[..., 2:] = q.to(torch.int8).view(torch.uint8)
+    return out.reshape(rows, -1)
