@@ -48,6 +48,9 @@ class EngineConfig:
     # Greedy output independent of the rest of the batch (CPU linears: a lone row computed as a
     # GEMM row). Off: batch-1 decode a few % faster, and an answer may change with the load.
     batch_invariant: bool = True
+    # Rows sharing a cached prefix read its KV once per group (kvmem.attention.cascade; the results
+    # are the same bit for bit). vLLM's name; True: every row alone (for measuring).
+    disable_cascade_attn: bool = False
     # kv_cache="virtual" only: vAttention's optimizations (see kvmem.memory.virtual.VirtualOptions)
     background_mapping: bool = True
     deferred_reclamation: bool = True
@@ -100,7 +103,7 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("background_mapping", "deferred_reclamation", "eager_mapping", "enable_prefix_caching",
-                     "tune_host_allocator", "batch_invariant"):
+                     "tune_host_allocator", "batch_invariant", "disable_cascade_attn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.mapping_lookahead, int) or isinstance(self.mapping_lookahead, bool) \
@@ -366,6 +369,8 @@ ENGINE_FLAGS: dict[str, EngineFlag] = {
                                       "to the kernel at each step"),
     "batch_invariant": EngineFlag("greedy output independent of the rest of the batch; --no-batch-invariant: a few "
                                   "% more speed at batch 1"),
+    "disable_cascade_attn": EngineFlag("read a shared prefix's KV once per row instead of once per group of rows "
+                                       "that share it (cascade attention; same results, for measuring)"),
     "background_mapping": EngineFlag("map pages off the step's path (--no-background-mapping: on it)",
                                      group=VIRTUAL_GROUP),
     "deferred_reclamation": EngineFlag("keep a finished slot's pages for the next request "

@@ -55,6 +55,14 @@ def decode_attention_kernel():
     return None if module is None else module.decode_attention
 
 
+def cascade_attention_kernel():
+    """The compiled `cascade_attention(q, k_cache, v_cache, block_tables, context_lens, scale, group_rows,
+    group_starts, prefix_lens)` (decode_attention with shared prefixes read once per group; equal to it
+    bit for bit), or None."""
+    module = load()
+    return None if module is None else module.cascade_attention
+
+
 def quantized_attention(q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens, scale: float,
                         use_vector_kernel: bool = True):
     """The compiled attention over an int8 / float8 cache (`kv_quant`); callers check `load()` first.

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from kvmem.attention import cpu_kernels
+from kvmem.attention.cascade import CascadeGroups, find_cascade_groups
 
 
 def gathered_key_len(num_blocks: int, block_size: int, context_len: int) -> int:
@@ -78,6 +79,8 @@ class AttentionMetadata:
     # set, the decode and prefill fields above are not used by `batched_attention`.
     native_block_tables: torch.Tensor | None = None
     native_context_lens: torch.Tensor | None = None
+    # Rows of the native kernel's batch that share a prefix's KV (`cascade`); None: every row alone.
+    cascade: CascadeGroups | None = None
     # Scratch tensors that every layer of this step reuses (see `buffer`).
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -93,7 +96,8 @@ class AttentionMetadata:
     def build(cls, block_tables: list[list[int]], num_computed: list[int], query_lens: list[int],
               block_size: int, device: torch.device, in_place_decode: bool = False,
               chunk_tokens: int | None = None, readable_lens: list[int] | None = None,
-              native_kernel: bool | None = None) -> "AttentionMetadata":
+              native_kernel: bool | None = None, prefix_ids: list[list[int]] | None = None,
+              prefix_id_tokens: int | None = None) -> "AttentionMetadata":
         """`block_tables[i]`, `num_computed[i]` (tokens already cached before this step) and
         `query_lens[i]` describe sequence i; decodes (query_len 1) must come first.
         `in_place_decode`: every table is one contiguous slot that attention must not read past
@@ -104,6 +108,9 @@ class AttentionMetadata:
         slots whose lengths differ share a run when every one of them can be read to the longest.
         `native_kernel`: every row goes to the C++ kernel (`cpu_kernels`), which reads any table in
         place; None: whenever it is available on a CPU device.
+        `prefix_ids[i]` / `prefix_id_tokens`: where sequence i's leading KV lies
+        (`KVCacheManager.shared_prefix_ids`); given, the native kernel's rows that share a prefix
+        are grouped for cascade attention (`cascade.find_cascade_groups`).
 
         Built with one tensor construction per field rather than per sequence: this runs every step."""
         num_decodes = 0
@@ -127,8 +134,11 @@ class AttentionMetadata:
                 tables = tables.repeat_interleave(torch.tensor(query_lens, device=device), dim=0)
             lens = torch.tensor([p + 1 for c, q in zip(num_computed, query_lens) for p in range(c, c + q)],
                                 dtype=torch.long, device=device)
+            cascade = None
+            if prefix_ids is not None and cpu_kernels.cascade_attention_kernel() is not None:
+                cascade = find_cascade_groups(prefix_ids, prefix_id_tokens, num_computed, query_lens, device)
             return cls(slot_mapping, num_decodes, None, None, [], block_tables, context_lens, query_lens,
-                       block_size, native_block_tables=tables, native_context_lens=lens)
+                       block_size, native_block_tables=tables, native_context_lens=lens, cascade=cascade)
 
         decode_block_tables = decode_mask = decode_runs = None
         gather_tokens = None

@@ -106,6 +106,11 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         if quantized:
             return cpu_kernels.quantized_attention(q, k_cache, v_cache, k_scales, v_scales, meta.native_block_tables,
                                                    meta.native_context_lens, scale)
+        if meta.cascade is not None:  # quantized KV stays on the row-at-a-time path above
+            groups = meta.cascade
+            return cpu_kernels.cascade_attention_kernel()(q, k_cache, v_cache, meta.native_block_tables,
+                                                          meta.native_context_lens, scale, groups.rows,
+                                                          groups.starts, groups.prefix_lens)
         return cpu_kernels.decode_attention_kernel()(q, k_cache, v_cache, meta.native_block_tables,
                                                      meta.native_context_lens, scale)
     out = torch.empty_like(q)

@@ -258,6 +258,7 @@ class LLMEngine:
         say("%s", describe_kv_cache(self.manager, self.max_model_len))
         self.scheduler = Scheduler(self.manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = self.manager.make_runner(self.model, self.device, config.attention_backend, options)
+        self.runner.cascade_attention = not config.disable_cascade_attn
         if self.tp is not None:
             self.runner = self.tp.wrap_runner(self.runner)
         self.requests: dict[str, Request] = {}

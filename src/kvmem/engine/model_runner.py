@@ -68,6 +68,9 @@ class ModelRunner:
         # None: per-row tables where the native CPU kernel runs (AttentionMetadata.build decides).
         self.row_tables = True if attention_backend in ROW_TABLE_BACKENDS else None
         self.caches = [manager.layer_kv(i) for i in range(model.config.num_hidden_layers)]
+        # Rows sharing a prefix's KV read it once per group (`kvmem.attention.cascade`; results
+        # unchanged bit for bit). The engine turns it off with --disable-cascade-attn.
+        self.cascade_attention = True
 
     def close(self) -> None:
         """Drop the views of the manager's caches, so that closing the manager can unmap them."""
@@ -76,6 +79,13 @@ class ModelRunner:
     def stats_extra(self) -> dict:
         """Counters of memory this runner moves itself (hybrid: staging copies, streamed weights)."""
         return {}
+
+    def _prefix_ids(self, batch: list[ScheduledSequence]) -> dict:
+        """AttentionMetadata.build's cascade arguments: where each sequence's leading KV lies."""
+        tokens = self.manager.prefix_id_tokens
+        if not self.cascade_attention or tokens is None or len(batch) < 2 and batch and batch[0].num_new_tokens < 2:
+            return {}
+        return {"prefix_ids": [self.manager.shared_prefix_ids(s.seq) for s in batch], "prefix_id_tokens": tokens}
 
     def execute(self, scheduled: list[ScheduledSequence]) -> StepResult:
         """Compute the scheduled tokens (KV goes into the caches). Does not advance
@@ -109,6 +119,7 @@ class ModelRunner:
             chunk_tokens=self.manager.chunk_tokens,
             readable_lens=[self.manager.readable_tokens(s.seq) for s in decodes] if contiguous else None,
             native_kernel=self.row_tables,
+            **self._prefix_ids(batch),
         )
         logits = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),

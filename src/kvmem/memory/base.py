@@ -256,6 +256,15 @@ class KVCacheManager(ABC):
     def block_table(self, seq: SequenceView) -> list[int]:
         """Block ids holding `seq`'s tokens, in order."""
 
+    # Tokens per id of `shared_prefix_ids`; None: this manager reports no shared prefixes.
+    prefix_id_tokens: int | None = None
+
+    def shared_prefix_ids(self, seq: SequenceView) -> list[int]:
+        """Ids of the memory holding `seq`'s leading tokens, one per `prefix_id_tokens` tokens: where
+        two running sequences' lists start with the same ids, their KV there is the same memory, which
+        cascade attention reads once for both (`kvmem.attention.cascade`). Default: none."""
+        return []
+
     def readable_tokens(self, seq: SequenceView) -> int:
         """How many tokens from the start of `seq`'s table are backed by memory, written or not
         (attention may read that far and mask the rest). Default: all of its blocks."""

@@ -71,6 +71,14 @@ class PagedKVCacheManager(KVCacheManager):
     def block_table(self, seq: SequenceView) -> list[int]:
         return [b.block_id for b in self.tables.get(seq.seq_id, ())]
 
+    @property
+    def prefix_id_tokens(self) -> int:
+        return self.block_size
+
+    def shared_prefix_ids(self, seq: SequenceView) -> list[int]:
+        """The block table: a block id is its memory (prefix caching shares blocks between sequences)."""
+        return self.block_table(seq)
+
     # --- prefix cache -------------------------------------------------------------------
     def admit(self, seq: SequenceView, reuse_prefix: bool = True) -> int:
         assert seq.seq_id not in self.tables, "admit() on a sequence that already holds blocks"

@@ -277,6 +277,20 @@ class VirtualKVCacheManager(KVCacheManager):
     def block_table(self, seq: SequenceView) -> list[int]:
         return [self.owned[seq.seq_id].index]
 
+    @property
+    def prefix_id_tokens(self) -> int:
+        return self.chunk_tokens
+
+    def shared_prefix_ids(self, seq: SequenceView) -> list[int]:
+        """Per chunk of the sequence's tokens: the shared pool chunk's index where the slot maps one
+        (the same physical pages as every other slot mapping it), else an id of the slot's own
+        chunk (negative, so it never equals a pool index)."""
+        slot = self.owned[seq.seq_id]
+        per_slot = self.layout.max_len // self.chunk_tokens
+        n = min(slot.mapped_chunks, -(-seq.num_tokens // self.chunk_tokens))
+        shared = slot.shared
+        return [shared[p].index if p in shared else -1 - slot.index * per_slot - p for p in range(n)]
+
     def readable_tokens(self, seq: SequenceView) -> int:
         """The slot's mapped chunks (on CPU a map still queued on the worker reads as zeros). On
         CUDA only the chunks allocate() waited for: look-ahead maps may still be queued, and an

@@ -454,6 +454,342 @@ bool try_decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int
 }
 
 // ---------------------------------------------------------------------------------------------
+// Cascade (shared-prefix) attention. Rows whose contexts start with the same KV (paged: the same
+// physical blocks at the start of their tables; virtual: the same shared pages) form a group with a
+// shared prefix of P tokens (P a multiple of 32, at most every member's length). A work item is a
+// few rows of one group and one KV head: the prefix's keys and values are read once per 16-token
+// (keys) or 64-token (values) tile for all those rows' query heads, from L1, instead of once per
+// row from L2 or memory; each row's own tokens [P, len) follow as in decode_avx512.
+//
+// Batch invariance, bit for bit: every (query, key) score is the same dot_partial + sum_lanes_16
+// over the same 16-token tiles (they start at multiples of 16 in both kernels), each row's softmax
+// runs over its whole context exactly as decode_avx512's, and each output lane accumulates
+// p * v over tokens 0, 1, ..., len - 1 in order with the same instructions: the accumulators are
+// stored to float32 between spans and loaded back unchanged, and the bfloat16 path's token pairs
+// (t, t + 1) start at even t in every span. So a row's result does not depend on whether, or with
+// whom, it was grouped; the tests compare cascade_attention with decode_attention bit for bit.
+// Everything else (no AVX-512, other head dimensions, float16) goes to decode_attention's loops.
+// ---------------------------------------------------------------------------------------------
+#if KVMEM_HAVE_AVX512
+// accumulate_values over tokens [t0, t1) for GT query heads that may belong to different rows:
+// head j's probabilities are probs[j][t], its sums acc[j][0, DIM) in row order. resume: the sums
+// continue from acc (left there by a span over earlier tokens) instead of starting at zero.
+template <typename T, int DIM, int GT>
+void accumulate_values_span(const T* v_cache, const int64_t* rows, int64_t t0, int64_t t1, const float* const* probs,
+                            float* const* acc, bool resume) {
+  using Ops = RowOps<T, DIM>;
+  constexpr int W = Ops::kPieceVectors, P = DIM / Ops::kPiece;
+  __m512 sum[GT][P][W];
+  alignas(64) float lanes[16];
+#pragma GCC unroll 8
+  for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 8
+    for (int c = 0; c < P; ++c)
+#pragma GCC unroll 2
+      for (int w = 0; w < W; ++w) {
+        if (resume) {
+          for (int j = 0; j < 16; ++j) lanes[j] = acc[g][c * Ops::kPiece + Ops::element(w, j)];
+          sum[g][c][w] = _mm512_load_ps(lanes);
+        } else {
+          sum[g][c][w] = _mm512_setzero_ps();
+        }
+      }
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* row = v_cache + rows[t];
+    __m512 x[P][W];
+#pragma GCC unroll 8
+    for (int c = 0; c < P; ++c) Ops::widen_piece(row + c * Ops::kPiece, x[c]);
+#pragma GCC unroll 8
+    for (int g = 0; g < GT; ++g) {
+      const __m512 p = _mm512_set1_ps(probs[g][t]);
+#pragma GCC unroll 8
+      for (int c = 0; c < P; ++c)
+#pragma GCC unroll 2
+        for (int w = 0; w < W; ++w) sum[g][c][w] = _mm512_fmadd_ps(p, x[c][w], sum[g][c][w]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 8
+    for (int c = 0; c < P; ++c)
+#pragma GCC unroll 2
+      for (int w = 0; w < W; ++w) {
+        _mm512_store_ps(lanes, sum[g][c][w]);
+        for (int j = 0; j < 16; ++j) acc[g][c * Ops::kPiece + Ops::element(w, j)] = lanes[j];
+      }
+}
+
+#if defined(KVMEM_AVX512_BF16)
+// accumulate_value_pairs over tokens [t0, t1) (t0 even) for GT heads of possibly different rows;
+// probs[j] bfloat16 in token order, zero past the row's length; resume as above.
+template <int DIM, int GT>
+void accumulate_value_pairs_span(const c10::BFloat16* v_cache, const int64_t* rows, int64_t t0, int64_t t1,
+                                 const uint16_t* const* probs, float* const* acc, bool resume) {
+  constexpr int P = DIM / 32;
+  __m512 sum[GT][P][2];
+  alignas(64) float lanes[16];
+#pragma GCC unroll 8
+  for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 8
+    for (int c = 0; c < P; ++c)
+#pragma GCC unroll 2
+      for (int w = 0; w < 2; ++w) {
+        if (resume) {
+          for (int L = 0; L < 16; ++L) lanes[L] = acc[g][32 * c + 8 * (L / 4) + 4 * w + L % 4];
+          sum[g][c][w] = _mm512_load_ps(lanes);
+        } else {
+          sum[g][c][w] = _mm512_setzero_ps();
+        }
+      }
+  for (int64_t t = t0; t < t1; t += 2) {
+    const c10::BFloat16* r0 = v_cache + rows[t];
+    const c10::BFloat16* r1 = v_cache + rows[t + 1 < t1 ? t + 1 : t];
+    __m512i lo[P], hi[P];
+#pragma GCC unroll 8
+    for (int c = 0; c < P; ++c) {
+      const __m512i a = _mm512_loadu_si512(r0 + 32 * c), b = _mm512_loadu_si512(r1 + 32 * c);
+      lo[c] = _mm512_unpacklo_epi16(a, b);
+      hi[c] = _mm512_unpackhi_epi16(a, b);
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < GT; ++g) {
+      uint32_t pair;
+      std::memcpy(&pair, probs[g] + t, 4);
+      const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 8
+      for (int c = 0; c < P; ++c) {
+        sum[g][c][0] = _mm512_dpbf16_ps(sum[g][c][0], (__m512bh)lo[c], p);
+        sum[g][c][1] = _mm512_dpbf16_ps(sum[g][c][1], (__m512bh)hi[c], p);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GT; ++g)
+#pragma GCC unroll 8
+    for (int c = 0; c < P; ++c)
+#pragma GCC unroll 2
+      for (int w = 0; w < 2; ++w) {
+        _mm512_store_ps(lanes, sum[g][c][w]);
+        for (int L = 0; L < 16; ++L) acc[g][32 * c + 8 * (L / 4) + 4 * w + L % 4] = lanes[L];
+      }
+}
+#endif
+
+// One span of values for up to kMaxTile heads at once (n heads: the first n of probs / acc).
+template <typename T, int DIM, int kMaxTile, typename Prob>
+void value_span(const T* v_cache, const int64_t* rows, int64_t t0, int64_t t1, const Prob* const* probs,
+                float* const* acc, int64_t n, bool resume) {
+#if defined(KVMEM_AVX512_BF16)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    switch (n) {
+      case 1: accumulate_value_pairs_span<DIM, 1>(v_cache, rows, t0, t1, probs, acc, resume); return;
+      case 2: accumulate_value_pairs_span<DIM, 2>(v_cache, rows, t0, t1, probs, acc, resume); return;
+      case 3: accumulate_value_pairs_span<DIM, 3>(v_cache, rows, t0, t1, probs, acc, resume); return;
+      default: accumulate_value_pairs_span<DIM, kMaxTile>(v_cache, rows, t0, t1, probs, acc, resume); return;
+    }
+  }
+#endif
+  if constexpr (std::is_same_v<Prob, float>) {
+    switch (n) {
+      case 1: accumulate_values_span<T, DIM, 1>(v_cache, rows, t0, t1, probs, acc, resume); return;
+      case 2: accumulate_values_span<T, DIM, 2>(v_cache, rows, t0, t1, probs, acc, resume); return;
+      case 3: accumulate_values_span<T, DIM, 3>(v_cache, rows, t0, t1, probs, acc, resume); return;
+      default: accumulate_values_span<T, DIM, kMaxTile>(v_cache, rows, t0, t1, probs, acc, resume); return;
+    }
+  }
+}
+
+// A work item's rows: rows[i] of the batch, the first `prefix` tokens read through rows[0]'s table.
+struct CascadeUnit {
+  int64_t first, count;  // into the flat list of unit rows
+  int64_t prefix;
+};
+
+template <typename T, int DIM>
+void cascade_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens, T* out,
+                    int64_t num_heads, int64_t num_kv_heads, int64_t block_size, int64_t table_width,
+                    int64_t q_seq_stride, int64_t q_head_stride, int64_t cache_head_stride,
+                    int64_t cache_block_stride, int64_t cache_token_stride, float scale,
+                    const std::vector<CascadeUnit>& units, const std::vector<int64_t>& unit_rows) {
+  using Ops = RowOps<T, DIM>;
+  constexpr int NV = Ops::NV;
+  constexpr int kMaxTile = DIM == 64 ? 4 : 2;
+  constexpr int64_t kValueTile = 64;  // prefix tokens whose values stay in L1 while every head takes them
+#if defined(KVMEM_AVX512_BF16)
+  using Prob = std::conditional_t<std::is_same_v<T, c10::BFloat16>, uint16_t, float>;
+#else
+  using Prob = float;
+#endif
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t num_units = static_cast<int64_t>(units.size());
+  at::parallel_for(0, num_units * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> prefix_rows, rows, row_base, score_base;
+    std::vector<float> scores, acc, totals;
+    std::vector<uint16_t> probs16;
+    std::vector<const Prob*> head_probs;
+    std::vector<float*> head_acc;
+    for (int64_t item = begin; item < end; ++item) {
+      const CascadeUnit& u = units[item / num_kv_heads];
+      const int64_t kvh = item % num_kv_heads, P = u.prefix, n_rows = u.count;
+      const int64_t* members = unit_rows.data() + u.first;
+      auto offsets = [&](const int64_t* table, int64_t t0, int64_t t1, int64_t* dst) {
+        for (int64_t b = t0 / block_size; b * block_size < t1; ++b) {
+          const int64_t base = kvh * cache_head_stride + table[b] * cache_block_stride;
+          for (int64_t t = std::max(t0, b * block_size), e = std::min(t1, (b + 1) * block_size); t < e; ++t)
+            dst[t] = base + (t - b * block_size) * cache_token_stride;
+        }
+      };
+      prefix_rows.resize(P);
+      if (P > 0) offsets(tables + members[0] * table_width, 0, P, prefix_rows.data());
+      row_base.resize(n_rows + 1);
+      score_base.resize(n_rows + 1);
+      row_base[0] = score_base[0] = 0;
+      for (int64_t i = 0; i < n_rows; ++i) {
+        const int64_t padded = (lens[members[i]] + 31) / 32 * 32;
+        row_base[i + 1] = row_base[i] + padded;
+        score_base[i + 1] = score_base[i] + group * padded;
+      }
+      rows.resize(row_base[n_rows]);
+      scores.resize(score_base[n_rows]);
+      acc.resize(n_rows * group * DIM);
+      totals.resize(n_rows * group);
+      for (int64_t i = 0; i < n_rows; ++i)
+        offsets(tables + members[i] * table_width, P, lens[members[i]], rows.data() + row_base[i]);
+      auto query = [&](int64_t i, int64_t g) { return q + members[i] * q_seq_stride + (kvh * group + g) * q_head_stride; };
+      // Scores of the shared prefix: each 16-key tile once, for every query head of every row.
+      for (int64_t start = 0; start < P; start += 16) {
+        for (int64_t i = 0; i < n_rows; ++i) {
+          const int64_t padded = row_base[i + 1] - row_base[i];
+          for (int64_t g = 0; g < group; ++g) {
+            typename Ops::Query qv[NV];
+            Ops::load_query(query(i, g), qv);
+            __m512 part[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; ++j) part[j] = Ops::dot_partial(qv, k_cache + prefix_rows[start + j]);
+            _mm512_storeu_ps(scores.data() + score_base[i] + g * padded + start,
+                             _mm512_mul_ps(sum_lanes_16(part), _mm512_set1_ps(scale)));
+          }
+        }
+      }
+      // Each row's own tokens, then its softmax over the whole context.
+      for (int64_t i = 0; i < n_rows; ++i) {
+        const int64_t len = lens[members[i]], padded = row_base[i + 1] - row_base[i];
+        const int64_t* own = rows.data() + row_base[i];
+        for (int64_t g = 0; g < group; ++g) {
+          typename Ops::Query qv[NV];
+          Ops::load_query(query(i, g), qv);
+          float* sg = scores.data() + score_base[i] + g * padded;
+          for (int64_t start = P; start < len; start += 16) {
+            const int64_t n = std::min<int64_t>(16, len - start);
+            __m512 part[16];
+#pragma GCC unroll 16
+            for (int j = 0; j < 16; ++j) part[j] = j < n ? Ops::dot_partial(qv, k_cache + own[start + j]) : _mm512_setzero_ps();
+            _mm512_storeu_ps(sg + start, _mm512_mul_ps(sum_lanes_16(part), _mm512_set1_ps(scale)));
+          }
+          totals[i * group + g] = softmax_numerators(sg, len, padded);
+        }
+      }
+      // The probabilities the values are weighed by, one pointer per (row, query head).
+      head_probs.resize(n_rows * group);
+      head_acc.resize(n_rows * group);
+#if defined(KVMEM_AVX512_BF16)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        probs16.resize(score_base[n_rows]);
+        for (int64_t i = 0; i < n_rows; ++i) {
+          const int64_t padded = row_base[i + 1] - row_base[i];
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t at = score_base[i] + g * padded;
+            totals[i * group + g] = round_probabilities(scores.data() + at, probs16.data() + at, padded);
+            head_probs[i * group + g] = reinterpret_cast<const Prob*>(probs16.data() + at);
+          }
+        }
+      } else
+#endif
+      {
+        for (int64_t i = 0; i < n_rows; ++i)
+          for (int64_t g = 0; g < group; ++g)
+            head_probs[i * group + g] =
+                reinterpret_cast<const Prob*>(scores.data() + score_base[i] + g * (row_base[i + 1] - row_base[i]));
+      }
+      for (int64_t h = 0; h < n_rows * group; ++h) head_acc[h] = acc.data() + h * DIM;
+      // Values of the shared prefix: a tile of tokens at a time for all heads (every head's sums
+      // go on from the last tile's), then each row's own tokens.
+      const int64_t heads = n_rows * group;
+      for (int64_t t0 = 0; t0 < P; t0 += kValueTile) {
+        const int64_t t1 = std::min(P, t0 + kValueTile);
+        for (int64_t h0 = 0; h0 < heads; h0 += kMaxTile)
+          value_span<T, DIM, kMaxTile, Prob>(v_cache, prefix_rows.data(), t0, t1, head_probs.data() + h0,
+                                             head_acc.data() + h0, std::min<int64_t>(kMaxTile, heads - h0), t0 > 0);
+      }
+      for (int64_t i = 0; i < n_rows; ++i) {
+        const int64_t len = lens[members[i]];
+        for (int64_t g0 = 0; g0 < group; g0 += kMaxTile)
+          value_span<T, DIM, kMaxTile, Prob>(v_cache, rows.data() + row_base[i], P, len,
+                                             head_probs.data() + i * group + g0, head_acc.data() + i * group + g0,
+                                             std::min<int64_t>(kMaxTile, group - g0), P > 0);
+      }
+      for (int64_t i = 0; i < n_rows; ++i)
+        for (int64_t g = 0; g < group; ++g) {
+          const float inv = 1.f / totals[i * group + g];
+          const float* a = acc.data() + (i * group + g) * DIM;
+          T* o = out + members[i] * num_heads * DIM + (kvh * group + g) * DIM;
+          for (int64_t d = 0; d < DIM; ++d) o[d] = static_cast<T>(a[d] * inv);
+        }
+    }
+  });
+}
+#endif  // KVMEM_HAVE_AVX512
+
+// Rows per cascade work item: enough to reuse each prefix tile many times, few enough that a
+// group of 128 rows still makes work for every thread.
+constexpr int64_t kCascadeRowsPerUnit = 8;
+
+// cascade_avx512 where it applies (returns false otherwise). groups: rows group_rows[starts[j],
+// starts[j + 1]) share prefix_lens[j] tokens; rows in no group are units of their own (prefix 0).
+template <typename T>
+bool try_cascade_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens,
+                        T* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size, int64_t table_width,
+                        int64_t q_seq_stride, int64_t q_head_stride, int64_t cache_head_stride,
+                        int64_t cache_block_stride, int64_t cache_token_stride, float scale,
+                        const int64_t* group_rows, const int64_t* group_starts, const int64_t* prefix_lens,
+                        int64_t num_groups) {
+#if KVMEM_HAVE_AVX512
+  constexpr bool supported = std::is_same_v<T, float>
+#if defined(KVMEM_AVX512_BF16)
+                             || std::is_same_v<T, c10::BFloat16>
+#endif
+      ;
+  if constexpr (supported) {
+    if (D == 64 || D == 128) {
+      std::vector<CascadeUnit> units;
+      std::vector<int64_t> unit_rows;
+      std::vector<char> grouped(B, 0);
+      for (int64_t j = 0; j < num_groups; ++j) {
+        for (int64_t s = group_starts[j]; s < group_starts[j + 1]; s += kCascadeRowsPerUnit) {
+          const int64_t count = std::min(kCascadeRowsPerUnit, group_starts[j + 1] - s);
+          units.push_back({static_cast<int64_t>(unit_rows.size()), count, prefix_lens[j]});
+          for (int64_t i = s; i < s + count; ++i) {
+            unit_rows.push_back(group_rows[i]);
+            grouped[group_rows[i]] = 1;
+          }
+        }
+      }
+      for (int64_t r = 0; r < B; ++r)
+        if (!grouped[r]) {
+          units.push_back({static_cast<int64_t>(unit_rows.size()), 1, 0});
+          unit_rows.push_back(r);
+        }
+      auto run = D == 64 ? cascade_avx512<T, 64> : cascade_avx512<T, 128>;
+      run(q, k_cache, v_cache, tables, lens, out, H, KVH, block_size, table_width, q_seq_stride, q_head_stride,
+          cache_head_stride, cache_block_stride, cache_token_stride, scale, units, unit_rows);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Quantized caches (kv_cache_dtype int8 / fp8; kvmem/attention/kv_quant.py): each stored row is
 // widened to float32 as it is read, never outside the loop that uses it. int8: sign-extend and
 // convert, times the (token, head) scale. float8: no table; in the portable loops the byte's
@@ -890,6 +1226,64 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+// decode_attention with shared prefixes read once per group (see "Cascade" above): rows
+// group_rows[group_starts[j], group_starts[j + 1]) (int64) all start with the same KV for
+// prefix_lens[j] tokens (a multiple of 32, at most each member's length), and read it through the
+// first member's table; rows in no group are computed alone. The caller guarantees the KV is the
+// same (same blocks, or pages shared between slots). Results equal decode_attention's bit for bit.
+torch::Tensor cascade_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                                torch::Tensor group_rows, torch::Tensor group_starts, torch::Tensor prefix_lens,
+                                bool use_vector_kernel) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(),
+              "the head dimension must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the cache must share a dtype");
+  auto tables = block_tables.to(torch::kInt64).contiguous();
+  auto lens = context_lens.to(torch::kInt64).contiguous();
+  auto members = group_rows.to(torch::kInt64).contiguous();
+  auto starts = group_starts.to(torch::kInt64).contiguous();
+  auto prefixes = prefix_lens.to(torch::kInt64).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(0);
+  TORCH_CHECK(H % KVH == 0 && k_cache.size(3) == D && tables.size(0) == B && lens.size(0) == B, "bad shapes");
+  const int64_t G = prefixes.size(0);
+  TORCH_CHECK(starts.size(0) == G + 1, "group_starts must have one entry more than prefix_lens");
+  const int64_t* m = members.data_ptr<int64_t>();
+  const int64_t* st = starts.data_ptr<int64_t>();
+  const int64_t* pl = prefixes.data_ptr<int64_t>();
+  const int64_t* ln = lens.data_ptr<int64_t>();
+  const int64_t block_size = k_cache.size(2);
+  std::vector<char> seen(B, 0);
+  TORCH_CHECK(G == 0 || (st[0] == 0 && st[G] == members.size(0)), "group_starts must span group_rows");
+  for (int64_t j = 0; j < G; ++j) {
+    TORCH_CHECK(st[j] <= st[j + 1], "group_starts must not decrease");
+    TORCH_CHECK(pl[j] >= 0 && pl[j] % 32 == 0, "a shared prefix must be a multiple of 32 tokens");
+    TORCH_CHECK(pl[j] <= tables.size(1) * block_size, "a shared prefix must lie within the tables");
+    for (int64_t i = st[j]; i < st[j + 1]; ++i) {
+      TORCH_CHECK(m[i] >= 0 && m[i] < B && !seen[m[i]], "group_rows must be distinct rows of the batch");
+      TORCH_CHECK(ln[m[i]] >= pl[j], "a shared prefix must not be longer than a member's context");
+      seen[m[i]] = 1;
+    }
+  }
+  auto out = torch::empty({B, H, D}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "kvmem_cascade_attention", [&] {
+    if (use_vector_kernel &&
+        try_cascade_avx512<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+                                     v_cache.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(), ln,
+                                     out.data_ptr<scalar_t>(), B, H, KVH, D, block_size, tables.size(1), q.stride(0),
+                                     q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                     static_cast<float>(scale), m, st, pl, G))
+      return;
+    // No vector kernel here: every row alone, which is what a group computes anyway.
+    auto run = D == 64 ? decode<scalar_t, 64> : D == 128 ? decode<scalar_t, 128> : decode<scalar_t, 0>;
+    run(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+        tables.data_ptr<int64_t>(), ln, out.data_ptr<scalar_t>(), B, H, KVH, D, block_size, tables.size(1),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        static_cast<float>(scale));
+  });
+  return out;
+}
+
 void register_fused(pybind11::module& m);  // cpu_fused.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -901,6 +1295,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention over an int8 / float8 KV cache, widened row by row (CPU)", py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("k_scales"), py::arg("v_scales"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("scale"), py::arg("fp8_scale") = 1.0, py::arg("use_vector_kernel") = true);
+  m.def("cascade_attention", &cascade_attention,
+        "decode_attention with shared prefixes read once per group of rows (CPU)", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("group_rows"), py::arg("group_starts"), py::arg("prefix_lens"), py::arg("use_vector_kernel") = true);
   m.def("has_vector_kernel", [] {
 #if KVMEM_HAVE_AVX512
     return true;
