@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,16 @@ from kvmem.bench.serving import send_request
 VOCAB = 49152  # the embedded SmolLM2's; ids are drawn below it
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_server(args: argparse.Namespace, offload_dir: Path, log) -> subprocess.Popen:
+    with socket.socket() as s:  # another server on the port would answer in this one's place
+        if s.connect_ex(("127.0.0.1", args.port)) == 0:
+            raise RuntimeError(f"port {args.port} is already taken by another server")
     cmd = [sys.executable, "-m", "kvmem", "serve", "--port", str(args.port), "--log-level", "warning",
            "--kv-offload-dir", str(offload_dir), *shlex.split(args.server_args)]
     if args.model:
@@ -49,7 +59,7 @@ def start_server(args: argparse.Namespace, offload_dir: Path, log) -> subprocess
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode} while starting: {' '.join(cmd)}")
         try:
-            if httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=2).status_code == 200 and proc.poll() is None:
                 return proc
         except httpx.HTTPError:
             pass
@@ -88,10 +98,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=4000)
     ap.add_argument("--model", default=None, help="default: the embedded model")
     ap.add_argument("--server-args", default="", help="more `kvmem serve` flags (the tiers' budgets, dtype, ...)")
-    ap.add_argument("--port", type=int, default=8310)
+    ap.add_argument("--port", type=int, default=None, help="default: a free port")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     ap.add_argument("--json", default="benchmarks/results/kv_offload/restart.json")
     args = ap.parse_args()
+    args.port = args.port or free_port()
     prompt = np.random.default_rng(0).integers(100, VOCAB - 100, size=args.prompt_len).tolist()
     samples: dict[str, list[dict]] = {"cold": [], "warm": [], "after_restart": []}
     with tempfile.TemporaryDirectory(prefix="kvmem-restart-") as tmp:
