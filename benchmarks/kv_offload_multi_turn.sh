@@ -14,7 +14,7 @@ BUDGET="${BUDGET:-256MiB}"
 HOST_TIER="${HOST_TIER:-2GiB}"
 DISK_HOST_TIER="${DISK_HOST_TIER:-256MiB}"  # host + disk: a small host tier, so that the disk serves too
 PY="${PY:-.venv/bin/python}"
-PORT=8320
+PORT=${PORT:-$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}  # a free one
 GATE=${GATE:-/work/cpu.gate}  # where it exists: each timed run holds it exclusively (other gated work waits)
 OUT=benchmarks/results/kv_offload
 mkdir -p "$OUT"
