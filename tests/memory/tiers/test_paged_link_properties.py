@@ -4,9 +4,7 @@ too; the pool's invariants hold, memory returns, loads overlap (a loading sequen
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -17,21 +15,10 @@ from kvmem.memory.base import KVCacheSpec
 from kvmem.memory.paged import PagedKVCacheManager
 from kvmem.memory.tiers.payload import BlockFormat
 from kvmem.memory.tiers.store import TierStore
+from tests.memory.test_paged import FakeSeq
 from tests.memory.tiers.conftest import make_fingerprint
 
 BS = 4
-_ids = itertools.count()
-
-
-@dataclass(eq=False)
-class FakeSeq:
-    token_ids: list[int]
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    num_computed_tokens: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
 
 def value(tokens: list[int]) -> float:
