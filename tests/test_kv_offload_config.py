@@ -37,7 +37,6 @@ def test_defaults():
     ({"kv_offload_dir": "/tmp/x", "kv_offload_disk_bytes": "big"}, "kv_offload_disk_bytes"),
     ({"kv_offload_memory": "1GiB", "kv_cache": "static"}, "kv_offload_memory"),
     ({"kv_offload_memory": "1GiB", "kv_cache": "hybrid"}, "kv_offload_memory"),
-    ({"kv_offload_memory": "1GiB", "kv_cache": "virtual"}, "kv_offload_memory"),
     ({"kv_offload_dir": "/tmp/x", "kv_cache": "static"}, "kv_offload_dir"),
     ({"kv_offload_memory": "1GiB", "enable_prefix_caching": False}, "kv_offload_memory"),
     ({"kv_offload_memory": "1GiB", "tensor_parallel_size": 2}, "kv_offload_memory"),

@@ -20,7 +20,7 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp1
 DEFAULT_KV_CACHE_FRACTION_CPU = 0.2
 DEFAULT_KV_CACHE_FRACTION_CUDA = 0.9
 # Prefix-cache tiers (kvmem.memory.tiers): the strategies they work with, and the disk tier's default size.
-KV_OFFLOAD_STRATEGIES = ("paged",)
+KV_OFFLOAD_STRATEGIES = ("paged", "virtual")
 DEFAULT_KV_OFFLOAD_DISK_BYTES = 4 * 2**30
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,

@@ -59,6 +59,7 @@ driver (tests/memory/test_vmm_cuda.py), not yet on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -234,6 +235,7 @@ class VirtualKVCacheManager(KVCacheManager):
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.tiers = None  # VirtualTierLink: the prefix-cache tiers below the budget (attach_tiers)
 
     @property
     def pool(self) -> SharedPages | None:
@@ -321,6 +323,9 @@ class VirtualKVCacheManager(KVCacheManager):
             self._map_shared_prefix(slot, sources, seq)
             hit = len(sources) * self.layout.page_tokens
         else:
+            if self.tiers is not None:  # its cached tokens from the match on are about to be overwritten
+                self.tiers.write_back(slot, hit)
+                slot.cached_tokens = None  # handed down: the cut below has nothing more to write back
             # Never write into a shared chunk: from the first one the sequence would write into
             # (its tokens there are not all cached), the slot is cut and those tokens recomputed.
             cut = self._first_shared_past(slot, hit)
@@ -337,7 +342,29 @@ class VirtualKVCacheManager(KVCacheManager):
         if self.enable_prefix_caching:
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += hit
+        if self.tiers is not None and reuse:
+            hit = self.tiers.extend_prefix(seq, slot, hit)  # the chain goes on in the tiers
+            self.tiers.emit_events()
         return hit
+
+    # --- prefix-cache tiers (kvmem.memory.tiers) ----------------------------------------
+    def attach_tiers(self, store) -> None:
+        from kvmem.memory.tiers.virtual_link import VirtualTierLink
+
+        if not self.enable_prefix_caching:
+            raise ValueError("kv_offload_memory / kv_offload_dir keep prefix-cache blocks: they need "
+                             "enable_prefix_caching")
+        self.tiers = VirtualTierLink(self, store, self.options.block_size)
+
+    def is_loading(self, seq: SequenceView) -> bool:
+        return self.tiers is not None and self.tiers.is_loading(seq)
+
+    def has_pending_loads(self) -> bool:
+        return self.tiers is not None and self.tiers.has_pending_loads()
+
+    def wait_for_loads(self, timeout: float) -> None:
+        if self.tiers is not None:
+            self.tiers.wait_for_loads(timeout)
 
     def _pick_slot(self, seq: SequenceView) -> tuple[Slot, int]:
         """The free slot holding the longest prefix of `seq` (and its length), else the best fit."""
@@ -393,6 +420,8 @@ class VirtualKVCacheManager(KVCacheManager):
 
     def _cut(self, slot: Slot, position: int) -> None:
         """Unmap `slot` from chunk `position` on: shared chunks are dropped, private pages given back."""
+        if self.tiers is not None and slot.cached_tokens and slot.index in self.free_slots:
+            self.tiers.write_back(slot, position * self.layout.page_tokens)  # a free slot's prefix: keep it
         self.holdings.truncate(slot.index, position)
         if position >= slot.mapped_chunks:
             return
@@ -420,6 +449,8 @@ class VirtualKVCacheManager(KVCacheManager):
     def on_tokens_computed(self, seq: SequenceView) -> None:
         """Register the sequence's newly completed full chunks, so that others can share them."""
         if self.enable_prefix_caching:
+            if self.tiers is not None:
+                self.tiers.emit_events()  # what the tiers' threads did since
             slot = self.owned[seq.seq_id]
             self.sharing.on_tokens_computed(seq, slot)
             pt = self.layout.page_tokens
@@ -520,13 +551,14 @@ class VirtualKVCacheManager(KVCacheManager):
         slot.cached_tokens = None
 
     def free(self, seq: SequenceView) -> None:
+        valid = self.tiers.cancel(seq) if self.tiers is not None else None  # freed while its blocks load
         slot = self.owned.pop(seq.seq_id, None)
         self.sequences.pop(seq.seq_id, None)
         self.sharing.forget(seq.seq_id, slot)  # a free slot may be overwritten: not a donor any more
         if slot is None:
             return
         slot.needed_chunks = 0
-        computed = seq.num_computed_tokens
+        computed = seq.num_computed_tokens if valid is None else min(valid, seq.num_computed_tokens)
         slot.cached_tokens = list(seq.token_ids[:computed]) if self.enable_prefix_caching and computed else None
         self.holdings.truncate(slot.index, computed // self.layout.page_tokens if slot.cached_tokens else 0)
         self.free_slots[slot.index] = slot  # most recently freed: trimmed last
@@ -565,7 +597,8 @@ class VirtualKVCacheManager(KVCacheManager):
                 "chunk_bytes": self.chunk_set_bytes, "slots": rows,
                 "reserved_bytes": self.layout.total_bytes, "physical_bytes": self.mapped_chunks * self.chunk_set_bytes,
                 "counts": {"mapped": self.mapped_chunks, "budget": self.max_chunks, "shared": len(self.shared_by_key),
-                           "cached": codes.count("c"), "idle": codes.count("r")}}
+                           "cached": codes.count("c"), "idle": codes.count("r")},
+                **({} if self.tiers is None else {"tiers": self.tiers.occupancy()})}
 
     def stats(self) -> MemoryStats:
         per_chunk = self.chunk_set_bytes
@@ -587,6 +620,8 @@ class VirtualKVCacheManager(KVCacheManager):
                  "map_seconds_critical": self.mapper.critical_seconds,
                  "map_seconds_background": self.mapper.background_seconds}
         extra.update(self.memory.extra_stats())  # CUDA: device memory held beyond the mapped pages
+        if self.tiers is not None:
+            extra["kv_offload"] = self.tiers.stats()
         return MemoryStats(
             strategy=self.name,
             bytes_reserved=self.layout.total_bytes + (0 if self.scales is None else self.scales.memory.size),
@@ -614,6 +649,10 @@ class VirtualKVCacheManager(KVCacheManager):
     def close(self) -> None:
         """Stop the mapping worker and unmap the reservation (tensors still viewing it read zeros on
         CPU; on CUDA they must not be read at all: their pages are unmapped)."""
+        if self.tiers is not None:
+            tiers, self.tiers = self.tiers, None
+            self.mapper.drain()
+            tiers.close()  # what the free slots still cache goes down to the tiers first
         self.mapper.close()
         # Our own view first: with no live view left, the reservation is unmapped at once rather
         # than only emptied (see CpuVirtualMemory.close). Idempotent: a second close finds nothing.
@@ -627,7 +666,8 @@ class VirtualKVCacheManager(KVCacheManager):
         """Unmap every idle page: free slots' (deferred reclamation's keep, cached prefixes) and
         running slots' mapped past what their sequences asked for (look-ahead)."""
         before = self.mapped_chunks
-        with self.holdings.coalesced():
+        handing_down = self.tiers.store.waiting_writes() if self.tiers is not None else contextlib.nullcontext()
+        with self.holdings.coalesced(), handing_down:  # each block written back first, none dropped
             for slot in list(self.free_slots.values()):
                 if slot.mapped_chunks:
                     self._trim(slot)
