@@ -65,3 +65,18 @@ def test_disk_tier_restart_and_paged_blocks_match_transformers(tmp_path):
         got, cached = run(llm, c)
         assert got == reference(c) and cached == (len(c) - 1) // 16 * 16
         assert offload(llm)["disk"]["hits"] == (len(c) - 1) // 16
+
+
+def test_int8_kv_and_its_scales_come_back_into_a_slot_unchanged():
+    # int8 is lossy against transformers; a prefix reloaded from the host tier (scales included) must
+    # give exactly the tokens the same engine gave when it computed that prefix.
+    int8_bytes_per_token = 30 * 2 * 3 * (64 + 4)
+    with LLM(kv_cache="virtual", dtype="float32", kv_cache_dtype="int8", kv_cache_memory=700 * int8_bytes_per_token,
+             max_model_len=1024, kv_offload_memory="64MiB") as llm:
+        a, b = ids_of(llm, "apples"), ids_of(llm, "bridges")
+        computed, _ = run(llm, a)
+        run(llm, b)
+        again, cached = run(llm, a)
+        assert again == computed and cached == (len(a) - 1) // 16 * 16
+        assert offload(llm)["loaded_tokens"]["host"] == cached
+        assert_memory_returned(llm)
