@@ -200,18 +200,24 @@ class KVCacheManager(ABC):
         `reuse_prefix=False`: take no hit (the sequence needs every prompt row computed)."""
         return 0
 
+    # The prefix-cache tiers below the budget (a kvmem.memory.tiers TierLink), where the strategy
+    # attached them (attach_tiers); None: no tiers.
+    tiers = None
+
     def is_loading(self, seq: SequenceView) -> bool:
         """Whether an admitted `seq` still waits for prefix blocks from a slower tier (kvmem.memory.tiers);
         the scheduler leaves it waiting meanwhile. May finish the load (and lower
-        `seq.num_computed_tokens` where blocks could not be read). Default: never."""
-        return False
+        `seq.num_computed_tokens` where blocks could not be read)."""
+        return self.tiers is not None and self.tiers.is_loading(seq)
 
     def has_pending_loads(self) -> bool:
         """Whether any sequence waits for tier loads (an idle engine then waits a little, not spins)."""
-        return False
+        return self.tiers is not None and self.tiers.has_pending_loads()
 
     def wait_for_loads(self, timeout: float) -> None:
         """Block up to `timeout` seconds until some tier load is done."""
+        if self.tiers is not None:
+            self.tiers.wait_for_loads(timeout)
 
     def attach_tiers(self, store) -> None:
         """Keep evicted prefix blocks in `store` (kvmem.memory.tiers.TierStore) and load them back."""

@@ -119,16 +119,6 @@ class PagedKVCacheManager(KVCacheManager):
                              "enable_prefix_caching")
         self.tiers = PagedTierLink(self, store)
 
-    def is_loading(self, seq: SequenceView) -> bool:
-        return self.tiers is not None and self.tiers.is_loading(seq)
-
-    def has_pending_loads(self) -> bool:
-        return self.tiers is not None and self.tiers.has_pending_loads()
-
-    def wait_for_loads(self, timeout: float) -> None:
-        if self.tiers is not None:
-            self.tiers.wait_for_loads(timeout)
-
     def set_event_sink(self, sink: EventSink | None) -> None:
         self.events = self.pool.events = sink  # stored here, evicted in the pool
 

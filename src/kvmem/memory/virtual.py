@@ -356,16 +356,6 @@ class VirtualKVCacheManager(KVCacheManager):
                              "enable_prefix_caching")
         self.tiers = VirtualTierLink(self, store, self.options.block_size)
 
-    def is_loading(self, seq: SequenceView) -> bool:
-        return self.tiers is not None and self.tiers.is_loading(seq)
-
-    def has_pending_loads(self) -> bool:
-        return self.tiers is not None and self.tiers.has_pending_loads()
-
-    def wait_for_loads(self, timeout: float) -> None:
-        if self.tiers is not None:
-            self.tiers.wait_for_loads(timeout)
-
     def _pick_slot(self, seq: SequenceView) -> tuple[Slot, int]:
         """The free slot holding the longest prefix of `seq` (and its length), else the best fit."""
         if self.enable_prefix_caching:

@@ -19,13 +19,11 @@
 
 from __future__ import annotations
 
-from concurrent.futures import FIRST_COMPLETED, Future
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from kvmem.memory.block_pool import BlockHash, KVBlock, hash_block
-from kvmem.memory.events import BlockRemoved, BlockStored
-from kvmem.memory.tiers.payload import BlockFormat
+from kvmem.memory.tiers.link import TierLink
 from kvmem.memory.tiers.store import TierStore
 
 
@@ -38,15 +36,9 @@ class PendingLoad:
     blocks: list[KVBlock]
 
 
-class PagedTierLink:
+class PagedTierLink(TierLink):
     def __init__(self, manager, store: TierStore) -> None:
-        self.manager = manager
-        self.store = store
-        self.format = BlockFormat.of(manager.spec, manager.block_size)
-        if store.block_nbytes != self.format.nbytes:
-            raise ValueError(f"tier store blocks are {store.block_nbytes} bytes, paged's {self.format.nbytes}")
-        self.loading: dict[int, PendingLoad] = {}
-        self.loaded_tokens = {"host": 0, "disk": 0}
+        super().__init__(manager, store, manager.block_size)
         manager.pool.on_evict = self._on_evict
 
     # --- eviction: write back ---------------------------------------------------------
@@ -154,38 +146,7 @@ class PagedTierLink:
         if pending is not None:
             pending.future.cancel()
 
-    def has_pending_loads(self) -> bool:
-        return bool(self.loading)
-
-    def wait_for_loads(self, timeout: float) -> None:
-        if self.loading:
-            wait_futures([p.future for p in self.loading.values()], timeout=timeout, return_when=FIRST_COMPLETED)
-
-    # --- events, stats, close ---------------------------------------------------------
-    def emit_events(self) -> None:
-        """Hand the tiers' stored/removed blocks to the manager's event sink (vLLM's events, with the
-        tier as `medium`)."""
-        events = self.store.drain_events()
-        sink = self.manager.events
-        if sink is None:
-            return
-        for e in events:
-            if e.kind == "stored":
-                sink.emit(BlockStored(block_hashes=list(e.keys), parent_block_hash=None, token_ids=[],
-                                      block_size=self.manager.block_size, medium=e.medium))
-            else:
-                sink.emit(BlockRemoved(list(e.keys), e.medium))
-
-    def stats(self) -> dict:
-        return {**self.store.stats(), "loaded_tokens": dict(self.loaded_tokens),
-                "loading_sequences": len(self.loading)}
-
-    def occupancy(self) -> dict:
-        """Per tier: used and capacity bytes, blocks, hits (for /dashboard)."""
-        stats = self.store.stats()
-        return {t: {k: stats[t][k] for k in ("used_bytes", "capacity_bytes", "blocks", "hits")}
-                for t in ("host", "disk") if t in stats}
-
+    # --- close -------------------------------------------------------------------------
     def close(self) -> None:
         """Hand what the device still caches down to the tiers (a restart finds it on disk), then close
         the store (its threads joined)."""

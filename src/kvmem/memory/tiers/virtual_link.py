@@ -21,17 +21,14 @@ compute; its `num_computed_tokens` counts them and is corrected if a read comes 
 
 from __future__ import annotations
 
-from concurrent.futures import FIRST_COMPLETED, Future
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from kvmem.memory.base import cdiv
 from kvmem.memory.block_pool import BlockHash, hash_block
-from kvmem.memory.events import BlockRemoved, BlockStored
-from kvmem.memory.tiers.payload import BlockFormat
-from kvmem.memory.tiers.store import TierStore
+from kvmem.memory.tiers.link import TierLink
 
 
 @dataclass
@@ -52,17 +49,7 @@ def chain(tokens, num_blocks: int, block_size: int) -> list[BlockHash]:
     return keys
 
 
-class VirtualTierLink:
-    def __init__(self, manager, store: TierStore, block_size: int) -> None:
-        self.manager = manager
-        self.store = store
-        self.block_size = block_size
-        self.format = BlockFormat.of(manager.spec, block_size)
-        if store.block_nbytes != self.format.nbytes:
-            raise ValueError(f"tier store blocks are {store.block_nbytes} bytes, virtual's {self.format.nbytes}")
-        self.loading: dict[int, PendingLoad] = {}
-        self.loaded_tokens = {"host": 0, "disk": 0}
-
+class VirtualTierLink(TierLink):
     # --- a block of a slot ------------------------------------------------------------
     def _views(self, slot_index: int, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         m, t = self.manager, block * self.block_size
@@ -189,36 +176,7 @@ class VirtualTierLink:
         pending.future.cancel()  # the loader fills only its own buffers: nothing to undo in the slot
         return pending.base_tokens
 
-    def has_pending_loads(self) -> bool:
-        return bool(self.loading)
-
-    def wait_for_loads(self, timeout: float) -> None:
-        if self.loading:
-            wait_futures([p.future for p in self.loading.values()], timeout=timeout, return_when=FIRST_COMPLETED)
-
-    # --- events, stats, close ---------------------------------------------------------
-    def emit_events(self) -> None:
-        """The tiers' stored/removed blocks as vLLM's events, with the tier as `medium`."""
-        events = self.store.drain_events()
-        sink = self.manager.events
-        if sink is None:
-            return
-        for e in events:
-            if e.kind == "stored":
-                sink.emit(BlockStored(block_hashes=list(e.keys), parent_block_hash=None, token_ids=[],
-                                      block_size=self.block_size, medium=e.medium))
-            else:
-                sink.emit(BlockRemoved(list(e.keys), e.medium))
-
-    def stats(self) -> dict:
-        return {**self.store.stats(), "loaded_tokens": dict(self.loaded_tokens),
-                "loading_sequences": len(self.loading)}
-
-    def occupancy(self) -> dict:
-        stats = self.store.stats()
-        return {t: {k: stats[t][k] for k in ("used_bytes", "capacity_bytes", "blocks", "hits")}
-                for t in ("host", "disk") if t in stats}
-
+    # --- close -------------------------------------------------------------------------
     def close(self) -> None:
         """Hand the free slots' cached prefixes down to the tiers (a restart finds them on disk), then
         close the store (its threads joined)."""
