@@ -24,6 +24,21 @@ class TierLink:
         self.loading: dict = {}  # seq_id -> the strategy's pending load (a `.future` of payloads)
         self.loaded_tokens = {"host": 0, "disk": 0}
 
+    def is_loading(self, seq) -> bool:
+        """Whether `seq` still waits for disk blocks; finishes its load when the read is done."""
+        pending = self.loading.get(seq.seq_id)
+        if pending is None:
+            return False
+        if not pending.future.done():
+            return True
+        del self.loading[seq.seq_id]
+        self._finish(seq, pending)
+        return False
+
+    def _finish(self, seq, pending) -> None:
+        """Place the blocks a finished read brought back (the strategy's part)."""
+        raise NotImplementedError
+
     def has_pending_loads(self) -> bool:
         return bool(self.loading)
 

@@ -105,17 +105,6 @@ class PagedTierLink(TierLink):
             self.loading[seq.seq_id] = PendingLoad(self.store.submit_disk_loads(disk_keys), disk_keys, disk_blocks)
         return stored
 
-    def is_loading(self, seq) -> bool:
-        """Whether `seq` still waits for disk blocks; finishes its load when the read is done."""
-        pending = self.loading.get(seq.seq_id)
-        if pending is None:
-            return False
-        if not pending.future.done():
-            return True
-        del self.loading[seq.seq_id]
-        self._finish(seq, pending)
-        return False
-
     def _finish(self, seq, pending: PendingLoad) -> None:
         m, bs = self.manager, self.manager.block_size
         try:

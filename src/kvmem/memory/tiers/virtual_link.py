@@ -146,14 +146,7 @@ class VirtualTierLink(TierLink):
             return (first + take) * bs
         return start
 
-    def is_loading(self, seq) -> bool:
-        """Whether `seq` still waits for disk blocks; finishes its load when the read is done."""
-        pending = self.loading.get(seq.seq_id)
-        if pending is None:
-            return False
-        if not pending.future.done():
-            return True
-        del self.loading[seq.seq_id]
+    def _finish(self, seq, pending: PendingLoad) -> None:
         try:
             payloads = pending.future.result()
         except Exception:  # noqa: BLE001  a failed read recomputes, as a corrupt file does
@@ -165,7 +158,6 @@ class VirtualTierLink(TierLink):
         self.store.count_disk_hits(n)
         self.loaded_tokens["disk"] += n * self.block_size
         seq.num_computed_tokens = max(pending.base_tokens, (pending.first_block + n) * self.block_size)
-        return False
 
     def cancel(self, seq) -> int | None:
         """`seq` is freed while loading: forget the read; the tokens valid in its slot, None if it was
