@@ -167,6 +167,17 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def quality_row(dt: str, ref: dict, r: dict) -> str:
+    """A table row: greedy tokens identical to `ref`'s before each prompt's first divergence, prompts
+    identical throughout, perplexity and its ratio to `ref`'s."""
+    same = total = whole = 0
+    for a, b in zip(ref["tokens"], r["tokens"]):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        same, total, whole = same + n, total + len(a), whole + (n == len(a))
+    return (f"| {dt} | {100 * same / total:.1f}% | {whole}/{len(ref['tokens'])} | {r['perplexity']:.3f} "
+            f"| {r['perplexity'] / ref['perplexity']:.4f}x |")
+
+
 def cmd_table(args) -> None:
     lines = []
     cap = _load("capacity.json")
@@ -236,12 +247,7 @@ def cmd_table(args) -> None:
         for dt, r in q.items():
             if not r:
                 continue
-            same = total = whole = 0
-            for a, b in zip(ref["tokens"], r["tokens"]):
-                n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-                same, total, whole = same + n, total + len(a), whole + (n == len(a))
-            lines.append(f"| {dt} | {100 * same / total:.1f}% | {whole}/{len(ref['tokens'])} | {r['perplexity']:.3f} "
-                         f"| {r['perplexity'] / ref['perplexity']:.4f}x |")
+            lines.append(quality_row(dt, ref, r))
         lines.append("")
     v = {dt: _load(f"vllm_quality_{dt}.json") for dt in ("auto", "fp8", "fp8_e5m2")}
     if v.get("auto") and "tokens" in v["auto"]:
@@ -256,12 +262,7 @@ def cmd_table(args) -> None:
             if "error" in r:
                 lines.append(f"| {dt} | refused: {r['error'][:120]} | | | |")
                 continue
-            same = total = whole = 0
-            for a, b in zip(ref["tokens"], r["tokens"]):
-                n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-                same, total, whole = same + n, total + len(a), whole + (n == len(a))
-            lines.append(f"| {dt} | {100 * same / total:.1f}% | {whole}/{len(ref['tokens'])} | {r['perplexity']:.3f} "
-                         f"| {r['perplexity'] / ref['perplexity']:.4f}x |")
+            lines.append(quality_row(dt, ref, r))
         if q.get("auto"):
             same = sum(a == b for a, b in zip(ref["tokens"], q["auto"]["tokens"]))
             lines.append(f"\n(vLLM float32 KV vs kvmem float32 KV: {same}/{len(ref['tokens'])} prompts give identical "
