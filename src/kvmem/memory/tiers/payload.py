@@ -55,18 +55,27 @@ class BlockFormat:
         scales = payload[self.kv_nbytes:].view(torch.float32).view(self.kv_shape[:-1]) if self.has_scales else None
         return kv, scales
 
+    def gather(self, kv_block: torch.Tensor, scales_block: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Copy a block, given as (strided) views `[L, 2, H, T, D]` and `[L, 2, H, T]` of wherever a
+        strategy keeps it, into payload `out`."""
+        kv_out, scales_out = self.views(out)
+        kv_out.copy_(kv_block)
+        if scales_out is not None:
+            scales_out.copy_(scales_block)
+
+    def scatter(self, payload: torch.Tensor, kv_block: torch.Tensor, scales_block: torch.Tensor | None) -> None:
+        """Copy payload into a block given as views (see `gather`)."""
+        kv_in, scales_in = self.views(payload)
+        kv_block.copy_(kv_in)
+        if scales_in is not None:
+            scales_block.copy_(scales_in)
+
     def gather_paged(self, kv: torch.Tensor, kv_scales: torch.Tensor | None, block_id: int,
                      out: torch.Tensor) -> None:
         """Copy block `block_id` of a paged pool (`[L, 2, H, blocks, T, D]`) into payload `out`."""
-        kv_out, scales_out = self.views(out)
-        kv_out.copy_(kv[:, :, :, block_id])
-        if scales_out is not None:
-            scales_out.copy_(kv_scales[:, :, :, block_id])
+        self.gather(kv[:, :, :, block_id], None if kv_scales is None else kv_scales[:, :, :, block_id], out)
 
     def scatter_paged(self, payload: torch.Tensor, kv: torch.Tensor, kv_scales: torch.Tensor | None,
                       block_id: int) -> None:
         """Copy payload into block `block_id` of a paged pool."""
-        kv_in, scales_in = self.views(payload)
-        kv[:, :, :, block_id].copy_(kv_in)
-        if scales_in is not None:
-            kv_scales[:, :, :, block_id].copy_(scales_in)
+        self.scatter(payload, kv[:, :, :, block_id], None if kv_scales is None else kv_scales[:, :, :, block_id])

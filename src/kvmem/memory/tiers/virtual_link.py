@@ -58,18 +58,10 @@ class VirtualTierLink(TierLink):
         return kv, scales
 
     def _gather(self, slot_index: int, block: int, out: torch.Tensor) -> None:
-        kv_out, scales_out = self.format.views(out)
-        kv, scales = self._views(slot_index, block)
-        kv_out.copy_(kv)
-        if scales_out is not None:
-            scales_out.copy_(scales)
+        self.format.gather(*self._views(slot_index, block), out)
 
     def _scatter(self, slot_index: int, block: int, payload: torch.Tensor) -> None:
-        kv_in, scales_in = self.format.views(payload)
-        kv, scales = self._views(slot_index, block)
-        kv.copy_(kv_in)
-        if scales_in is not None:
-            scales.copy_(scales_in)
+        self.format.scatter(payload, *self._views(slot_index, block))
 
     # --- eviction: write back ---------------------------------------------------------
     def write_back(self, slot, first_token: int) -> None:
