@@ -50,6 +50,24 @@ def make_model(kind: str, dtype: torch.dtype) -> LlamaForCausalLM:
     return model.to(dtype).eval()
 
 
+class _CaptureActivations:
+    """LayerHooks keeping each layer's normed q,k,v input: the activation the hybrid cache stores."""
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        self.model, self.layer = model, 0
+        self.acts: list[list[torch.Tensor]] = [[] for _ in model.layers]
+
+    def before_layer(self, j: int):
+        self.layer = j
+        return self.model.layers[j]
+
+    def after_layer(self, j: int) -> None:
+        pass
+
+    def capture(self, a: torch.Tensor) -> None:
+        self.acts[self.layer].append(a.clone())
+
+
 def run_and_capture(model: LlamaForCausalLM, tokens: list[int], positions: torch.Tensor, chunks: list[int]):
     """Forward the tokens in chunks through a paged cache; return per layer (activations, K, V) of every
     token, the activations from hooks and K,V read back from the cache."""
@@ -58,24 +76,17 @@ def run_and_capture(model: LlamaForCausalLM, tokens: list[int], positions: torch
     spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype, torch.device("cpu"))
     mgr = PagedKVCacheManager(spec, num_blocks=32, block_size=4, enable_prefix_caching=False)
     caches = [mgr.layer_cache(i) for i in range(c.num_hidden_layers)]
-    acts: list[list[torch.Tensor]] = [[] for _ in model.layers]
-    # The norm returns (h, norm(h)) when it also adds the residual (every layer after the first).
-    hooks = [layer.input_layernorm.register_forward_hook(
-        lambda _m, _i, out, i=i: acts[i].append((out[1] if isinstance(out, tuple) else out).clone()))
-             for i, layer in enumerate(model.layers)]
+    hooks = _CaptureActivations(model)
     seq, slots = _Seq(tokens), []
-    try:
-        for chunk in chunks:
-            start = seq.num_computed_tokens
-            mgr.allocate(seq, chunk)
-            meta = AttentionMetadata.build([mgr.block_table(seq)], [start], [chunk], 4, torch.device("cpu"))
-            model(torch.tensor(tokens[start:start + chunk]), positions[start:start + chunk], caches, meta,
-                  BACKENDS["torch"], torch.arange(chunk))
-            slots.append(meta.slot_mapping)
-            seq.num_computed_tokens += chunk
-    finally:
-        for h in hooks:
-            h.remove()
+    for chunk in chunks:
+        start = seq.num_computed_tokens
+        mgr.allocate(seq, chunk)
+        meta = AttentionMetadata.build([mgr.block_table(seq)], [start], [chunk], 4, torch.device("cpu"))
+        model(torch.tensor(tokens[start:start + chunk]), positions[start:start + chunk], caches, meta,
+              BACKENDS["torch"], torch.arange(chunk), hooks=hooks)
+        slots.append(meta.slot_mapping)
+        seq.num_computed_tokens += chunk
+    acts = hooks.acts
     slot = torch.cat(slots)
     out = []
     for i, (k_cache, v_cache) in enumerate(caches):

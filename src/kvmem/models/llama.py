@@ -10,8 +10,10 @@ attends through the backend the runner chose (`kvmem.attention`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -64,15 +66,23 @@ class OneDNNLinear(nn.Module):
                 and _reorder_linear_weight is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pad_lone_row and x.dim() == 2 and x.shape[0] == 1:
-            # oneDNN may compute a lone row with another kernel than a GEMM of 2 or more rows, and
-            # the two round differently (SmolLM2's bfloat16 down_proj, K = 1536: 88 of 1,100 rows
-            # differ), so a greedy answer changed with the number of requests running beside it.
-            # From 2 rows on, a row's result does not depend on the others (checked for 2 to 4,096
-            # rows on every SmolLM2 layer shape), so a lone row goes in twice (a stride-0 view, no
-            # copy); the 2-row GEMM costs ~8 us more than the single-row kernel (docs/benchmarks.md).
-            return _linear_pointwise(x.expand(2, -1), self.weight, self.bias, "none", [None], "")[:1]
-        return _linear_pointwise(x, self.weight, self.bias, "none", [None], "")
+        return _onednn_linear(x, self.weight, self.bias, self.pad_lone_row)
+
+    def kernel(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return functools.partial(_onednn_linear, weight=self.weight, bias=self.bias, pad_lone_row=self.pad_lone_row)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   pad_lone_row: bool) -> torch.Tensor:
+    if pad_lone_row and x.dim() == 2 and x.shape[0] == 1:
+        # oneDNN may compute a lone row with another kernel than a GEMM of 2 or more rows, and
+        # the two round differently (SmolLM2's bfloat16 down_proj, K = 1536: 88 of 1,100 rows
+        # differ), so a greedy answer changed with the number of requests running beside it.
+        # From 2 rows on, a row's result does not depend on the others (checked for 2 to 4,096
+        # rows on every SmolLM2 layer shape), so a lone row goes in twice (a stride-0 view, no
+        # copy); the 2-row GEMM costs ~8 us more than the single-row kernel (docs/benchmarks.md).
+        return _linear_pointwise(x.expand(2, -1), weight, bias, "none", [None], "")[:1]
+    return _linear_pointwise(x, weight, bias, "none", [None], "")
 
 
 _lone_row_checks: dict[tuple, bool] = {}
@@ -152,6 +162,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
+    """The attention block's weights and shapes; `decoder_layer` runs it."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -163,29 +175,75 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: RopeTables, cache: LayerCache, meta: AttentionMetadata,
-                attention: AttentionFn) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        # q and k sit side by side in each row: rotate them as one [T, heads + kv_heads, dim] tensor,
-        # in place in the projection's output.
-        qk = fused.apply_rope_(qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
-                                                                          self.head_dim), *rope)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
-        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        # cache[2:]: an int8 cache's (K scales, V scales), which the backend reads with it.
-        out = attention(q, k, v, cache[0], cache[1], meta, self.scale, *cache[2:])
-        return self.o_proj(out.reshape(-1, self.q_size))
-
 
 class MLP(nn.Module):
+    """SwiGLU's weights, gate and up fused in one projection; `decoder_layer` runs it."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def direct_call(module: nn.Module) -> Linear:
+    """`module(x)` without nn.Module's call machinery. A batch-1 decode step makes ~150 module calls;
+    the hook checks and `__getattr__` lookups around each cost about as much as the small kernels
+    they wrap (~0.6 ms of a ~5 ms step). A module with a `kernel()` hands out its computation with
+    its weights bound; any other runs its own `forward`."""
+    kernel = getattr(module, "kernel", None)
+    return kernel() if kernel is not None else module.forward
+
+
+@dataclass(frozen=True, slots=True)
+class LayerOps:
+    """One decoder layer as plain callables and the tensors they read: what `decoder_layer` runs.
+    The tensors are the module's own parameter objects, so weights copied or re-pinned in place are
+    seen; a module replaced afterwards is not (`LlamaForCausalLM.reset_direct_calls`)."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    eps: float
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+
+def decoder_layer(ops: LayerOps, x: torch.Tensor, rope: RopeTables, cache: LayerCache, meta: AttentionMetadata,
+                  attention: AttentionFn, capture: Callable[[torch.Tensor], None] | None = None,
+                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer. Returns (mlp output, residual): the layer's output is their sum, which the next
+    norm adds as it normalises (vLLM's convention). `residual` None: x is the first layer's input
+    (the embeddings, which the layer then owns and updates in place).
+
+    `capture`, if given, receives the normed input of the q,k,v projection: the activation from
+    which the hybrid cache recomputes K,V (`kvmem.hybrid.recompute`)."""
+    if residual is None:
+        residual, a = x, fused.rms_norm(x, ops.input_norm, ops.eps)
+    else:
+        residual, a = fused.add_rms_norm(x, residual, ops.input_norm, ops.eps)
+    if capture is not None:
+        capture(a)
+    # Attention: q and k sit side by side in each row of the projection's output; they are rotated
+    # as one [T, heads + kv_heads, dim] tensor, in place.
+    heads, kv_heads, dim = ops.num_heads, ops.num_kv_heads, ops.head_dim
+    qkv = ops.qkv(a)
+    qk = fused.apply_rope_(qkv[:, : (heads + kv_heads) * dim].view(-1, heads + kv_heads, dim), *rope)
+    v = qkv[:, (heads + kv_heads) * dim:].view(-1, kv_heads, dim)
+    # cache[2:]: an int8 cache's (K scales, V scales), which the backend reads with it.
+    out = attention(qk[:, :heads], qk[:, heads:], v, cache[0], cache[1], meta, ops.scale, *cache[2:])
+    residual, b = fused.add_rms_norm(ops.o(out.reshape(-1, heads * dim)), residual, ops.post_attention_norm,
+                                     ops.eps)
+    # MLP: down(silu(gate(b)) * up(b)).
+    return ops.down(fused.silu_mul(ops.gate_up(b))), residual
 
 
 class DecoderLayer(nn.Module):
@@ -196,23 +254,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
+    def ops(self) -> LayerOps:
+        attn = self.self_attn
+        return LayerOps(self.input_layernorm.weight, self.post_attention_layernorm.weight, self.input_layernorm.eps,
+                        direct_call(attn.qkv_proj), direct_call(attn.o_proj), direct_call(self.mlp.gate_up_proj),
+                        direct_call(self.mlp.down_proj), attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
+
     def forward(self, x: torch.Tensor, rope: RopeTables, cache: LayerCache, meta: AttentionMetadata,
                 attention: AttentionFn, capture: Callable[[torch.Tensor], None] | None = None,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (mlp output, residual): the layer's output is their sum, which the next norm adds
-        as it normalises. `residual` None: x is the first layer's input (the embeddings, which the
-        layer then owns and updates in place).
-
-        `capture`, if given, receives the normed input of the q,k,v projection: the activation from
-        which the hybrid cache recomputes K,V (`kvmem.hybrid.recompute`)."""
-        if residual is None:
-            residual, a = x, self.input_layernorm(x)
-        else:
-            residual, a = self.input_layernorm(x, residual)
-        if capture is not None:
-            capture(a)
-        residual, b = self.post_attention_layernorm(self.self_attn(a, rope, cache, meta, attention), residual)
-        return self.mlp(b), residual
+        """`decoder_layer` over this module's current weights (see there)."""
+        return decoder_layer(self.ops(), x, rope, cache, meta, attention, capture, residual)
 
 
 class LayerHooks(Protocol):
@@ -240,6 +292,8 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config, max_positions, dtype)
+        # The layers' computations bound once (see `direct_call`); the first forward pass binds them.
+        self._direct_calls: tuple[list[LayerOps], Linear] | None = None
 
     @classmethod
     def build(cls, config: ModelConfig, max_positions: int, dtype: torch.dtype,
@@ -284,6 +338,7 @@ class LlamaForCausalLM(nn.Module):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, OneDNNLinear(child, batch_invariant))
+        self.reset_direct_calls()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache],
@@ -295,16 +350,27 @@ class LlamaForCausalLM(nn.Module):
         rope = self.rope.tables(positions)
         residual = None
         if hooks is None:
-            for layer, cache in zip(self.layers, caches):
-                x, residual = layer(x, rope, cache, meta, attention, residual=residual)
+            layers, lm_head = self._direct_calls or self._bind_direct_calls()
+            for ops, cache in zip(layers, caches):
+                x, residual = decoder_layer(ops, x, rope, cache, meta, attention, None, residual)
         else:
+            lm_head = self.lm_head
             for j, cache in enumerate(caches):
                 layer = hooks.before_layer(j)
                 x, residual = layer(x, rope, cache, meta, attention, capture=hooks.capture, residual=residual)
                 hooks.after_layer(j)
         # Only rows that sample need the final norm and the lm_head.
         _, x = self.norm(x[logits_indices], residual[logits_indices])
-        return self.lm_head(x)
+        return lm_head(x)
+
+    def _bind_direct_calls(self) -> tuple[list[LayerOps], Linear]:
+        self._direct_calls = [layer.ops() for layer in self.layers], direct_call(self.lm_head)
+        return self._direct_calls
+
+    def reset_direct_calls(self) -> None:
+        """Forget the layers' bound calls (`LayerOps`), after replacing modules: the next forward
+        pass binds the current ones."""
+        self._direct_calls = None
 
     # --- weights ------------------------------------------------------------------------
     # HF checkpoint name suffix -> (our parameter suffix, shard index within a fused weight)

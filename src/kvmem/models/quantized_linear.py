@@ -48,3 +48,19 @@ class QuantizedLinear(nn.Module):
             y = native.quant_linear(x.reshape(-1, self.in_features), self.qweight, self.type_id)
             y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def kernel(self):
+        """This layer over [rows, in_features] CPU matrices as one native call with its blocks bound
+        (`llama.direct_call`): what `forward` runs on that path, without its checks and reshapes."""
+        native = quant_kernels.load()
+        if native is None or self.qweight.device.type != "cpu":
+            return self.forward
+        quant_linear, qweight, type_id, bias, forward = native.quant_linear, self.qweight, self.type_id, self.bias, \
+            self.forward
+
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16):
+                return forward(x)
+            y = quant_linear(x, qweight, type_id)
+            return y if bias is None else y + bias
+        return linear
