@@ -102,6 +102,48 @@ def test_layer_hooks_supply_the_weights_and_see_the_activations_of_each_layer(ti
     assert torch.equal(hooks.captured[0], first)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_calls_follow_packed_layers_and_equal_the_module_calls(tiny, dtype):
+    """The forward pass binds each layer's kernels once (`LayerOps`); packing the linear layers after
+    a first pass replaces the modules, and the next pass must run the packed ones: bit-identical to
+    calling every module through nn.Module (the hooks path). (In float32 oneDNN adds in another order
+    than the unpacked layers, so a pass still bound to those differs; checked by removing the reset.)"""
+    import copy
+
+    _, base = tiny
+    ours = copy.deepcopy(base).to(dtype)
+    c = ours.config
+    tokens = [(11 * i) % 300 + 2 for i in range(9)]
+    spec = KVCacheSpec(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype, torch.device("cpu"))
+
+    class ModuleCalls:  # every layer through its module's forward
+        capture = None
+
+        def before_layer(self, j):
+            return ours.layers[j]
+
+        def after_layer(self, j):
+            pass
+
+    def forward(hooks):
+        mgr = PagedKVCacheManager(spec, num_blocks=8, block_size=4)
+        seq = _Seq(tokens)
+        mgr.allocate(seq, len(tokens))
+        meta = AttentionMetadata.build([mgr.block_table(seq)], [0], [len(tokens)], 4, torch.device("cpu"))
+        return ours(torch.tensor(tokens), torch.arange(len(tokens)), [mgr.layer_cache(i) for i in range(c.num_hidden_layers)],
+                    meta, BACKENDS["torch"], torch.arange(len(tokens)), hooks=hooks)
+
+    unpacked = forward(None)
+    assert torch.equal(unpacked, forward(ModuleCalls()))
+    if not OneDNNLinear.available(dtype):
+        pytest.skip("no oneDNN in this torch build")
+    ours.pack_linear_weights_for_cpu()
+    packed = forward(None)
+    assert isinstance(ours.layers[0].self_attn.qkv_proj, OneDNNLinear)
+    assert torch.equal(packed, forward(ModuleCalls()))
+    torch.testing.assert_close(packed.float(), unpacked.float(), atol=5e-2, rtol=5e-2)
+
+
 def test_llama3_rope_scaling_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
