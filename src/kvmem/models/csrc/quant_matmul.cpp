@@ -205,42 +205,16 @@ inline __m512bh load_bf16(const at::BFloat16* p) {
   return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
 }
 
-// R rows of x times T consecutive weight rows (row stride row_bytes) -> out[r * T + t]. Each output is
-// its own chain (the same operations for any R and T); T > 1 only interleaves independent chains, so
-// that a batch-1 GEMV is not bound by one chain's dpbf16 latency.
-template <int64_t Q, int R, int T = 1>
-inline void dot_rows_bf16(const at::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t row_bytes,
-                          int64_t nblocks, float* out) {
-  constexpr int64_t BB = Q == kQ8_0 ? 34 : Q == kQ4_1 ? 20 : 18;
-  __m512 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nblocks; ++b) {
-    for (int t = 0; t < T; ++t) {
-      const __m512bh wb = dequant_block_bf16<Q>(w + t * row_bytes + b * BB);
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wb, load_bf16(x + r * ldx + b * kBlock));
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) out[r * T + t] = hsum(acc[r][t]);
-}
-
-// Outputs [o_begin, o_end) of R rows of x, 4 outputs at a time while 4 are left.
 template <int64_t Q, int R>
-void dot_outputs_bf16(const at::BFloat16* x, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t O,
-                      int64_t o_begin, int64_t o_end, at::BFloat16* y) {
-  constexpr int T = 4;
-  float r_out[R * T];
-  int64_t o = o_begin;
-  for (; o + T <= o_end; o += T) {
-    dot_rows_bf16<Q, R, T>(x, K, w + o * row_bytes, row_bytes, K / kBlock, r_out);
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) y[r * O + o + t] = static_cast<at::BFloat16>(r_out[r * T + t]);
+inline void dot_rows_bf16(const at::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t nblocks, float* out) {
+  constexpr int64_t BB = Q == kQ8_0 ? 34 : Q == kQ4_1 ? 20 : 18;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const __m512bh wb = dequant_block_bf16<Q>(w + b * BB);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wb, load_bf16(x + r * ldx + b * kBlock));
   }
-  for (; o < o_end; ++o) {
-    dot_rows_bf16<Q, R>(x, K, w + o * row_bytes, row_bytes, K / kBlock, r_out);
-    for (int r = 0; r < R; ++r) y[r * O + o] = static_cast<at::BFloat16>(r_out[r]);
-  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
 // R rows of x times T dequantized bfloat16 weight rows (row stride K) -> out[r * ldo + t].
@@ -336,13 +310,18 @@ void linear_bf16_tiles(const at::BFloat16* x, int64_t N, int64_t K, const uint8_
 template <int64_t Q>
 void linear_bf16_impl(const at::BFloat16* x, int64_t N, int64_t K, const uint8_t* w, int64_t O, int64_t row_bytes,
                       at::BFloat16* y) {
+  const int64_t nblocks = K / kBlock;
   if (N < kScratchRows) {
     const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, O / (4 * at::get_num_threads())));
     at::parallel_for(0, O, grain, [&](int64_t o_begin, int64_t o_end) {
-      switch (N) {
-        case 3: return dot_outputs_bf16<Q, 3>(x, K, w, row_bytes, O, o_begin, o_end, y);
-        case 2: return dot_outputs_bf16<Q, 2>(x, K, w, row_bytes, O, o_begin, o_end, y);
-        default: return dot_outputs_bf16<Q, 1>(x, K, w, row_bytes, O, o_begin, o_end, y);
+      float r_out[kScratchRows];
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        switch (N) {
+          case 3: dot_rows_bf16<Q, 3>(x, K, w + o * row_bytes, nblocks, r_out); break;
+          case 2: dot_rows_bf16<Q, 2>(x, K, w + o * row_bytes, nblocks, r_out); break;
+          default: dot_rows_bf16<Q, 1>(x, K, w + o * row_bytes, nblocks, r_out); break;
+        }
+        for (int64_t n = 0; n < N; ++n) y[n * O + o] = static_cast<at::BFloat16>(r_out[n]);
       }
     });
     return;
