@@ -5,6 +5,7 @@
 # each server's phase under the machine's exclusive gate (GATE, default /work/cpu.gate).
 # Results: $OUT/<engine>_<dataset>_r<round>.json (vLLM's result files).
 #   usage: ROUNDS=3 DTYPE=bfloat16 benchmarks/serving_vllm_client.sh
+#   saturating (issue 20): RATE=inf NUM_PROMPTS=128 OUT=benchmarks/results/serving_saturated/bfloat16 ...
 # Needs the vLLM venv and the exported model of benchmarks/peers/README.md (/work/peers/...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,10 @@ HF_MODEL="${HF_MODEL:-/work/peers/smollm2-hf}"
 GATE="${GATE:-/work/cpu.gate}"
 OUT="${OUT:-benchmarks/results/serving_vllm_client/$DTYPE}"
 mkdir -p "$OUT"
-PORT=8170
+
+free_port() {  # a fixed port clashed with another session's server once
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
 wait_healthy() {  # pid
   for _ in $(seq 1 300); do
@@ -42,7 +46,8 @@ client() {  # engine dataset round
     > "$OUT/${1}_${2}_r${3}.log" 2>&1
 }
 
-phase() {  # engine round: start its server, both datasets, stop it
+phase() {  # engine round: start its server on a free port, both datasets, stop it
+  local PORT; PORT="$(free_port)"
   if [ "$1" = kvmem ]; then
     "$PY" -m kvmem.cli serve --port "$PORT" --dtype "$DTYPE" --kv-cache-memory 2GiB --max-model-len 2048 \
       --log-level warning > "$OUT/kvmem_server_r$2.log" 2>&1 &
@@ -59,10 +64,12 @@ phase() {  # engine round: start its server, both datasets, stop it
   rm -f /dev/shm/__KMP_REGISTERED_LIB_* 2> /dev/null || true  # left by vLLM's Intel OpenMP
 }
 
-export -f phase client wait_healthy
-export PORT DTYPE NUM_PROMPTS RATE PY VENV HF_MODEL OUT
+export -f phase client wait_healthy free_port
+export DTYPE NUM_PROMPTS RATE PY VENV HF_MODEL OUT
 for round in $(seq 1 "$ROUNDS"); do
-  for engine in kvmem vllm; do
+  engines=(kvmem vllm)
+  if [ $((round % 2)) -eq 0 ]; then engines=(vllm kvmem); fi  # who goes first alternates too
+  for engine in "${engines[@]}"; do
     echo "== round $round $engine $(date -u +%T)"
     flock -x -w 1200 "$GATE" bash -c "phase $engine $round"
   done
