@@ -6,7 +6,8 @@
 # --max-concurrency 1 on /v1/completions: random 128 -> 128, greedy (temperature 0), exactly 128
 # output tokens. One server at a time, on a free port; the engines alternate (and swap which goes
 # first) round by round; each server's phase is one hold of the machine's exclusive gate.
-# Results: $OUT/<engine>_r<round>.json (vLLM's result files) + logs; summary:
+# Results: $OUT/<engine>_r<round>.json (vLLM's result files), llamacpp_perf_r<round>.txt (llama.cpp's
+# own per-request timings from its server log) + logs; summary:
 #   python benchmarks/serving_summary.py batch1 $OUT
 #   usage: ROUNDS=4 benchmarks/serving_batch1_llamacpp.sh
 #
@@ -73,6 +74,9 @@ phase() {  # engine round: start its server on a free port, run the client, stop
   wait_ready "$pid" "$port" && client "$1" "$2" "$port" || rc=$?
   kill -INT "$pid" 2> /dev/null || true
   wait "$pid" 2> /dev/null || true
+  if [ "$1" = llamacpp ]; then  # llama.cpp's own timings per request (prompt eval, eval), kept in git
+    grep -a llama_perf_context_print "$OUT/llamacpp_server_r$2.log" > "$OUT/llamacpp_perf_r$2.txt" || true
+  fi
   return "$rc"
 }
 
