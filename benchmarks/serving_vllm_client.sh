@@ -13,6 +13,8 @@ ROUNDS="${ROUNDS:-3}"
 DTYPE="${DTYPE:-bfloat16}"
 NUM_PROMPTS="${NUM_PROMPTS:-64}"
 RATE="${RATE:-4}"
+TEMPERATURE="${TEMPERATURE:-}"  # empty: the servers' default sampling (vLLM's client sends none); 0: greedy
+DATASETS="${DATASETS:-random prefix}"
 PY="${PY:-.venv/bin/python}"
 VENV="${VENV:-/work/peers/vllm-venv}"
 HF_MODEL="${HF_MODEL:-/work/peers/smollm2-hf}"
@@ -39,6 +41,7 @@ client() {  # engine dataset round
     args=(--dataset-name prefix_repetition --prefix-repetition-num-prefixes 4 --prefix-repetition-prefix-len 512
           --prefix-repetition-suffix-len 32 --prefix-repetition-output-len 64)
   fi
+  if [ -n "$TEMPERATURE" ]; then args+=(--temperature "$TEMPERATURE"); fi
   "$VENV/bin/python" benchmarks/peers/vllm_bench_serve.py --backend openai --base-url "http://127.0.0.1:$PORT" --endpoint /v1/completions \
     --model SmolLM2-135M-Instruct --tokenizer "$HF_MODEL" "${args[@]}" --num-prompts "$NUM_PROMPTS" \
     --request-rate "$RATE" --seed "$3" --ignore-eos --percentile-metrics ttft,tpot,itl,e2el \
@@ -57,15 +60,14 @@ phase() {  # engine round: start its server on a free port, both datasets, stop 
   fi
   local pid=$!
   wait_healthy "$pid"
-  client "$1" random "$2"
-  client "$1" prefix "$2"
+  for dataset in $DATASETS; do client "$1" "$dataset" "$2"; done
   kill -INT "$pid" 2> /dev/null || true
   wait "$pid" 2> /dev/null || true
   rm -f /dev/shm/__KMP_REGISTERED_LIB_* 2> /dev/null || true  # left by vLLM's Intel OpenMP
 }
 
 export -f phase client wait_healthy free_port
-export DTYPE NUM_PROMPTS RATE PY VENV HF_MODEL OUT
+export DTYPE NUM_PROMPTS RATE TEMPERATURE DATASETS PY VENV HF_MODEL OUT
 for round in $(seq 1 "$ROUNDS"); do
   engines=(kvmem vllm)
   if [ $((round % 2)) -eq 0 ]; then engines=(vllm kvmem); fi  # who goes first alternates too
