@@ -4,7 +4,7 @@ JSONs (`vllm bench serve --save-result`), as written by benchmarks/serving_batch
 (DIR/<engine>_<dataset>_r<round>.json). Prints Markdown: per workload, each engine's numbers per
 round, then kvmem/peer per round with the median and the range over rounds.
 
-    python benchmarks/serving_summary.py DIR [DIR ...]
+    python benchmarks/serving_summary.py DIR [DIR ...] [--output-len N]
 
 Decode tok/s is 1000 / mean TPOT (time per output token after the first, per request, averaged
 over requests): one request's decode speed, the batch-1 figure. Output tok/s is the run's
@@ -34,7 +34,20 @@ def value(result: dict, key: str | None) -> float:
     return 1000.0 / result["mean_tpot_ms"] if key is None else result[key]
 
 
-def load(root: Path) -> dict[str, dict[str, dict[int, dict]]]:
+def with_output_len(result: dict, n: int) -> dict:
+    """The result as if the client had counted `n` output tokens for every request: vLLM's client
+    takes a request's output length from the server's `usage`, and where a server sends none
+    (llama-cpp-python's stream) it tokenizes the text again, which miscounts (97-160 for 128 tokens
+    generated here), and TPOT = (latency - TTFT) / (output length - 1) inherits the error. Needs the
+    per-request latencies and TTFTs (`--save-detailed`)."""
+    ok = [(lat, ttft) for lat, ttft, err in zip(result["latencies"], result["ttfts"], result["errors"]) if not err]
+    fixed = dict(result)
+    fixed["mean_tpot_ms"] = statistics.mean((lat - ttft) / (n - 1) for lat, ttft in ok) * 1000
+    fixed["output_throughput"] = n * len(ok) / result["duration"]
+    return fixed
+
+
+def load(root: Path, output_len: int | None = None) -> dict[str, dict[str, dict[int, dict]]]:
     """dataset -> engine -> round -> result"""
     runs: dict[str, dict[str, dict[int, dict]]] = {}
     for path in sorted(root.glob("*_r*.json")):
@@ -42,6 +55,8 @@ def load(root: Path) -> dict[str, dict[str, dict[int, dict]]]:
         if not m:
             continue
         result = json.loads(path.read_text())
+        if output_len:
+            result = with_output_len(result, output_len)
         runs.setdefault(m["dataset"] or "", {}).setdefault(m["engine"], {})[int(m["round"])] = result
     return runs
 
@@ -78,9 +93,12 @@ def table(title: str, engines: dict[str, dict[int, dict]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", type=Path, nargs="+")
+    ap.add_argument("--output-len", type=int,
+                    help="every request generated exactly this many tokens (checked from the servers' own "
+                         "counts): recompute TPOT and output tok/s with it instead of the client's count")
     args = ap.parse_args()
     for root in args.dirs:
-        for dataset, engines in sorted(load(root).items()):
+        for dataset, engines in sorted(load(root, args.output_len).items()):
             if "kvmem" in engines and len(engines) == 2:
                 table(f"{root}" + (f", {dataset}" if dataset else ""), engines)
 
