@@ -90,13 +90,48 @@ def table(title: str, engines: dict[str, dict[int, dict]]) -> None:
     print()
 
 
+def compact(roots: list[Path], output_len: int | None) -> None:
+    """One table of medians (ranges) per engine, then one of kvmem/peer ratios per round, for every
+    dataset of every DIR: the form of docs/benchmarks.md."""
+    shown = [("output tok/s", "output_throughput"), ("TPOT mean ms", "mean_tpot_ms"),
+             ("TTFT mean ms", "mean_ttft_ms"), ("TTFT p99 ms", "p99_ttft_ms")]
+    groups = [(root, dataset, engines) for root in roots
+              for dataset, engines in sorted(load(root, output_len).items()) if "kvmem" in engines and len(engines) == 2]
+    print("| run | dataset | engine | rounds | " + " | ".join(f"{label} median (range)" for label, _ in shown) + " |")
+    print("|---|---|---|---|" + "---|" * len(shown))
+    for root, dataset, engines in groups:
+        peer = next(e for e in engines if e != "kvmem")
+        rounds = sorted(set(engines["kvmem"]) & set(engines[peer]))
+        for engine in ("kvmem", peer):
+            cells = []
+            for _, key in shown:
+                vals = [value(engines[engine][r], key) for r in rounds]
+                cells.append(f"{fmt(statistics.median(vals))} ({fmt(min(vals))}-{fmt(max(vals))})")
+            print(f"| {root.parent.name}/{root.name} | {dataset} | {engine} | {len(rounds)} | " + " | ".join(cells) + " |")
+    print()
+    print("| run | dataset | kvmem / peer | per round | median (range) |")
+    print("|---|---|---|---|---|")
+    for root, dataset, engines in groups:
+        peer = next(e for e in engines if e != "kvmem")
+        rounds = sorted(set(engines["kvmem"]) & set(engines[peer]))
+        for label, key in shown:
+            rs = [value(engines["kvmem"][r], key) / value(engines[peer][r], key) for r in rounds]
+            print(f"| {root.parent.name}/{root.name} | {dataset} | {label} | {', '.join(f'{r:.2f}' for r in rs)} | "
+                  f"**{statistics.median(rs):.2f}** ({min(rs):.2f}-{max(rs):.2f}) |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", type=Path, nargs="+")
     ap.add_argument("--output-len", type=int,
                     help="every request generated exactly this many tokens (checked from the servers' own "
                          "counts): recompute TPOT and output tok/s with it instead of the client's count")
+    ap.add_argument("--compact", action="store_true", help="two tables over all DIRs (medians, then ratios)")
     args = ap.parse_args()
+    if args.compact:
+        compact(args.dirs, args.output_len)
+        return
     for root in args.dirs:
         for dataset, engines in sorted(load(root, args.output_len).items()):
             if "kvmem" in engines and len(engines) == 2:
