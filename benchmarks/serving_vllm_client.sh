@@ -5,6 +5,7 @@
 # each server's phase under the machine's exclusive gate (GATE, default /work/cpu.gate).
 # Results: $OUT/<engine>_<dataset>_r<round>.json (vLLM's result files).
 #   usage: ROUNDS=3 DTYPE=bfloat16 benchmarks/serving_vllm_client.sh
+#   saturating (issue 20): RATE=inf NUM_PROMPTS=128 OUT=benchmarks/results/serving_saturated/bfloat16 ...
 # Needs the vLLM venv and the exported model of benchmarks/peers/README.md (/work/peers/...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,13 +13,18 @@ ROUNDS="${ROUNDS:-3}"
 DTYPE="${DTYPE:-bfloat16}"
 NUM_PROMPTS="${NUM_PROMPTS:-64}"
 RATE="${RATE:-4}"
+TEMPERATURE="${TEMPERATURE:-}"  # empty: the servers' default sampling (vLLM's client sends none); 0: greedy
+DATASETS="${DATASETS:-random prefix}"
 PY="${PY:-.venv/bin/python}"
 VENV="${VENV:-/work/peers/vllm-venv}"
 HF_MODEL="${HF_MODEL:-/work/peers/smollm2-hf}"
 GATE="${GATE:-/work/cpu.gate}"
 OUT="${OUT:-benchmarks/results/serving_vllm_client/$DTYPE}"
 mkdir -p "$OUT"
-PORT=8170
+
+free_port() {  # a fixed port clashed with another session's server once
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
 wait_healthy() {  # pid
   for _ in $(seq 1 300); do
@@ -35,6 +41,7 @@ client() {  # engine dataset round
     args=(--dataset-name prefix_repetition --prefix-repetition-num-prefixes 4 --prefix-repetition-prefix-len 512
           --prefix-repetition-suffix-len 32 --prefix-repetition-output-len 64)
   fi
+  if [ -n "$TEMPERATURE" ]; then args+=(--temperature "$TEMPERATURE"); fi
   "$VENV/bin/python" benchmarks/peers/vllm_bench_serve.py --backend openai --base-url "http://127.0.0.1:$PORT" --endpoint /v1/completions \
     --model SmolLM2-135M-Instruct --tokenizer "$HF_MODEL" "${args[@]}" --num-prompts "$NUM_PROMPTS" \
     --request-rate "$RATE" --seed "$3" --ignore-eos --percentile-metrics ttft,tpot,itl,e2el \
@@ -42,7 +49,8 @@ client() {  # engine dataset round
     > "$OUT/${1}_${2}_r${3}.log" 2>&1
 }
 
-phase() {  # engine round: start its server, both datasets, stop it
+phase() {  # engine round: start its server on a free port, both datasets, stop it
+  local PORT; PORT="$(free_port)"
   if [ "$1" = kvmem ]; then
     "$PY" -m kvmem.cli serve --port "$PORT" --dtype "$DTYPE" --kv-cache-memory 2GiB --max-model-len 2048 \
       --log-level warning > "$OUT/kvmem_server_r$2.log" 2>&1 &
@@ -52,17 +60,18 @@ phase() {  # engine round: start its server, both datasets, stop it
   fi
   local pid=$!
   wait_healthy "$pid"
-  client "$1" random "$2"
-  client "$1" prefix "$2"
+  for dataset in $DATASETS; do client "$1" "$dataset" "$2"; done
   kill -INT "$pid" 2> /dev/null || true
   wait "$pid" 2> /dev/null || true
   rm -f /dev/shm/__KMP_REGISTERED_LIB_* 2> /dev/null || true  # left by vLLM's Intel OpenMP
 }
 
-export -f phase client wait_healthy
-export PORT DTYPE NUM_PROMPTS RATE PY VENV HF_MODEL OUT
+export -f phase client wait_healthy free_port
+export DTYPE NUM_PROMPTS RATE TEMPERATURE DATASETS PY VENV HF_MODEL OUT
 for round in $(seq 1 "$ROUNDS"); do
-  for engine in kvmem vllm; do
+  engines=(kvmem vllm)
+  if [ $((round % 2)) -eq 0 ]; then engines=(vllm kvmem); fi  # who goes first alternates too
+  for engine in "${engines[@]}"; do
     echo "== round $round $engine $(date -u +%T)"
     flock -x -w 1200 "$GATE" bash -c "phase $engine $round"
   done
