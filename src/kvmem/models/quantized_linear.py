@@ -1,5 +1,6 @@
-"""A linear layer whose weight stays in GGUF's quantized blocks (Q8_0, Q4_0, Q4_1): a model takes
-about its file's size in memory, and a decode step reads 4.5-8.5 bits per weight instead of 16.
+"""A linear layer whose weight stays in GGUF's quantized blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
+Q5_K, Q6_K): a model takes about its file's size in memory, and a decode step reads 4.5-8.5 bits per
+weight instead of 16.
 
 On the CPU the native kernel (`kvmem.models.quant_kernels`, csrc/quant_matmul.cpp) reads the blocks
 directly for every batch size; each output is computed by the same operations whatever else is in
