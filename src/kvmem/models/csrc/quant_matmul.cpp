@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -418,13 +419,80 @@ inline __m512bh load_bf16(const at::BFloat16* p) {
   return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
 }
 
+// --- K-quants a super-block at a time: the same values as dequant_chunk_bf16, faster -----------
+// Per chunk, dequant_chunk_bf16 unpacks its sub-block's scale and finds its bytes at run time,
+// which at batch 1 costs more than the dot product itself. Here a super-block's 8 scale pairs are
+// unpacked once and its 8 chunks are produced with compile-time offsets and shifts; every weight is
+// still the same multiply (and subtract) of the same float32 operands, so the bits do not change.
+template <int64_t Q>
+constexpr bool kSuper = kValues<Q> == 256;
+
+template <typename F, int... S>
+inline void each_chunk(F&& f, std::integer_sequence<int, S...>) {
+  (f(std::integral_constant<int, S>{}), ...);
+}
+
+// A K-quant super-block's 8 chunks as bfloat16, in order, passed to f(chunk index, values).
+template <int64_t Q, typename F>
+inline void super_block_bf16(const uint8_t* b, F&& f) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  if constexpr (Q == kQ6_K) {
+    const float d = half_at(b + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const __m512 bias = _mm512_set1_ps(32.f);
+    each_chunk([&](auto S) {
+      constexpr int s = decltype(S)::value, h = s / 4, k = s % 4;
+      const __m256i ql = _mm256_and_si256(
+          _mm256_srli_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (k % 2))),
+                            4 * (k / 2)), low4);
+      const __m256i qh = _mm256_and_si256(
+          _mm256_srli_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)), 2 * k),
+          _mm256_set1_epi8(3));
+      __m512 lo, hi;
+      words_to_ps(_mm512_cvtepu8_epi16(_mm256_or_si256(ql, _mm256_slli_epi16(qh, 4))), lo, hi);
+      lo = _mm512_mul_ps(_mm512_sub_ps(lo, bias), _mm512_set1_ps(d * static_cast<float>(sc[2 * s])));
+      hi = _mm512_mul_ps(_mm512_sub_ps(hi, bias), _mm512_set1_ps(d * static_cast<float>(sc[2 * s + 1])));
+      f(s, _mm512_cvtne2ps_pbh(hi, lo));
+    }, std::make_integer_sequence<int, 8>{});
+  } else {
+    static_assert(Q == kQ4_K || Q == kQ5_K);
+    const __m512 q0 = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 q16 = _mm512_add_ps(q0, _mm512_set1_ps(16.f));
+    const __m256i qh = Q == kQ5_K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)) : _mm256_setzero_si256();
+    each_chunk([&](auto S) {
+      constexpr int s = decltype(S)::value;
+      float dl, ml;
+      scale_min_k4(b, s, dl, ml);
+      const __m512 scale = _mm512_set1_ps(dl), offset = _mm512_set1_ps(ml);
+      const __m512 low = _mm512_sub_ps(_mm512_mul_ps(q0, scale), offset);
+      const __m512 high = Q == kQ4_K ? low : _mm512_sub_ps(_mm512_mul_ps(q16, scale), offset);
+      const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(high, low);
+      const __m256i packed =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (Q == kQ4_K ? 16 : 48) + 32 * (s / 2)));
+      __m256i q = _mm256_and_si256(_mm256_srli_epi16(packed, 4 * (s % 2)), low4);
+      if constexpr (Q == kQ5_K)
+        q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, s), _mm256_set1_epi8(1)), 4));
+      f(s, (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(q), table));
+    }, std::make_integer_sequence<int, 8>{});
+  }
+}
+
 template <int64_t Q, int R>
 inline void dot_rows_bf16(const at::BFloat16* x, int64_t ldx, const uint8_t* w, int64_t nblocks, float* out) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const __m512bh wb = dequant_chunk_bf16<Q>(w, b);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wb, load_bf16(x + r * ldx + b * kBlock));
+  if constexpr (kSuper<Q>) {
+    for (int64_t sb = 0; sb < nblocks / 8; ++sb) {
+      const at::BFloat16* xs = x + sb * 8 * kBlock;
+      super_block_bf16<Q>(w + sb * kBytes<Q>, [&](int s, __m512bh wb) {
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wb, load_bf16(xs + r * ldx + s * kBlock));
+      });
+    }
+  } else {
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const __m512bh wb = dequant_chunk_bf16<Q>(w, b);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wb, load_bf16(x + r * ldx + b * kBlock));
+    }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
@@ -557,10 +625,19 @@ void linear_bf16_tiles(const at::BFloat16* x, int64_t N, int64_t K, const uint8_
     float out[4 * 4];
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int64_t o0 = tile * kOutTile, rows = std::min<int64_t>(kOutTile, O - o0);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t b = 0; b < nblocks; ++b)
-          _mm512_storeu_si512(reinterpret_cast<void*>(scratch.data() + i * K + b * kBlock),
-                              (__m512i)dequant_chunk_bf16<Q>(w + (o0 + i) * row_bytes, b));
+      for (int64_t i = 0; i < rows; ++i) {
+        at::BFloat16* dst = scratch.data() + i * K;
+        if constexpr (kSuper<Q>) {
+          for (int64_t sb = 0; sb < nblocks / 8; ++sb)
+            super_block_bf16<Q>(w + (o0 + i) * row_bytes + sb * kBytes<Q>, [&](int s, __m512bh wb) {
+              _mm512_storeu_si512(reinterpret_cast<void*>(dst + (sb * 8 + s) * kBlock), (__m512i)wb);
+            });
+        } else {
+          for (int64_t b = 0; b < nblocks; ++b)
+            _mm512_storeu_si512(reinterpret_cast<void*>(dst + b * kBlock),
+                                (__m512i)dequant_chunk_bf16<Q>(w + (o0 + i) * row_bytes, b));
+        }
+      }
       for (int64_t n0 = 0; n0 < N; n0 += 4) {
         const int R = static_cast<int>(std::min<int64_t>(4, N - n0));
         for (int64_t t0 = 0; t0 < rows; t0 += 4) {
