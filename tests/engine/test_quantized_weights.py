@@ -100,7 +100,8 @@ def test_auto_dequantizes_at_load_without_the_native_kernels(default_source, mon
 
 def _k_quant_llama(path: Path) -> Path:
     """A tiny random llama whose rows are whole 256-value super-blocks, every matrix in a K-quant
-    (random blocks: the gguf package cannot write K-quants), norms in F32, lm_head untied."""
+    (random blocks: the gguf package cannot write K-quants), norms in F32, lm_head untied. As in
+    llama.cpp's Q4_K_M, one layer's v_proj has more bits (Q6_K) than its q and k (Q4_K)."""
     import numpy as np
     from gguf import GGMLQuantizationType as Q
 
@@ -130,7 +131,7 @@ def _k_quant_llama(path: Path) -> Path:
             p + "ffn_norm.weight": (1 + 0.1 * rng.standard_normal(hidden), Q.F32),
             p + "attn_q.weight": matrix(heads * head_dim, hidden, Q.Q4_K),
             p + "attn_k.weight": matrix(kv_heads * head_dim, hidden, Q.Q4_K),
-            p + "attn_v.weight": matrix(kv_heads * head_dim, hidden, Q.Q4_K),
+            p + "attn_v.weight": matrix(kv_heads * head_dim, hidden, Q.Q6_K if i == 1 else Q.Q4_K),
             p + "attn_output.weight": matrix(hidden, heads * head_dim, Q.Q5_K),
             p + "ffn_gate.weight": matrix(ffn, hidden, Q.Q5_K), p + "ffn_up.weight": matrix(ffn, hidden, Q.Q5_K),
             p + "ffn_down.weight": matrix(hidden, ffn, Q.Q6_K),
@@ -162,7 +163,9 @@ def test_k_quant_layers_stay_quantized_and_match_the_dequantized_model(k_quant_m
     kinds = {name: m.format.name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     assert kinds["layers.0.self_attn.qkv_proj"] == "Q4_K" and kinds["layers.1.mlp.gate_up_proj"] == "Q5_K"
     assert kinds["layers.1.mlp.down_proj"] == "Q6_K" and kinds["lm_head"] == "Q4_K"
-    assert len(kinds) == 2 * 4 + 1 and model.embed_tokens.format.name == "Q6_K"
+    # layer 1's q/k/v: one quantized layer per part, each in its own type
+    assert [kinds[f"layers.1.self_attn.qkv_proj.parts.{i}"] for i in range(3)] == ["Q4_K", "Q4_K", "Q6_K"]
+    assert len(kinds) == 2 * 4 + 1 + 2 and model.embed_tokens.format.name == "Q6_K"
     # The blocks are all the weights there are: norms and RoPE tables are the only extra.
     assert model_bytes(model) < 1.2 * k_quant_model.stat().st_size
     _, dequantized = _generate(k_quant_model, prompts, quantization="none", dtype="float32")

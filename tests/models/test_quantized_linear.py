@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmem.models import quant_kernels
-from kvmem.models.quantized_linear import QuantizedLinear
+from kvmem.models.quantized_linear import QuantizedConcatLinear, QuantizedLinear
 from tests.models.test_gguf_blocks import TYPES, quantized, row_length
 
 needs_kernel = pytest.mark.skipif(quant_kernels.load() is None, reason="no C++ toolchain for the native kernels")
@@ -121,3 +121,40 @@ def test_kernel_rejects_rows_that_are_not_whole_super_blocks():
     with pytest.raises(RuntimeError, match="multiple of 256"):
         quant_kernels.load().quant_linear(torch.randn(2, 576), torch.zeros(4, 324, dtype=torch.uint8),
                                           int(GGMLQuantizationType.Q4_K))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_parts_in_different_types_give_each_parts_own_bits(native, monkeypatch):
+    """A fused q/k/v whose v is stored in another type (llama.cpp's Q4_K_M): each output column is
+    what its part alone computes, for any batch, and the whole is the dequantized matmul."""
+    if not native:
+        monkeypatch.setattr(quant_kernels, "load", lambda: None)
+    elif quant_kernels.load() is None:
+        pytest.skip("no C++ toolchain for the native kernels")
+    from gguf import GGMLQuantizationType as Q
+
+    types, sizes = [Q.Q4_K, Q.Q4_K, Q.Q6_K], [64, 32, 32]
+    fused = QuantizedConcatLinear(512, sizes, [int(t) for t in types], bias=True, dtype=torch.float32)
+    weights = []
+    for i, (part, t, n) in enumerate(zip(fused.parts, types, sizes)):
+        blocks, reference = quantized(n, 512, t, seed=10 + i)
+        part.qweight.copy_(blocks)
+        weights.append(torch.from_numpy(reference))
+    fused.bias.copy_(torch.randn(128))
+    weight = torch.cat(weights)
+    assert torch.equal(fused.dequantized_weight(), weight)
+    x = torch.randn(7, 512, generator=torch.Generator().manual_seed(6))
+    y = fused(x)
+    assert y.shape == (7, 128)
+    assert_close_to_reference(y - fused.bias, x, weight, rtol=512 * 2**-23 + 2**-22)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        batched = fused(xd)
+        assert torch.equal(batched[:, 64:96], fused.parts[1](xd) + fused.bias[64:96])
+        for r in range(7 if native else 0):  # the torch fallback is F.linear: no batch-invariance promise
+            assert torch.equal(fused(xd[r:r + 1]), batched[r:r + 1])
+
+
+def test_parts_must_pair_with_types():
+    with pytest.raises(ValueError, match="pair up"):
+        QuantizedConcatLinear(256, [32, 32], [12])

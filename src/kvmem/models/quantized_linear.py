@@ -10,6 +10,8 @@ ops at each call, which is correct but slow: `--quantization auto` dequantizes a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,4 +50,31 @@ class QuantizedLinear(nn.Module):
         else:
             y = native.quant_linear(x.reshape(-1, self.in_features), self.qweight, self.type_id)
             y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantizedConcatLinear(nn.Module):
+    """A fused projection (q/k/v, gate/up) whose parts a GGUF stores in different block types:
+    llama.cpp's K-quant mixes (Q4_K_M, ...) give v_proj more bits than q and k in some layers. Each part
+    is a `QuantizedLinear` of its own type; their outputs are concatenated. Every output element is
+    computed exactly as its part alone computes it, so a row's result still does not depend on the
+    batch. The bias (Qwen2's q/k/v) covers the fused output."""
+
+    def __init__(self, in_features: int, part_features: Sequence[int], type_ids: Sequence[int], bias: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if len(part_features) != len(type_ids) or not part_features:
+            raise ValueError(f"part_features {list(part_features)} and type_ids {list(type_ids)} must pair up")
+        self.in_features, self.out_features = in_features, sum(part_features)
+        self.parts = nn.ModuleList(QuantizedLinear(in_features, n, t) for n, t in zip(part_features, type_ids))
+        self.register_buffer("bias", torch.empty(self.out_features, dtype=dtype) if bias else None, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return torch.cat([p.dequantized_weight() for p in self.parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([p(x) for p in self.parts], dim=-1)
         return y if self.bias is None else y + self.bias
