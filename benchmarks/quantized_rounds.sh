@@ -4,11 +4,13 @@
 # that the rounds see the same machine state instead of queueing minutes apart).
 #   usage: benchmarks/quantized_rounds.sh b64|b1 [ROUNDS]     (results in $OUT, summary: quantized_summary.py)
 #   b64: kvmem --quantization gguf vs none (bf16), random 64 x 128 -> 128;  b1: llama.cpp vs kvmem gguf, batch 1
+#   GGUF=FILE: b1 on that file instead of the embedded Q4_1
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PART="$1"; ROUNDS="${2:-3}"
 PY="${PY:-python}"; THREADS="${THREADS:-2}"; OUT="${OUT:-$here/results/quantized}"
 Q41="$($PY -c 'from kvmem.models.loader import default_model_path; print(default_model_path())')"
+Q41="${GGUF:-$Q41}"  # b1 on another GGUF (e.g. a K-quant file from peers/requantize_gguf.py)
 mkdir -p "$OUT"
 for r in $(seq 1 "$ROUNDS"); do
   if [[ $PART == b64 ]]; then

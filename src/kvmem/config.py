@@ -78,7 +78,7 @@ class EngineConfig:
     distributed_init_method: str | None = None  # tcp://HOST:PORT; None = MASTER_ADDR/PORT, or a local port
     nnodes: int = 1
     node_rank: int = 0
-    # vLLM's --quantization, for GGUF files: gguf keeps Q8_0/Q4_0/Q4_1 weights in their blocks (native
+    # vLLM's --quantization, for GGUF files: gguf keeps Q8_0/Q4/Q5/K-quant weights in their blocks (native
     # CPU kernels; other types dequantized at load), auto does so where it can (a GGUF on the CPU),
     # none dequantizes every weight at load (float32 greedy output identical to transformers').
     # int8 (a Hugging Face checkpoint): weight-only 8-bit quantization at load (kvmem.models.int8_weights).
@@ -411,7 +411,7 @@ ENGINE_FLAGS: dict[str, EngineFlag] = {
     "nnodes": EngineFlag("machines sharing the --tensor-parallel-size ranks", group=TP_GROUP),
     "node_rank": EngineFlag("this machine's index; 0 runs the engine and the server, the others only their "
                             "ranks (start them with the same flags)", group=TP_GROUP),
-    "quantization": EngineFlag("none | gguf | auto (vLLM's flag). gguf: keep a GGUF's Q8_0/Q4_0/Q4_1 weights in "
+    "quantization": EngineFlag("none | gguf | auto (vLLM's flag). gguf: keep a GGUF's Q8_0/Q4/Q5/K-quant weights in "
                                "their blocks (native CPU kernels; memory about the file's size; other types "
                                "dequantized at load); auto: gguf where possible (a GGUF on the CPU), else none; "
                                "none (default): dequantize every weight at load; int8: quantize a Hugging Face "

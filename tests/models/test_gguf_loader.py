@@ -300,3 +300,20 @@ def test_missing_gguf_tensor(gguf_file):
     with pytest.raises(ValueError) as e:
         load_model(path)
     assert "partial.gguf" in str(e.value) and "blk.1.ffn_up.weight" in str(e.value)
+
+
+def test_quantized_types_skip_rows_that_are_not_whole_blocks_of_their_type():
+    # llama.cpp never writes such a tensor (it falls back to Q5_0/Q8_0 for K = 576 rows), but a file
+    # that did must be dequantized at load, not make the kept layer's row size check fail.
+    from types import SimpleNamespace
+
+    from kvmem.models.gguf_loader import quantized_types
+
+    def tensor(name, qtype, cols):
+        return SimpleNamespace(name=name, tensor_type=qtype, shape=[cols, 64])
+
+    reader = SimpleNamespace(tensors=[tensor("blk.0.ffn_down.weight", Q.Q4_K, 1536),
+                                      tensor("blk.0.ffn_up.weight", Q.Q6_K, 576),
+                                      tensor("blk.0.ffn_gate.weight", Q.Q5_0, 576)])
+    assert quantized_types(reader) == {"model.layers.0.mlp.down_proj.weight": int(Q.Q4_K),
+                                       "model.layers.0.mlp.gate_proj.weight": int(Q.Q5_0)}

@@ -1,5 +1,6 @@
 """Load a GGUF file (llama.cpp's format): config and tokenizer from its metadata, weights dequantized
-(or, for `--quantization gguf|auto`, the Q8_0/Q4_0/Q4_1 ones kept in their blocks: `quantized_weights`).
+(or, for `--quantization gguf|auto`, the Q8_0/Q4_x/Q5_x/Q4_K/Q5_K/Q6_K ones kept in their blocks:
+`quantized_weights`).
 
 Tensors are renamed to Hugging Face Llama names and dequantized to float32 with the `gguf` package.
 Two llama.cpp conventions are undone on the way:
@@ -259,9 +260,11 @@ def _weights(reader: GGUFReader, config: ModelConfig, path: Path,
 
 
 def quantized_types(reader: GGUFReader) -> dict[str, int]:
-    """HF name -> GGML type id of the 2-D weights stored in a format kvmem keeps quantized."""
+    """HF name -> GGML type id of the 2-D weights stored in a format kvmem keeps quantized (and whose
+    rows are whole blocks of it; any other is dequantized at load)."""
     return {name: int(t.tensor_type) for t in reader.tensors
-            if (name := hf_tensor_name(t.name)) is not None and int(t.tensor_type) in FORMATS and len(t.shape) == 2}
+            if (name := hf_tensor_name(t.name)) is not None and int(t.tensor_type) in FORMATS and len(t.shape) == 2
+            and FORMATS[int(t.tensor_type)].fits(int(t.shape[0]))}
 
 
 def load_gguf(path: Path) -> ModelSource:

@@ -24,7 +24,7 @@ from kvmem.models import fused
 from kvmem.models.config import ModelConfig, RopeScaling
 from kvmem.models.gguf_blocks import QuantizedTensor
 from kvmem.models.quantized_embedding import QuantizedEmbedding
-from kvmem.models.quantized_linear import QuantizedLinear
+from kvmem.models.quantized_linear import QuantizedConcatLinear, QuantizedLinear
 
 AttentionFn = Callable[..., torch.Tensor]
 LayerCache = tuple[torch.Tensor, ...]  # (K, V), or (K, V, K scales, V scales) for an int8 cache
@@ -310,6 +310,9 @@ class LlamaForCausalLM(nn.Module):
             old = getattr(parent, leaf)
             if isinstance(old, nn.Embedding):
                 new = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, type_id, dtype)
+            elif isinstance(type_id, tuple):  # a fused module whose parts are stored in different types
+                new = QuantizedConcatLinear(old.in_features, cls._part_features(config, leaf), type_id,
+                                            bias=old.bias is not None, dtype=dtype)
             else:
                 new = QuantizedLinear(old.in_features, old.out_features, type_id, bias=old.bias is not None,
                                       dtype=dtype)
@@ -395,7 +398,8 @@ class LlamaForCausalLM(nn.Module):
     def quantized_plan(cls, config: ModelConfig, types: dict[str, int]) -> dict[str, int]:
         """Of the weights a file stores in a format kvmem keeps quantized (`types`: HF name -> GGML
         type id), those the model can keep so: every weight of a module (q, k and v of the fused
-        qkv_proj; gate and up) in one type. A module whose parts differ is dequantized whole. A
+        qkv_proj; gate and up) in a kept type, each part's own (parts in different types make a
+        `QuantizedConcatLinear`). A module with any part in another type is dequantized whole. A
         tied lm_head follows the embedding."""
         parts: dict[str, list[str]] = {}
         for name in config.weight_names():
@@ -403,14 +407,30 @@ class LlamaForCausalLM(nn.Module):
                 parts.setdefault(cls._module_of(name), []).append(name)
         plan: dict[str, int] = {}
         for names in parts.values():
-            kinds = {types.get(n) for n in names}
-            if len(kinds) == 1 and None not in kinds:
+            if all(n in types for n in names):
                 plan.update((n, types[n]) for n in names)
         return plan
 
     @classmethod
-    def _quantized_modules(cls, config: ModelConfig, plan: dict[str, int]) -> dict[str, int]:
-        return {cls._module_of(name): type_id for name, type_id in plan.items()}
+    def _quantized_modules(cls, config: ModelConfig, plan: dict[str, int]) -> dict[str, int | tuple[int, ...]]:
+        """Module path -> its GGML type, or for a fused module whose parts differ, the parts' types in
+        shard order (q, k, v; gate, up)."""
+        shards: dict[str, dict[int, int]] = {}
+        for name, type_id in plan.items():
+            module_path = name.removeprefix("model.").rpartition(".")[0]
+            parent, _, leaf = module_path.rpartition(".")
+            fused = cls._FUSED.get(f"{parent.rpartition('.')[2]}.{leaf}")
+            shards.setdefault(cls._module_of(name), {})[fused[1] if fused else 0] = type_id
+        return {m: next(iter(t.values())) if len(set(t.values())) == 1 else tuple(t[i] for i in sorted(t))
+                for m, t in shards.items()}
+
+    @staticmethod
+    def _part_features(config: ModelConfig, leaf: str) -> list[int]:
+        """The output rows of each part of a fused module, in shard order."""
+        if leaf == "qkv_proj":
+            kv = config.num_key_value_heads * config.head_dim
+            return [config.num_attention_heads * config.head_dim, kv, kv]
+        return [config.intermediate_size, config.intermediate_size]  # gate_up_proj
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up. Every parameter must be
@@ -421,6 +441,7 @@ class LlamaForCausalLM(nn.Module):
         for module_name, module in self.named_modules():
             if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
                 params[f"{module_name}.weight"] = module.qweight
+            if isinstance(module, (QuantizedLinear, QuantizedEmbedding, QuantizedConcatLinear)):
                 if getattr(module, "bias", None) is not None:
                     params[f"{module_name}.bias"] = module.bias
         c = self.config
@@ -442,6 +463,8 @@ class LlamaForCausalLM(nn.Module):
                 target_name = f"{parent}.{ours}.{kind}"
                 start = shard_offsets[ours][shard]
                 rows = slice(start, start + tensor.shape[0])
+                if f"{parent}.{ours}.parts.{shard}.{kind}" in params:  # a QuantizedConcatLinear's own part
+                    target_name, rows = f"{parent}.{ours}.parts.{shard}.{kind}", slice(None)
             target = params.get(target_name)
             if target is None:
                 raise ValueError(f"unexpected weight {name!r} for {c.architecture}")

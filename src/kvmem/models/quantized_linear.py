@@ -1,5 +1,6 @@
-"""A linear layer whose weight stays in GGUF's quantized blocks (Q8_0, Q4_0, Q4_1): a model takes
-about its file's size in memory, and a decode step reads 4.5-8.5 bits per weight instead of 16.
+"""A linear layer whose weight stays in GGUF's quantized blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
+Q5_K, Q6_K): a model takes about its file's size in memory, and a decode step reads 4.5-8.5 bits per
+weight instead of 16.
 
 On the CPU the native kernel (`kvmem.models.quant_kernels`, csrc/quant_matmul.cpp) reads the blocks
 directly for every batch size; each output is computed by the same operations whatever else is in
@@ -8,6 +9,9 @@ ops at each call, which is correct but slow: `--quantization auto` dequantizes a
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,3 +68,38 @@ class QuantizedLinear(nn.Module):
             y = quant_linear(x, qweight, type_id)
             return y if bias is None else y + bias
         return linear
+
+
+class QuantizedConcatLinear(nn.Module):
+    """A fused projection (q/k/v, gate/up) whose parts a GGUF stores in different block types:
+    llama.cpp's K-quant mixes (Q4_K_M, ...) give v_proj more bits than q and k in some layers. Each part
+    is a `QuantizedLinear` of its own type; their outputs are concatenated. Every output element is
+    computed exactly as its part alone computes it, so a row's result still does not depend on the
+    batch. The bias (Qwen2's q/k/v) covers the fused output."""
+
+    def __init__(self, in_features: int, part_features: Sequence[int], type_ids: Sequence[int], bias: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if len(part_features) != len(type_ids) or not part_features:
+            raise ValueError(f"part_features {list(part_features)} and type_ids {list(type_ids)} must pair up")
+        self.in_features, self.out_features = in_features, sum(part_features)
+        self.parts = nn.ModuleList(QuantizedLinear(in_features, n, t) for n, t in zip(part_features, type_ids))
+        self.register_buffer("bias", torch.empty(self.out_features, dtype=dtype) if bias else None, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return torch.cat([p.dequantized_weight() for p in self.parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _concatenated(x, list(self.parts), self.bias)
+
+    def kernel(self):
+        """The parts' bound kernels, concatenated (`llama.direct_call`)."""
+        return functools.partial(_concatenated, parts=[p.kernel() for p in self.parts], bias=self.bias)
+
+
+def _concatenated(x: torch.Tensor, parts: list, bias: torch.Tensor | None) -> torch.Tensor:
+    y = torch.cat([part(x) for part in parts], dim=-1)
+    return y if bias is None else y + bias
