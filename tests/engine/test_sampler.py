@@ -164,6 +164,31 @@ def test_draws_follow_softmax_of_logits_over_temperature():
         assert torch.allclose(counts, expected, atol=0.015), (temperature, counts, expected)
 
 
+def test_unseeded_rows_beside_seeded_ones_follow_the_softmax_and_seeded_rows_keep_their_tokens():
+    """Rows without a seed (one uniform each, inverse CDF) and seeded rows (their own race) in one
+    batch: the unseeded draws still follow the distribution, the seeded row what it draws alone."""
+    base = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    n = 20_000
+    logits = base.expand(n + 1, -1).contiguous()
+    out = sample(logits.clone(), [row()] * n + [row(seed=5, generator=gen(5))], EOS)
+    counts = torch.bincount(torch.tensor([t.token_id for t in out[:n]]), minlength=4).float() / n
+    assert torch.allclose(counts, torch.softmax(base, -1), atol=0.015), counts
+    alone = sample(base[None].clone(), [row(seed=5, generator=gen(5))], EOS)
+    assert out[n].token_id == alone[0].token_id
+
+
+def test_inverse_cdf_never_picks_a_token_without_probability(monkeypatch):
+    """u * total can round up to the total; the draw then takes the last token with p > 0, never the
+    zero-probability tokens after it (nor an index past the vocabulary)."""
+    from kvmem.engine import sampler
+
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    monkeypatch.setattr(sampler.torch, "rand", lambda *a, **k: torch.ones(2, 1))  # the rounded-up case
+    assert sampler._inverse_cdf_draw(probs, None).tolist() == [1, 2]
+    monkeypatch.setattr(sampler.torch, "rand", lambda *a, **k: torch.zeros(2, 1))
+    assert sampler._inverse_cdf_draw(probs, None).tolist() == [0, 2]
+
+
 @pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-8])
 def test_a_tiny_temperature_picks_the_most_likely_token(temperature):
     """Below SAMPLING_EPS a temperature is greedy: never logits / 1e-40, which overflows float32 to
