@@ -370,6 +370,10 @@ class LlamaForCausalLM(nn.Module):
         self._direct_calls = [layer.ops() for layer in self.layers], direct_call(self.lm_head)
         return self._direct_calls
 
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) binds its own weights: bound calls would still read these.
+        return {**super().__getstate__(), "_direct_calls": None}
+
     def reset_direct_calls(self) -> None:
         """Forget the layers' bound calls (`LayerOps`), after replacing modules: the next forward
         pass binds the current ones."""
