@@ -392,11 +392,18 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def _module_of(cls, hf_weight_name: str) -> str:
         """The module holding an HF weight: "model.layers.0.self_attn.k_proj.weight" -> "layers.0.self_attn.qkv_proj"."""
+        return cls._module_and_shard(hf_weight_name)[0]
+
+    @classmethod
+    def _module_and_shard(cls, hf_weight_name: str) -> tuple[str, int | None]:
+        """The module holding an HF weight and, in a fused module, the weight's part index:
+        "model.layers.0.self_attn.k_proj.weight" -> ("layers.0.self_attn.qkv_proj", 1); "model.norm.weight"
+        -> ("norm", None)."""
         module_path = hf_weight_name.removeprefix("model.").rpartition(".")[0]
         parent, _, leaf = module_path.rpartition(".")
         parent, _, block = parent.rpartition(".")
         fused = cls._FUSED.get(f"{block}.{leaf}")
-        return module_path if fused is None else f"{parent}.{fused[0]}"
+        return (module_path, None) if fused is None else (f"{parent}.{fused[0]}", fused[1])
 
     @classmethod
     def quantized_plan(cls, config: ModelConfig, types: dict[str, int]) -> dict[str, int]:
@@ -421,10 +428,8 @@ class LlamaForCausalLM(nn.Module):
         shard order (q, k, v; gate, up)."""
         shards: dict[str, dict[int, int]] = {}
         for name, type_id in plan.items():
-            module_path = name.removeprefix("model.").rpartition(".")[0]
-            parent, _, leaf = module_path.rpartition(".")
-            fused = cls._FUSED.get(f"{parent.rpartition('.')[2]}.{leaf}")
-            shards.setdefault(cls._module_of(name), {})[fused[1] if fused else 0] = type_id
+            module, shard = cls._module_and_shard(name)
+            shards.setdefault(module, {})[shard or 0] = type_id
         return {m: next(iter(t.values())) if len(set(t.values())) == 1 else tuple(t[i] for i in sorted(t))
                 for m, t in shards.items()}
 
@@ -449,26 +454,21 @@ class LlamaForCausalLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     params[f"{module_name}.bias"] = module.bias
         c = self.config
-        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        shard_offsets = {"self_attn.qkv_proj": [0, q, q + kv], "mlp.gate_up_proj": [0, c.intermediate_size]}
         loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and c.tie_word_embeddings:
                 continue
-            module_path, _, kind = name.rpartition(".")  # kind: weight | bias
-            parent, _, leaf = module_path.rpartition(".")
-            parent, _, block = parent.rpartition(".")  # "layers.3", "self_attn"
-            fused = self._FUSED.get(f"{block}.{leaf}")
-            if fused is None:
+            kind = name.rpartition(".")[2]  # weight | bias
+            module, shard = self._module_and_shard(name)
+            if shard is None:
                 target_name, rows = name, slice(None)
             else:
-                ours, shard = fused
-                target_name = f"{parent}.{ours}.{kind}"
-                start = shard_offsets[ours][shard]
+                target_name = f"{module}.{kind}"
+                start = sum(self._part_features(c, module.rpartition(".")[2])[:shard])
                 rows = slice(start, start + tensor.shape[0])
-                if f"{parent}.{ours}.parts.{shard}.{kind}" in params:  # a QuantizedConcatLinear's own part
-                    target_name, rows = f"{parent}.{ours}.parts.{shard}.{kind}", slice(None)
+                if f"{module}.parts.{shard}.{kind}" in params:  # a QuantizedConcatLinear's own part
+                    target_name, rows = f"{module}.parts.{shard}.{kind}", slice(None)
             target = params.get(target_name)
             if target is None:
                 raise ValueError(f"unexpected weight {name!r} for {c.architecture}")
