@@ -218,19 +218,25 @@ inline __m256i shift_right_bytes(__m256i v, int count) {  // per byte, for count
   return _mm256_srl_epi16(v, _mm_cvtsi32_si128(count));
 }
 
+// 16 bytes of packed nibbles (value j < 16 the low nibble of byte j, value j + 16 its high nibble) as
+// 32 16-bit lanes in value order: the 4-bit part of a Q4_0/Q4_1/Q5_0/Q5_1 block.
+inline __m512i nibble_words(const uint8_t* qs) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m256i nibbles = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(packed, mask)),
+                                                  _mm_and_si128(_mm_srli_epi16(packed, 4), mask), 1);
+  return _mm512_cvtepu8_epi16(nibbles);
+}
+
 // A Q5_0/Q5_1/K-quant chunk's 32 quantized values, unsigned (Q4_K 0..15, Q5 0..31, Q6_K 0..63),
 // as 16-bit lanes in element order.
 template <int64_t Q>
 inline __m512i chunk_words(const uint8_t* b, int s) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   if constexpr (Q == kQ5_0 || Q == kQ5_1) {
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == kQ5_0 ? 6 : 8)));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m256i nibbles = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(packed, mask)),
-                                                    _mm_and_si128(_mm_srli_epi16(packed, 4), mask), 1);
+    const __m512i words = nibble_words(b + (Q == kQ5_0 ? 6 : 8));
     uint32_t qh;
     std::memcpy(&qh, b + (Q == kQ5_0 ? 2 : 4), 4);
-    const __m512i words = _mm512_cvtepu8_epi16(nibbles);
     return _mm512_mask_add_epi16(words, static_cast<__mmask32>(qh), words, _mm512_set1_epi16(16));
   } else if constexpr (Q == kQ4_K || Q == kQ5_K) {
     const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (Q == kQ4_K ? 16 : 48) + 32 * (s / 2)));
@@ -407,11 +413,7 @@ inline __m512bh dequant_chunk_bf16(const uint8_t* row, int64_t c) {
     __m512 values = _mm512_mul_ps(q, _mm512_set1_ps(half_at(b)));
     if constexpr (Q == kQ4_1) values = _mm512_add_ps(values, _mm512_set1_ps(half_at(b + 2)));
     const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == kQ4_1 ? 4 : 2)));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m256i nibbles = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(packed, mask)),
-                                                    _mm_and_si128(_mm_srli_epi16(packed, 4), mask), 1);
-    return (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(nibbles), table);
+    return (__m512bh)_mm512_permutexvar_epi16(nibble_words(b + (Q == kQ4_1 ? 4 : 2)), table);
   }
 }
 
