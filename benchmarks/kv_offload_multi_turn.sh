@@ -26,20 +26,13 @@ locked() {  # wait for the gate as long as it takes (flock's own timeout: exit 7
   local rc=75; while [ $rc = 75 ]; do rc=0; flock -x -w 1200 -E 75 "$GATE" "$@" || rc=$?; done; return $rc
 }
 
-wait_healthy() {  # pid
-  for _ in $(seq 1 300); do
-    if curl -sf "127.0.0.1:$PORT/health" > /dev/null; then return 0; fi
-    if ! kill -0 "$1" 2> /dev/null; then echo "server died" >&2; return 1; fi
-    sleep 1
-  done
-  echo "server did not become healthy" >&2; return 1
-}
+source benchmarks/server_helpers.sh
 
 run() {  # tiers round -- server flags...
   local tiers=$1 round=$2; shift 3
   "$PY" -m kvmem serve --port "$PORT" --dtype bfloat16 --kv-cache-memory "$BUDGET" --log-level warning "$@" &
   local pid=$!
-  wait_healthy "$pid"
+  wait_for_server "127.0.0.1:$PORT/health" "$pid"
   locked "$PY" -m kvmem bench serve --base-url "http://127.0.0.1:$PORT" --endpoint /v1/chat/completions \
     --dataset-name multi_turn --num-prompts "$CONVERSATIONS" --multi-turn-num-turns "$TURNS" \
     --multi-turn-user-len "$USER_LEN" --multi-turn-output-len "$OUTPUT_LEN" --seed "$round" \

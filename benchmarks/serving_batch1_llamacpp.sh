@@ -34,18 +34,7 @@ OUT="${OUT:-benchmarks/results/serving_batch1_llamacpp}"
 GGUF="${GGUF:-$("$PY" -c 'from kvmem.models.loader import default_model_path; print(default_model_path())')}"
 mkdir -p "$OUT"
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_ready() {  # pid port
-  for _ in $(seq 1 300); do
-    if curl -sf "127.0.0.1:$2/v1/models" > /dev/null; then return 0; fi
-    if ! kill -0 "$1" 2> /dev/null; then echo "server died" >&2; return 1; fi
-    sleep 1
-  done
-  echo "server did not become ready" >&2; return 1
-}
+source benchmarks/server_helpers.sh
 
 client() {  # engine round port
   local extra='{}'
@@ -71,7 +60,7 @@ phase() {  # engine round: start its server on a free port, run the client, stop
       --host 127.0.0.1 --port "$port" > "$OUT/llamacpp_server_r$2.log" 2>&1 &
   fi
   local pid=$! rc=0
-  wait_ready "$pid" "$port" && client "$1" "$2" "$port" || rc=$?
+  wait_for_server "127.0.0.1:$port/v1/models" "$pid" && client "$1" "$2" "$port" || rc=$?
   kill -INT "$pid" 2> /dev/null || true
   wait "$pid" 2> /dev/null || true
   if [ "$1" = llamacpp ]; then  # llama.cpp's own timings per request (prompt eval, eval), kept in git
@@ -80,7 +69,7 @@ phase() {  # engine round: start its server on a free port, run the client, stop
   return "$rc"
 }
 
-export -f phase client wait_ready free_port
+export -f phase client wait_for_server free_port
 export THREADS NUM_PROMPTS INPUT_LEN OUTPUT_LEN PY VENV LLAMACPP_VENV HF_MODEL OUT GGUF
 for round in $(seq 1 "$ROUNDS"); do
   engines=(kvmem llamacpp)

@@ -20,9 +20,7 @@ PYSPY="${PYSPY:-$(command -v py-spy || echo /tmp/pyspy-venv/bin/py-spy)}"
 OUT="${OUT:-benchmarks/results/serving_saturated/cpu_split_$DTYPE}"
 mkdir -p "$OUT"
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+source benchmarks/server_helpers.sh
 
 phase() {  # engine
   local port; port="$(free_port)"
@@ -34,7 +32,7 @@ phase() {  # engine
       > "$OUT/vllm_server.log" 2>&1 &
   fi
   local pid=$!
-  for _ in $(seq 1 300); do curl -sf "127.0.0.1:$port/health" > /dev/null && break; sleep 1; done
+  wait_for_server "127.0.0.1:$port/health" "$pid" || true  # the run goes on either way, as it always did
   "$PY" benchmarks/peers/cpu_split.py snap "$pid" "$OUT/$1_before.json"
   /usr/bin/time -f "client: user %U s, system %S s, wall %e s" -o "$OUT/$1_client_time.txt" \
     "$VENV/bin/python" benchmarks/peers/vllm_bench_serve.py --backend openai --base-url "http://127.0.0.1:$port" \
@@ -58,7 +56,7 @@ phase() {  # engine
   rm -f /dev/shm/__KMP_REGISTERED_LIB_* 2> /dev/null || true
 }
 
-export -f phase free_port
+export -f phase free_port wait_for_server
 export DTYPE NUM_PROMPTS PY VENV HF_MODEL OUT PYSPY
 for engine in kvmem vllm; do
   echo "== $engine $(date -u +%T)"

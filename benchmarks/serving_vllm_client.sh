@@ -22,18 +22,7 @@ GATE="${GATE:-/work/cpu.gate}"
 OUT="${OUT:-benchmarks/results/serving_vllm_client/$DTYPE}"
 mkdir -p "$OUT"
 
-free_port() {  # a fixed port clashed with another session's server once
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_healthy() {  # pid
-  for _ in $(seq 1 300); do
-    if curl -sf "127.0.0.1:$PORT/health" > /dev/null; then return 0; fi
-    if ! kill -0 "$1" 2> /dev/null; then echo "server died" >&2; return 1; fi
-    sleep 1
-  done
-  echo "server did not become healthy" >&2; return 1
-}
+source benchmarks/server_helpers.sh
 
 client() {  # engine dataset round
   local args=(--dataset-name random --random-input-len 128 --random-output-len 128)
@@ -59,14 +48,14 @@ phase() {  # engine round: start its server on a free port, both datasets, stop 
       > "$OUT/vllm_server_r$2.log" 2>&1 &
   fi
   local pid=$!
-  wait_healthy "$pid"
+  wait_for_server "127.0.0.1:$PORT/health" "$pid"
   for dataset in $DATASETS; do client "$1" "$dataset" "$2"; done
   kill -INT "$pid" 2> /dev/null || true
   wait "$pid" 2> /dev/null || true
   rm -f /dev/shm/__KMP_REGISTERED_LIB_* 2> /dev/null || true  # left by vLLM's Intel OpenMP
 }
 
-export -f phase client wait_healthy free_port
+export -f phase client wait_for_server free_port
 export DTYPE NUM_PROMPTS RATE TEMPERATURE DATASETS PY VENV HF_MODEL OUT
 for round in $(seq 1 "$ROUNDS"); do
   engines=(kvmem vllm)

@@ -16,14 +16,7 @@ mkdir -p "$OUT"
 KVMEM_PORT=8000
 VLLM_PORT=8100
 
-wait_healthy() {  # port pid
-  for _ in $(seq 1 300); do
-    if curl -sf "127.0.0.1:$1/health" > /dev/null; then return 0; fi
-    if ! kill -0 "$2" 2> /dev/null; then echo "server on port $1 died" >&2; return 1; fi
-    sleep 1
-  done
-  echo "server on port $1 did not become healthy" >&2; return 1
-}
+source benchmarks/server_helpers.sh
 
 stop_server() {  # pid
   kill -INT "$1" 2> /dev/null || true
@@ -42,14 +35,14 @@ for round in $(seq 1 "$ROUNDS"); do
   .venv/bin/kvmem serve --port "$KVMEM_PORT" --dtype "$DTYPE" --kv-cache-memory 2GiB --max-model-len 2048 \
     --log-level warning &
   pid=$!
-  wait_healthy "$KVMEM_PORT" "$pid"
+  wait_for_server "127.0.0.1:$KVMEM_PORT/health" "$pid"
   for rate in $RATES; do bench kvmem-paged "$KVMEM_PORT" "$rate" "$round"; done
   stop_server "$pid"
 
   PORT="$VLLM_PORT" DTYPE="$DTYPE" KV_GB=2 MAX_MODEL_LEN=2048 setsid benchmarks/peers/run_vllm_server.sh \
     > "/tmp/vllm-server-r$round.log" 2>&1 &
   pid=$!
-  wait_healthy "$VLLM_PORT" "$pid"
+  wait_for_server "127.0.0.1:$VLLM_PORT/health" "$pid"
   for rate in $RATES; do bench vllm-cpu "$VLLM_PORT" "$rate" "$round"; done
   stop_server "$pid"
 done
